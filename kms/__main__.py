@@ -1,0 +1,5 @@
+"""``python -m kms`` is the ``qkms`` command."""
+
+from kms.cli.main import app
+
+app()

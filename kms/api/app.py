@@ -1,0 +1,185 @@
+"""The FastAPI application: the three ETSI GS QKD 014 endpoints over the delivery service.
+
+Endpoints are ``async``; the delivery service is synchronous. On SQLite (one writer at a time anyway)
+it runs inline on the event loop, which avoids a thread hop per request; on PostgreSQL it runs in
+worker threads so that slow database round trips overlap.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, TypeVar
+
+import anyio
+from fastapi import Body, FastAPI, Path, Query, Request
+from fastapi.responses import Response
+
+from kms import __version__
+from kms.api.errors import CatchAllMiddleware, install_error_handlers
+from kms.api.identity import SaeAuthMiddleware, current_sae
+from kms.api.schemas import Error, KeyContainer, KeyIds, KeyRequest, Status
+from kms.domain.delivery import DeliveredKey
+from kms.domain.errors import InvalidRequest
+from kms.runtime import Runtime
+
+T = TypeVar("T")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": Error, "description": "Bad request format"},
+    401: {"model": Error, "description": "Unauthorized"},
+    503: {"model": Error, "description": "Error on server side"},
+}
+POST_ONLY_QUERY = frozenset({"additional_slave_SAE_IDs", "extension_mandatory", "extension_optional"})
+SaeIdPath = Annotated[str, Path(min_length=1, max_length=128, description="SAE ID")]
+
+
+def _json(data: dict[str, Any]) -> Response:
+    return Response(json.dumps(data, separators=(",", ":")), media_type="application/json")
+
+
+def _container(keys: list[DeliveredKey]) -> Response:
+    return _json({"keys": [{"key_ID": k.key_id, "key": base64.b64encode(k.material).decode()} for k in keys]})
+
+
+def create_app(
+    runtime: Runtime, lifespan_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None
+) -> FastAPI:
+    """The KME's ASGI app. ``lifespan_hooks`` (start, stop) run background work in the server process."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if lifespan_hooks:
+            lifespan_hooks[0]()
+        try:
+            yield
+        finally:
+            if lifespan_hooks:
+                lifespan_hooks[1]()
+
+    app = FastAPI(
+        title="QKMS key delivery API (ETSI GS QKD 014)",
+        version=__version__,
+        description="Key delivery to SAEs over mutual TLS, as ETSI GS QKD 014 V1.1.1 defines it.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.add_middleware(SaeAuthMiddleware, runtime=runtime)
+    app.add_middleware(CatchAllMiddleware)
+    service = runtime.service
+    inline = runtime.db.is_sqlite
+
+    async def run(fn: Callable[..., T], *args: Any) -> T:
+        if inline:
+            return fn(*args)
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    @app.get(
+        "/api/v1/keys/{slave_SAE_ID}/status",
+        response_model=Status,
+        responses=ERROR_RESPONSES,
+        summary="Get status",
+        operation_id="getStatus",
+    )
+    async def get_status(request: Request, slave_SAE_ID: SaeIdPath) -> Response:
+        master = current_sae(request.scope)
+        view = await run(service.status, master, slave_SAE_ID)
+        return _json(
+            {
+                "source_KME_ID": view.source_kme_id,
+                "target_KME_ID": view.target_kme_id,
+                "master_SAE_ID": view.master_sae_id,
+                "slave_SAE_ID": view.slave_sae_id,
+                "key_size": view.key_size,
+                "stored_key_count": view.stored_key_count,
+                "max_key_count": view.max_key_count,
+                "max_key_per_request": view.max_key_per_request,
+                "max_key_size": view.max_key_size,
+                "min_key_size": view.min_key_size,
+                "max_SAE_ID_count": view.max_sae_id_count,
+                "status_extension": dict(view.extension),
+            }
+        )
+
+    @app.get(
+        "/api/v1/keys/{slave_SAE_ID}/enc_keys",
+        response_model=KeyContainer,
+        responses=ERROR_RESPONSES,
+        summary="Get key (simple form: number and size as query parameters)",
+        operation_id="getKeyGet",
+    )
+    async def enc_keys_get(
+        request: Request,
+        slave_SAE_ID: SaeIdPath,
+        number: Annotated[int | None, Query(description="number of keys, default 1")] = None,
+        size: Annotated[int | None, Query(description="key size in bits")] = None,
+    ) -> Response:
+        master = current_sae(request.scope)
+        post_only = POST_ONLY_QUERY.intersection(request.query_params)
+        if post_only:
+            raise InvalidRequest(f"{', '.join(sorted(post_only))} must be sent in a POST body")
+        keys = await run(service.get_keys, master, slave_SAE_ID, number, size)
+        return _container(keys)
+
+    @app.post(
+        "/api/v1/keys/{slave_SAE_ID}/enc_keys",
+        response_model=KeyContainer,
+        responses=ERROR_RESPONSES,
+        summary="Get key",
+        operation_id="getKeyPost",
+    )
+    async def enc_keys_post(
+        request: Request, slave_SAE_ID: SaeIdPath, body: Annotated[KeyRequest | None, Body()] = None
+    ) -> Response:
+        master = current_sae(request.scope)
+        req = body or KeyRequest()
+        keys = await run(
+            service.get_keys,
+            master,
+            slave_SAE_ID,
+            req.number,
+            req.size,
+            req.additional_slave_SAE_IDs or (),
+            req.extension_mandatory or (),
+        )
+        return _container(keys)
+
+    @app.get(
+        "/api/v1/keys/{master_SAE_ID}/dec_keys",
+        response_model=KeyContainer,
+        responses=ERROR_RESPONSES,
+        summary="Get key with key IDs (simple form: ?key_ID=)",
+        operation_id="getKeyWithKeyIdsGet",
+    )
+    async def dec_keys_get(
+        request: Request,
+        master_SAE_ID: SaeIdPath,
+        key_ID: Annotated[list[str] | None, Query(description="key_ID (UUID) of a key to fetch")] = None,
+    ) -> Response:
+        slave = current_sae(request.scope)
+        if not key_ID:
+            raise InvalidRequest("the key_ID query parameter is required")
+        keys = await run(service.get_keys_with_ids, slave, master_SAE_ID, key_ID)
+        return _container(keys)
+
+    @app.post(
+        "/api/v1/keys/{master_SAE_ID}/dec_keys",
+        response_model=KeyContainer,
+        responses=ERROR_RESPONSES,
+        summary="Get key with key IDs",
+        operation_id="getKeyWithKeyIdsPost",
+    )
+    async def dec_keys_post(
+        request: Request, master_SAE_ID: SaeIdPath, body: Annotated[KeyIds, Body()]
+    ) -> Response:
+        slave = current_sae(request.scope)
+        keys = await run(
+            service.get_keys_with_ids, slave, master_SAE_ID, [item.key_ID for item in body.key_IDs]
+        )
+        return _container(keys)
+
+    return app

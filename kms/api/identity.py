@@ -1,0 +1,59 @@
+"""Maps a verified client certificate to a registered SAE (pinned fingerprint and CN must both match)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from kms.api.errors import error_response
+from kms.domain.errors import NotEntitled
+from kms.domain.saes import SaeInfo
+from kms.pki import certificate_common_name, fingerprint_sha256
+from kms.runtime import Runtime
+
+
+@functools.lru_cache(maxsize=4096)
+def _cert_identity(der: bytes) -> tuple[str, str]:
+    return fingerprint_sha256(der), certificate_common_name(der)
+
+
+def sae_from_scope(scope: dict[str, Any], runtime: Runtime) -> SaeInfo:
+    """The calling SAE, or ``NotEntitled`` if the certificate maps to none."""
+    der = scope.get("extensions", {}).get("tls", {}).get("client_cert_der")
+    if not der:
+        raise NotEntitled("a client certificate is required")
+    fingerprint, common_name = _cert_identity(der)
+    info = runtime.registry.by_fingerprint(fingerprint)
+    if info is None and runtime.registry.stale():
+        runtime.reload_registry()
+        info = runtime.registry.by_fingerprint(fingerprint)
+    if info is None or not info.enabled:
+        raise NotEntitled("the client certificate does not belong to a registered SAE")
+    if info.sae_id != common_name:
+        raise NotEntitled("the client certificate's CN does not match its registered SAE ID")
+    return info
+
+
+SCOPE_KEY = "qkms.sae"
+
+
+class SaeAuthMiddleware:
+    """Authenticates every HTTP request before routing or body parsing: 401 Error body if unknown."""
+
+    def __init__(self, app: Any, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            try:
+                scope[SCOPE_KEY] = sae_from_scope(scope, self.runtime)
+            except NotEntitled as exc:
+                await error_response(401, exc.message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def current_sae(scope: dict[str, Any]) -> SaeInfo:
+    info: SaeInfo = scope[SCOPE_KEY]
+    return info

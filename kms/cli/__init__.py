@@ -1,0 +1,1 @@
+"""The ``qkms`` command line (Typer)."""

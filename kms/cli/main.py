@@ -1,0 +1,154 @@
+"""``qkms``: set up, run and inspect a key management entity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kms.config import ConfigError, KmsSettings
+
+app = typer.Typer(
+    name="qkms",
+    help="QKMS: a quantum-safe key management entity serving ETSI GS QKD 014 keys from QKD links.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema management (Alembic migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console()
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to the KME's qkms.toml.")]
+
+
+def _settings(path: Path) -> KmsSettings:
+    try:
+        return KmsSettings.load(path)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Option("--dir", help="New working directory to create.")],
+    kme_id: Annotated[str, typer.Option("--kme-id", help="This KME's ID, unique in the QKD network.")],
+    sae: Annotated[list[str], typer.Option("--sae", help="An SAE served by this KME (repeat for each).")],
+    port: Annotated[int, typer.Option(help="HTTPS port the KME will listen on.")] = 8443,
+    database_url: Annotated[
+        str | None, typer.Option("--database-url", help="SQLAlchemy URL; default: SQLite file in DIR.")
+    ] = None,
+    link_source: Annotated[
+        str,
+        typer.Option("--link-source", help="'simulated' (full-physics BB84 link) or 'random' (test source)."),
+    ] = "simulated",
+) -> None:
+    """Create a working directory: config, CA, KME and SAE certificates, KEK (0600) and a migrated database."""
+    from kms.workdir import InitError, init_workdir
+
+    if link_source not in ("simulated", "random"):
+        raise typer.BadParameter("--link-source must be 'simulated' or 'random'")
+    try:
+        result = init_workdir(
+            directory, kme_id, sae, port=port, database_url=database_url, link_source=link_source
+        )
+    except InitError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"Created KME [bold]{kme_id}[/bold] in {directory}")
+    console.print(f"  config:  {result.config_path}")
+    console.print(f"  CA:      {result.ca_cert}")
+    for sae_id, (cert, key) in result.sae_credentials.items():
+        console.print(f"  SAE {sae_id}: {cert} / {key}")
+    console.print(f"Start it with: qkms serve --config {result.config_path}")
+
+
+@app.command()
+def serve(
+    config: ConfigOpt,
+    host: Annotated[str | None, typer.Option(help="Listen address (default from config: 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (default from config).")] = None,
+    workers: Annotated[int, typer.Option(help="API processes (more than one needs PostgreSQL).")] = 1,
+) -> None:
+    """Run the KME over HTTPS with client certificates required, until interrupted."""
+    from kms.server import serve as run_server
+
+    _settings(config)
+    run_server(config, host=host, port=port, workers=workers)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    config: ConfigOpt, revision: Annotated[str, typer.Option(help="Target revision.")] = "head"
+) -> None:
+    """Migrate the KME's database to the newest schema (or to --revision)."""
+    from kms.storage import migrate
+
+    settings = _settings(config)
+    migrate.upgrade(settings.database.url, revision)
+    console.print(f"database at revision {migrate.current_revision(settings.database.url)}")
+
+
+@app.command()
+def status(config: ConfigOpt) -> None:
+    """Show links, pool levels and key counts straight from the KME's database."""
+    from kms.storage.status_queries import pool_report
+
+    settings = _settings(config)
+    report = pool_report(settings.database.url)
+    links = Table(title=f"KME {settings.kme.id}: links and pool")
+    for col in (
+        "link",
+        "peer KME",
+        "adapter",
+        "state",
+        "active blocks",
+        f"keys of {settings.pool.key_size} bits",
+        "stored bits",
+    ):
+        links.add_column(col)
+    for link in report.links:
+        links.add_row(
+            link.link_id,
+            link.peer_kme_id,
+            link.adapter,
+            link.state,
+            str(link.active_blocks),
+            str(link.stored_bits // settings.pool.key_size),
+            str(link.stored_bits),
+        )
+    console.print(links)
+    keys = Table(title="keys by lifecycle state")
+    keys.add_column("state")
+    keys.add_column("count")
+    for state, count in sorted(report.keys_by_state.items()):
+        keys.add_row(state, str(count))
+    console.print(keys)
+    console.print(f"registered SAEs: {', '.join(report.saes) or 'none'}")
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path, typer.Option("--dir", help="Where to create the demo KME.")] = Path(
+        "demo-run"
+    ),
+    link_source: Annotated[str, typer.Option("--link-source", help="'simulated' or 'random'.")] = "simulated",
+) -> None:
+    """Run the main job: create a KME, serve it over mTLS, and have a master and a slave SAE share keys."""
+    from kms.demo import run_demo
+
+    raise typer.Exit(run_demo(directory, link_source, console))
+
+
+def _register_optional() -> None:
+    try:
+        from kms.cli.sim import sim_app
+    except ImportError:
+        return
+    app.add_typer(sim_app, name="sim")
+
+
+_register_optional()

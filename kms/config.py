@@ -1,0 +1,165 @@
+"""KME configuration: a TOML file, overridable by ``QKMS_*`` environment variables.
+
+Relative paths in the file are resolved against the file's directory, so a working directory made by
+``qkms init`` can be moved as a whole. Environment variables win over the file (``QKMS_DATABASE__URL``
+points a container at its PostgreSQL without editing the file).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class KmeSection(BaseModel):
+    id: str = Field(min_length=1, max_length=64)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+
+
+class TlsSection(BaseModel):
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+class DatabaseSection(BaseModel):
+    url: str = "sqlite:///qkms.db"
+    pool_size: int = Field(default=10, ge=1)
+
+
+class KekSection(BaseModel):
+    """Where the key-encryption key comes from: a file (32 raw bytes, mode 0600) or an env variable."""
+
+    file: Path | None = None
+    env_var: str | None = None
+    key_id: str = "kek-1"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KekSection:
+        if (self.file is None) == (self.env_var is None):
+            raise ValueError("configure exactly one of kek.file or kek.env_var")
+        return self
+
+
+class PoolSection(BaseModel):
+    """Key sizes in bits, as ETSI 014 reports them in Get status."""
+
+    key_size: int = Field(default=256, gt=0)
+    min_key_size: int = Field(default=64, gt=0)
+    max_key_size: int = Field(default=4096, gt=0)
+    max_key_per_request: int = Field(default=128, gt=0)
+    max_sae_id_count: int = Field(default=4, ge=0)
+    max_pool_bits: int = Field(default=64 * 1024 * 1024, gt=0)
+    storage_block_bits: int = Field(default=65536, gt=0)
+    reserved_ttl_seconds: float = Field(default=300.0, gt=0)
+    expiry_sweep_seconds: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoolSection:
+        for name in ("key_size", "min_key_size", "max_key_size", "storage_block_bits"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"pool.{name} must be a multiple of 8")
+        if not self.min_key_size <= self.key_size <= self.max_key_size:
+            raise ValueError("pool sizes must satisfy min_key_size <= key_size <= max_key_size")
+        if self.max_key_size > self.storage_block_bits:
+            raise ValueError("pool.max_key_size cannot exceed pool.storage_block_bits")
+        return self
+
+
+class LinkSection(BaseModel):
+    """One QKD link (or test source) feeding this KME's pool for keys shared with ``peer_kme_id``."""
+
+    id: str = Field(min_length=1, max_length=64)
+    peer_kme_id: str | None = None
+    source: Literal["random", "simulated"] = "simulated"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SaeSection(BaseModel):
+    id: str = Field(min_length=1, max_length=128)
+    cert_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    kme_id: str | None = None
+
+
+class LoggingSection(BaseModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json_logs: bool = False
+
+
+class KmsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QKMS_", env_nested_delimiter="__", extra="forbid")
+
+    kme: KmeSection
+    tls: TlsSection
+    database: DatabaseSection = DatabaseSection()
+    kek: KekSection
+    pool: PoolSection = PoolSection()
+    links: list[LinkSection] = Field(default_factory=list)
+    saes: list[SaeSection] = Field(default_factory=list)
+    logging: LoggingSection = LoggingSection()
+    config_dir: Path = Path()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> KmsSettings:
+        base = self.config_dir
+        self.tls = TlsSection(
+            ca_cert=_under(base, self.tls.ca_cert),
+            server_cert=_under(base, self.tls.server_cert),
+            server_key=_under(base, self.tls.server_key),
+        )
+        if self.kek.file is not None:
+            self.kek = self.kek.model_copy(update={"file": _under(base, self.kek.file)})
+        self.database = self.database.model_copy(update={"url": _resolve_sqlite(base, self.database.url)})
+        ids = [s.id for s in self.saes]
+        if len(ids) != len(set(ids)):
+            raise ValueError("SAE IDs must be unique")
+        link_ids = [link.id for link in self.links]
+        if len(link_ids) != len(set(link_ids)):
+            raise ValueError("link IDs must be unique")
+        return self
+
+    @classmethod
+    def load(cls, path: Path) -> KmsSettings:
+        """Read the TOML file at ``path``; raise ``ConfigError`` with a readable reason."""
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        data["config_dir"] = path.resolve().parent
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ConfigError(f"config file {path} is invalid: {exc}") from exc
+
+
+class ConfigError(RuntimeError):
+    """The configuration cannot be used; the message says why."""
+
+
+def _under(base: Path, p: Path) -> Path:
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _resolve_sqlite(base: Path, url: str) -> str:
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        return prefix + str(_under(base, Path(url[len(prefix) :])))
+    return url

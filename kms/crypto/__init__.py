@@ -1,0 +1,1 @@
+"""Cryptography for the service: envelope encryption at rest (and, later, PQC providers)."""

@@ -1,0 +1,124 @@
+"""The main job: a KME on the embedded default and a master/slave SAE exchange through the real API.
+
+It creates a working directory with ``qkms init``, starts ``qkms serve`` as a child process (mTLS on
+127.0.0.1), waits for the link to fill the pool, and then plays the roles of three SAEs. It prints
+key IDs and outcomes, never key material.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from kms.config import KmsSettings
+from kms.launcher import KmeProcess, free_port
+from kms.storage.status_queries import pool_report
+from kms.workdir import init_workdir, sae_credential_paths
+
+MARKER = ".qkms-demo"
+MASTER, SLAVE, EXTRA = "SAE-ALICE", "SAE-BOB", "SAE-CAROL"
+
+
+def _fresh(directory: Path) -> None:
+    if directory.exists():
+        if not (directory / MARKER).exists():
+            raise SystemExit(f"{directory} exists and is not a QKMS demo directory; choose another --dir")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    (directory / MARKER).write_text("created by qkms demo\n")
+
+
+def run_demo(directory: Path, link_source: str, console: Console) -> int:
+    _fresh(directory)
+    work = directory / "kme"
+    console.rule("[bold]1. qkms init")
+    result = init_workdir(work, "KME-DEMO", [MASTER, SLAVE, EXTRA], port=free_port(), link_source=link_source)
+    console.print(f"working directory {work}: CA, KME certificate, 3 SAE certificates, KEK, SQLite database")
+    settings = KmsSettings.load(result.config_path)
+    kme = KmeProcess(result.config_path, settings.kme.port)
+    console.rule("[bold]2. qkms serve (mTLS on 127.0.0.1)")
+    kme.start()
+    console.print(f"KME listening on {kme.base_url}; server log: {kme.log_path}")
+    try:
+        return _exchange(kme, work, result.ca_cert, console)
+    finally:
+        kme.stop()
+        console.print("KME stopped.")
+
+
+def _client(kme: KmeProcess, work: Path, ca: Path, sae_id: str) -> httpx.Client:
+    cert, key = sae_credential_paths(work, sae_id)
+    return kme.client(ca, cert, key)
+
+
+def _exchange(kme: KmeProcess, work: Path, ca: Path, console: Console) -> int:
+    alice, bob, carol = (_client(kme, work, ca, s) for s in (MASTER, SLAVE, EXTRA))
+    ok = True
+    with alice, bob, carol:
+        console.rule("[bold]3. waiting for the link to fill the key pool")
+        stored = kme.wait_for_keys(alice, SLAVE, minimum=16, timeout=120)
+        status = alice.get(f"/api/v1/keys/{SLAVE}/status").json()
+        table = Table(title=f"Get status ({MASTER} -> {SLAVE})")
+        table.add_column("field")
+        table.add_column("value")
+        for name, value in status.items():
+            table.add_row(name, str(value))
+        console.print(table)
+        console.print(f"pool holds {stored} keys of {status['key_size']} bits")
+
+        console.rule("[bold]4. master SAE asks for keys (enc_keys)")
+        got = alice.get(f"/api/v1/keys/{SLAVE}/enc_keys", params={"number": 2, "size": 256}).json()["keys"]
+        multi = alice.post(
+            f"/api/v1/keys/{SLAVE}/enc_keys",
+            json={"number": 2, "size": 512, "additional_slave_SAE_IDs": [EXTRA]},
+        ).json()["keys"]
+        for k in got:
+            console.print(f"{MASTER} got key {k['key_ID']} (256 bits) for {SLAVE}")
+        for k in multi:
+            console.print(f"{MASTER} got key {k['key_ID']} (512 bits) for {SLAVE} and {EXTRA}")
+
+        console.rule("[bold]5. slave SAEs fetch the same keys (dec_keys)")
+        first = bob.get(f"/api/v1/keys/{MASTER}/dec_keys", params={"key_ID": got[0]["key_ID"]}).json()["keys"]
+        rest = bob.post(
+            f"/api/v1/keys/{MASTER}/dec_keys",
+            json={"key_IDs": [{"key_ID": k["key_ID"]} for k in got[1:] + multi]},
+        ).json()["keys"]
+        carol_keys = carol.post(
+            f"/api/v1/keys/{MASTER}/dec_keys", json={"key_IDs": [{"key_ID": k["key_ID"]} for k in multi]}
+        ).json()["keys"]
+        master_view = {k["key_ID"]: k["key"] for k in got + multi}
+        for holder, keys in ((SLAVE, first + rest), (EXTRA, carol_keys)):
+            for k in keys:
+                same = master_view.get(k["key_ID"]) == k["key"]
+                ok &= same
+                console.print(
+                    f"{holder} fetched {k['key_ID']}: identical to the master's key: {'yes' if same else 'NO'}"
+                )
+
+        console.rule("[bold]6. the rules hold")
+        again = bob.get(f"/api/v1/keys/{MASTER}/dec_keys", params={"key_ID": got[0]["key_ID"]})
+        console.print(
+            f"{SLAVE} asks again for a consumed key -> {again.status_code} {again.json()['message']!r}"
+        )
+        other = alice.get(f"/api/v1/keys/{SLAVE}/enc_keys").json()["keys"][0]["key_ID"]
+        stolen = carol.get(f"/api/v1/keys/{MASTER}/dec_keys", params={"key_ID": other})
+        console.print(
+            f"{EXTRA} asks for a key made for {SLAVE} -> {stolen.status_code} {stolen.json()['message']!r}"
+        )
+        bad = alice.get(f"/api/v1/keys/{SLAVE}/enc_keys", params={"size": 100})
+        console.print(f"{MASTER} asks for size=100 -> {bad.status_code} {bad.json()['message']!r}")
+        ok &= again.status_code == 400 and stolen.status_code == 401 and bad.status_code == 400
+
+    console.rule("[bold]7. qkms status")
+    report = pool_report(KmsSettings.load(kme.config_path).database.url)
+    for link in report.links:
+        console.print(
+            f"link {link.link_id} ({link.adapter}): {link.active_blocks} active blocks, {link.stored_bits} bits"
+        )
+    console.print(f"keys by state: {report.keys_by_state}")
+    console.print("[bold green]demo succeeded[/bold green]" if ok else "[bold red]demo FAILED[/bold red]")
+    return 0 if ok else 1

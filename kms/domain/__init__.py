@@ -1,0 +1,1 @@
+"""The domain core: key pool, lifecycle, reservation and delivery rules. No web framework here."""

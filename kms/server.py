@@ -1,0 +1,143 @@
+"""Runs a KME: uvicorn over TLS 1.2+ with client certificates required, plus its background work.
+
+Background work per process: the pool filler (one process per KME fills; on PostgreSQL the filler
+holds an advisory lock so several API processes elect one), and the sweeper that expires reserved
+keys nobody fetched.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from kms.api.app import create_app
+from kms.api.tls_identity import TlsIdentityProtocol
+from kms.config import KmsSettings
+from kms.ingest import PoolFiller
+from kms.logs import configure_logging
+from kms.runtime import Runtime, build_runtime
+
+log = structlog.get_logger(__name__)
+CONFIG_ENV = "QKMS_CONFIG"
+
+
+def server_ssl_context(settings: KmsSettings) -> ssl.SSLContext:
+    """TLS 1.2 or newer, the KME's certificate, and a client certificate from our CA required."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(settings.tls.server_cert), str(settings.tls.server_key))
+    ctx.load_verify_locations(cafile=str(settings.tls.ca_cert))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class Background:
+    """The filler and sweeper threads of one server process."""
+
+    def __init__(self, runtime: Runtime, fill: bool = True) -> None:
+        self.runtime = runtime
+        self.fill = fill
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._filler: PoolFiller | None = None
+
+    def start(self) -> None:
+        self._threads = [threading.Thread(target=self._sweep, name="qkms-expiry", daemon=True)]
+        if self.fill and self.runtime.settings.links:
+            self._threads.append(
+                threading.Thread(target=self._lead_and_fill, name="qkms-filler", daemon=True)
+            )
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._filler is not None:
+            self._filler.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def _sweep(self) -> None:
+        interval = self.runtime.settings.pool.expiry_sweep_seconds
+        while not self._stop.wait(interval):
+            try:
+                n = self.runtime.service.expire_reserved()
+                if n:
+                    log.info("keys_expired", count=n)
+            except Exception as exc:
+                log.error("expiry_sweep_failed", error=type(exc).__name__)
+
+    def _lead_and_fill(self) -> None:
+        """On PostgreSQL, fill only while holding the KME's filler lock; on SQLite, just fill."""
+        db = self.runtime.db
+        if db.is_sqlite:
+            self._fill_until_stopped()
+            return
+        lock_key = zlib.crc32(f"qkms-filler/{self.runtime.settings.kme.id}".encode())
+        while not self._stop.is_set():
+            with db.engine.connect() as conn:
+                got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": lock_key}).scalar()
+                conn.commit()
+                if got:
+                    log.info("filler_leader", pid=os.getpid())
+                    try:
+                        self._fill_until_stopped()
+                    finally:
+                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": lock_key})
+                        conn.commit()
+                    return
+            self._stop.wait(2.0)
+
+    def _fill_until_stopped(self) -> None:
+        self._filler = self.runtime.make_filler()
+        self._filler.start()
+        self._stop.wait()
+
+
+def build_app(settings: KmsSettings, fill: bool = True) -> FastAPI:
+    runtime = build_runtime(settings)
+    background = Background(runtime, fill=fill)
+    return create_app(runtime, lifespan_hooks=(background.start, background.stop))
+
+
+def app_from_env() -> FastAPI:
+    """ASGI factory for worker processes: the config path comes from ``QKMS_CONFIG``."""
+    settings = KmsSettings.load(Path(os.environ[CONFIG_ENV]))
+    configure_logging(settings.logging.level, settings.logging.json_logs)
+    return build_app(settings)
+
+
+def _ssl_factory_from_env(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    return server_ssl_context(KmsSettings.load(Path(os.environ[CONFIG_ENV])))
+
+
+def serve(config_path: Path, host: str | None = None, port: int | None = None, workers: int = 1) -> None:
+    """Run the KME in the foreground until interrupted."""
+    settings = KmsSettings.load(config_path)
+    configure_logging(settings.logging.level, settings.logging.json_logs)
+    if workers > 1 and settings.database.url.startswith("sqlite"):
+        raise SystemExit("several worker processes need PostgreSQL; SQLite serves one process")
+    os.environ[CONFIG_ENV] = str(config_path.resolve())
+    uvicorn.run(
+        "kms.server:app_from_env",
+        factory=True,
+        host=host or settings.kme.host,
+        port=settings.kme.port if port is None else port,
+        workers=workers,
+        http=TlsIdentityProtocol,
+        ssl_context_factory=_ssl_factory_from_env,
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=30,
+        server_header=False,
+    )

@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy 2 tables, engine set-up, migrations, and the repositories the domain uses."""

@@ -1,0 +1,109 @@
+"""``qkms init``: a self-contained KME working directory (config, PKI, KEK, migrated database).
+
+Layout::
+
+    DIR/qkms.toml          the configuration
+    DIR/pki/ca.pem, ca.key the CA that signs the KME's and the SAEs' certificates
+    DIR/pki/kme.pem, .key  the KME's TLS server certificate
+    DIR/pki/sae/<SAE>.pem, <SAE>.key   one client certificate per SAE, named after the SAE ID
+    DIR/kek.bin            the key-encryption key, mode 0600
+    DIR/qkms.db            the SQLite database (unless a database URL is given)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from kms import pki
+from kms.config import KmsSettings
+from kms.crypto.envelope import generate_kek_file
+from kms.storage import migrate
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CONFIG_NAME = "qkms.toml"
+
+
+class InitError(RuntimeError):
+    """The working directory cannot be created as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class InitResult:
+    config_path: Path
+    ca_cert: Path
+    sae_credentials: dict[str, tuple[Path, Path]]
+
+
+def sae_credential_paths(directory: Path, sae_id: str) -> tuple[Path, Path]:
+    return directory / "pki" / "sae" / f"{sae_id}.pem", directory / "pki" / "sae" / f"{sae_id}.key"
+
+
+def default_link(kme_id: str, source: str) -> dict[str, Any]:
+    if source == "random":
+        return {
+            "id": "link-local-1",
+            "peer_kme_id": kme_id,
+            "source": "random",
+            "options": {"block_bits": 65536},
+        }
+    return {
+        "id": "link-local-1",
+        "peer_kme_id": kme_id,
+        "source": "simulated",
+        "options": {"preset": "gys", "distance_km": 25.0, "protocol": "decoy-bb84", "pacing": "fast"},
+    }
+
+
+def init_workdir(
+    directory: Path,
+    kme_id: str,
+    sae_ids: list[str],
+    *,
+    port: int = 8443,
+    database_url: str | None = None,
+    link_source: str = "simulated",
+    pool_overrides: dict[str, Any] | None = None,
+) -> InitResult:
+    """Create everything a KME needs in ``directory`` (which must be empty or absent)."""
+    for ident in [kme_id, *sae_ids]:
+        if not SAFE_ID.match(ident):
+            raise InitError(f"ID {ident!r} must be 1-128 characters of letters, digits, '.', '_' or '-'")
+    if len(set(sae_ids)) != len(sae_ids):
+        raise InitError("SAE IDs must be distinct")
+    if directory.exists() and any(directory.iterdir()):
+        raise InitError(f"{directory} is not empty; choose a new directory")
+    (directory / "pki" / "sae").mkdir(parents=True, exist_ok=True)
+
+    ca = pki.create_ca(f"QKMS CA for {kme_id}")
+    pki.write_credential(ca, directory / "pki" / "ca.pem", directory / "pki" / "ca.key")
+    server = pki.issue_server_cert(ca, kme_id)
+    pki.write_credential(server, directory / "pki" / "kme.pem", directory / "pki" / "kme.key")
+    saes = []
+    creds: dict[str, tuple[Path, Path]] = {}
+    for sae_id in sae_ids:
+        cred = pki.issue_client_cert(ca, sae_id, role="sae")
+        cert_path, key_path = sae_credential_paths(directory, sae_id)
+        pki.write_credential(cred, cert_path, key_path)
+        creds[sae_id] = (cert_path, key_path)
+        saes.append({"id": sae_id, "cert_fingerprint": cred.fingerprint_sha256})
+    generate_kek_file(directory / "kek.bin")
+
+    config: dict[str, Any] = {
+        "kme": {"id": kme_id, "host": "127.0.0.1", "port": port},
+        "tls": {"ca_cert": "pki/ca.pem", "server_cert": "pki/kme.pem", "server_key": "pki/kme.key"},
+        "database": {"url": database_url or "sqlite:///qkms.db"},
+        "kek": {"file": "kek.bin", "key_id": "kek-1"},
+        "pool": pool_overrides or {},
+        "links": [default_link(kme_id, link_source)],
+        "saes": saes,
+    }
+    config_path = directory / CONFIG_NAME
+    config_path.write_text(tomli_w.dumps(config), encoding="utf-8")
+    settings = KmsSettings.load(config_path)
+    migrate.upgrade(settings.database.url)
+    return InitResult(config_path, directory / "pki" / "ca.pem", creds)
