@@ -66,7 +66,7 @@ def init_workdir(
     *,
     port: int = 8443,
     database_url: str | None = None,
-    link_source: str = "simulated",
+    link_source: str | None = "simulated",
     pool_overrides: dict[str, Any] | None = None,
 ) -> InitResult:
     """Create everything a KME needs in ``directory`` (which must be empty or absent)."""
@@ -99,7 +99,7 @@ def init_workdir(
         "database": {"url": database_url or "sqlite:///qkms.db"},
         "kek": {"file": "kek.bin", "key_id": "kek-1"},
         "pool": pool_overrides or {},
-        "links": [default_link(kme_id, link_source)],
+        "links": [default_link(kme_id, link_source)] if link_source else [],
         "saes": saes,
     }
     config_path = directory / CONFIG_NAME

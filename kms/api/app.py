@@ -182,4 +182,24 @@ def create_app(
         )
         return _container(keys)
 
+    _document_only_etsi_status_codes(app)
     return app
+
+
+def _document_only_etsi_status_codes(app: FastAPI) -> None:
+    """Drop FastAPI's generated 422 entries: validation failures are answered 400 with an Error body."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = original()
+            for methods in doc.get("paths", {}).values():
+                for operation in methods.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = doc.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,1 @@
+"""Shared test tooling (not tests): real-service fixtures such as a throwaway PostgreSQL server."""
