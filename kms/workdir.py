@@ -22,6 +22,7 @@ import tomli_w
 from kms import pki
 from kms.config import KmsSettings
 from kms.crypto.envelope import generate_kek_file
+from kms.runtime import build_runtime
 from kms.storage import migrate
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -106,4 +107,5 @@ def init_workdir(
     config_path.write_text(tomli_w.dumps(config), encoding="utf-8")
     settings = KmsSettings.load(config_path)
     migrate.upgrade(settings.database.url)
+    build_runtime(settings, sync_registry=True).close()  # register the SAEs and links now
     return InitResult(config_path, directory / "pki" / "ca.pem", creds)

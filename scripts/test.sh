@@ -13,4 +13,6 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+# The suite must exercise a real PostgreSQL: fail rather than skip if it cannot start one.
+export QKMS_REQUIRE_POSTGRES=1
 exec .venv/bin/python -m pytest "$@"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from tests.support.postgres import PostgresServer, postgres_available
 def pg_server() -> Iterator[PostgresServer]:
     ok, why = postgres_available()
     if not ok:
+        if os.environ.get("QKMS_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required (QKMS_REQUIRE_POSTGRES=1) but unavailable: {why}")
         pytest.skip(f"PostgreSQL server binaries not found: {why}")
     server = PostgresServer()
     server.start()

@@ -47,7 +47,7 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DeliveryError)
     async def _delivery(_: Request, exc: DeliveryError) -> JSONResponse:
-        return error_response(_status_of(exc), exc.message, exc.details)
+        return error_response(_status_of(exc), exc.message, [dict(d) for d in exc.details or ()])
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

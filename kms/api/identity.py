@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import MutableMapping
 from typing import Any
 
 from kms.api.errors import error_response
@@ -17,7 +18,7 @@ def _cert_identity(der: bytes) -> tuple[str, str]:
     return fingerprint_sha256(der), certificate_common_name(der)
 
 
-def sae_from_scope(scope: dict[str, Any], runtime: Runtime) -> SaeInfo:
+def sae_from_scope(scope: MutableMapping[str, Any], runtime: Runtime) -> SaeInfo:
     """The calling SAE, or ``NotEntitled`` if the certificate maps to none."""
     der = scope.get("extensions", {}).get("tls", {}).get("client_cert_der")
     if not der:
@@ -54,6 +55,6 @@ class SaeAuthMiddleware:
         await self.app(scope, receive, send)
 
 
-def current_sae(scope: dict[str, Any]) -> SaeInfo:
+def current_sae(scope: MutableMapping[str, Any]) -> SaeInfo:
     info: SaeInfo = scope[SCOPE_KEY]
     return info

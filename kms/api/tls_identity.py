@@ -14,7 +14,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
-class TlsIdentityProtocol(HttpToolsProtocol):  # type: ignore[misc]
+class TlsIdentityProtocol(HttpToolsProtocol):
     """HttpToolsProtocol that exposes the peer certificate (DER) to the application."""
 
     _peer_der: bytes | None = None

@@ -20,6 +20,7 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema management (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to the KME's qkms.toml.")]
 
@@ -28,7 +29,7 @@ def _settings(path: Path) -> KmsSettings:
     try:
         return KmsSettings.load(path)
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
 
 
@@ -56,7 +57,7 @@ def init(
             directory, kme_id, sae, port=port, database_url=database_url, link_source=link_source
         )
     except InitError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     console.print(f"Created KME [bold]{kme_id}[/bold] in {directory}")
     console.print(f"  config:  {result.config_path}")

@@ -7,6 +7,7 @@ NULL when material is zeroised, and the metadata row stays for provenance.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import cast
 
 from sqlalchemy import (
     JSON,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -135,9 +137,9 @@ class LifecycleEvent(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
 
 
-links = Link.__table__
-saes = Sae.__table__
-key_blocks = KeyBlockRow.__table__
-keys = KeyRow.__table__
-key_recipients = KeyRecipient.__table__
-lifecycle_events = LifecycleEvent.__table__
+links = cast(Table, Link.__table__)
+saes = cast(Table, Sae.__table__)
+key_blocks = cast(Table, KeyBlockRow.__table__)
+keys = cast(Table, KeyRow.__table__)
+key_recipients = cast(Table, KeyRecipient.__table__)
+lifecycle_events = cast(Table, LifecycleEvent.__table__)

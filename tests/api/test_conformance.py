@@ -38,7 +38,11 @@ def _bits(key: dict[str, str]) -> int:
 
 
 def _fetch_post(kme: RunningKme, slave: str, master: str, ids: list[str]) -> dict[str, str]:
-    keys = _keys(kme.client(slave).post(f"/api/v1/keys/{master}/dec_keys", json={"key_IDs": [{"key_ID": i} for i in ids]}))
+    keys = _keys(
+        kme.client(slave).post(
+            f"/api/v1/keys/{master}/dec_keys", json={"key_IDs": [{"key_ID": i} for i in ids]}
+        )
+    )
     return {k["key_ID"]: k["key"] for k in keys}
 
 
