@@ -93,7 +93,7 @@ class PoolFiller:
                 actor=actor,
             )
             events.flush(conn)
-        log.info(
+        log.debug(
             "block_stored", link_id=event.link_id, block_id=event.block_id, pieces=n, bits=event.bit_length
         )
         return n
