@@ -86,6 +86,41 @@ class SaeSection(BaseModel):
     kme_id: str | None = None
 
 
+class PolicyRuleSection(BaseModel):
+    master: str = "*"
+    slave: str = "*"
+    mode: Literal["qkd", "hybrid"]
+    pqc_fallback: bool = False
+
+
+class PolicySection(BaseModel):
+    """Default key policy and per-pair rules (first match wins; ``*`` matches any SAE)."""
+
+    mode: Literal["qkd", "hybrid"] = "qkd"
+    pqc_fallback: bool = False
+    kem: Literal["ML-KEM-768", "ML-KEM-1024"] = "ML-KEM-768"
+    rules: list[PolicyRuleSection] = Field(default_factory=list)
+
+
+class AuditorSection(BaseModel):
+    """A security-team client: may read the audit API, never key material."""
+
+    id: str = Field(min_length=1, max_length=128)
+    cert_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class AuditSection(BaseModel):
+    checkpoint_seconds: float = Field(default=5.0, gt=0)
+
+
+class LinkHealthSection(BaseModel):
+    """Which link alarms suspend a link's keys (matched against the alarm's code)."""
+
+    suspend_on: list[str] = Field(
+        default_factory=lambda: ["qber_above_threshold", "verification_failed", "authentication_failed"]
+    )
+
+
 class LoggingSection(BaseModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_logs: bool = False
@@ -101,6 +136,10 @@ class KmsSettings(BaseSettings):
     pool: PoolSection = PoolSection()
     links: list[LinkSection] = Field(default_factory=list)
     saes: list[SaeSection] = Field(default_factory=list)
+    auditors: list[AuditorSection] = Field(default_factory=list)
+    policy: PolicySection = PolicySection()
+    audit: AuditSection = AuditSection()
+    link_health: LinkHealthSection = LinkHealthSection()
     logging: LoggingSection = LoggingSection()
     config_dir: Path = Path()
 
@@ -126,9 +165,9 @@ class KmsSettings(BaseSettings):
         if self.kek.file is not None:
             self.kek = self.kek.model_copy(update={"file": _under(base, self.kek.file)})
         self.database = self.database.model_copy(update={"url": _resolve_sqlite(base, self.database.url)})
-        ids = [s.id for s in self.saes]
+        ids = [s.id for s in self.saes] + [a.id for a in self.auditors]
         if len(ids) != len(set(ids)):
-            raise ValueError("SAE IDs must be unique")
+            raise ValueError("SAE and auditor IDs must be unique")
         link_ids = [link.id for link in self.links]
         if len(link_ids) != len(set(link_ids)):
             raise ValueError("link IDs must be unique")

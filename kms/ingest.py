@@ -16,6 +16,8 @@ import structlog
 from kms.config import PoolSection
 from kms.crypto.envelope import Envelope
 from kms.domain.lifecycle import KeyState
+from kms.storage import audit_repository as audit
+from kms.storage import link_repository as links
 from kms.storage import pool_repository as pool
 from kms.storage.database import Database
 from qkd_adapters.keyblock import KeyBlock, KeySource, LinkAlarm
@@ -35,8 +37,17 @@ def split_block(block: KeyBlock, storage_bits: int, min_bits: int) -> list[pool.
     return pieces
 
 
+def alarm_code(alarm: LinkAlarm) -> str:
+    """The alarm's machine-readable code (``details["code"]``), or its reason text."""
+    return str(alarm.details.get("code") or alarm.reason)
+
+
 class PoolFiller:
-    """One background thread per KME process that keeps every link's pool topped up."""
+    """One background thread per KME process that keeps every link's pool topped up.
+
+    An alarm whose code is in ``suspend_on`` suspends the link: its blocks and the reserved keys cut
+    from them stop being served, and new blocks are stored suspended until an operator resumes it.
+    """
 
     def __init__(
         self,
@@ -46,6 +57,7 @@ class PoolFiller:
         pool_cfg: PoolSection,
         sources: Sequence[tuple[KeySource, str]],
         poll_seconds: float = 0.2,
+        suspend_on: Sequence[str] = (),
     ) -> None:
         self.kme_id = kme_id
         self.db = db
@@ -53,6 +65,7 @@ class PoolFiller:
         self.cfg = pool_cfg
         self.sources = list(sources)
         self.poll_seconds = poll_seconds
+        self.suspend_on = list(suspend_on)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -69,34 +82,68 @@ class PoolFiller:
         return stored
 
     def _store(self, event: KeyBlock | LinkAlarm, peer_kme_id: str) -> int:
-        now = datetime.now(UTC)
-        events = pool.EventBatch(now)
-        actor = f"adapter:{event.link_id}"
         if isinstance(event, LinkAlarm):
-            log.warning("link_alarm", link_id=event.link_id, block_id=event.block_id, reason=event.reason)
-            events.add(
-                "link", event.link_id, KeyState.ACTIVE, KeyState.ACTIVE, actor, f"alarm: {event.reason}"[:500]
-            )
-            with self.db.write() as conn:
-                events.flush(conn)
+            self.handle_alarm(event)
             return 0
+        events = pool.EventBatch(datetime.now(UTC))
+        actor = f"adapter:{event.link_id}"
         pieces = split_block(event, self.cfg.storage_block_bits, self.cfg.min_key_size)
         with self.db.write() as conn:
+            suspended = links.link_state(conn, event.link_id) == "suspended"
+            if suspended:
+                state = KeyState.SUSPENDED
+            else:
+                state = KeyState.ACTIVE if peer_kme_id == self.kme_id else KeyState.PRE_ACTIVE
             n = pool.store_block_pieces(
-                conn,
-                self.envelope,
-                event.link_id,
-                pieces,
-                event.provenance.to_json(),
-                activate=(peer_kme_id == self.kme_id),
-                events=events,
-                actor=actor,
+                conn, self.envelope, event.link_id, pieces, event.provenance.to_json(), state, events, actor
             )
             events.flush(conn)
+            prov = event.provenance
+            record = {
+                "block_id": event.block_id,
+                "bits": event.bit_length,
+                "storage_blocks": n,
+                "state": state.value,
+                "protocol": prov.protocol,
+                "is_qkd": prov.is_qkd,
+                "simulated": prov.simulated,
+                "qber": prov.qber,
+            }
+            audit.append(conn, events.at, [(actor, "block.received", event.link_id, record)])
         log.debug(
             "block_stored", link_id=event.link_id, block_id=event.block_id, pieces=n, bits=event.bit_length
         )
         return n
+
+    def handle_alarm(self, alarm: LinkAlarm) -> bool:
+        """Record an alarm; suspend the link if its code calls for it. Returns True if suspended."""
+        code = alarm_code(alarm)
+        suspend = any(trigger in code for trigger in self.suspend_on)
+        log.warning("link_alarm", link_id=alarm.link_id, block_id=alarm.block_id, code=code, suspend=suspend)
+        events = pool.EventBatch(datetime.now(UTC))
+        actor = f"adapter:{alarm.link_id}"
+        with self.db.write() as conn:
+            entries: list[tuple[str, str, str, dict[str, object]]] = [
+                (
+                    actor,
+                    "link.alarm",
+                    alarm.link_id,
+                    {"block_id": alarm.block_id, "code": code, "reason": alarm.reason[:300]},
+                )
+            ]
+            if suspend and links.link_state(conn, alarm.link_id) == "active":
+                change = links.suspend_link(conn, alarm.link_id, actor, f"alarm: {code}", events)
+                entries.append(
+                    (
+                        actor,
+                        "link.suspended",
+                        alarm.link_id,
+                        {"code": code, "blocks": change.blocks, "keys": change.keys},
+                    )
+                )
+            events.flush(conn)
+            audit.append(conn, events.at, entries)
+        return suspend
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="qkms-pool-filler", daemon=True)

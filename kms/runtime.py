@@ -1,4 +1,4 @@
-"""Assembles one KME from its settings: database, KEK envelope, SAE registry, delivery service, filler."""
+"""Assembles one KME from its settings: database, KEK envelope, registries, identity, delivery service."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ from dataclasses import dataclass
 
 from kms.config import KmsSettings
 from kms.crypto.envelope import Envelope, load_kek_env, load_kek_file
+from kms.crypto.identity import KmeIdentity
+from kms.crypto.pqc.base import KemAlgorithm
+from kms.crypto.pqc.registry import get_kem_provider, get_signature_provider
 from kms.domain.delivery import KeyDeliveryService
+from kms.domain.policy import Mode, PairPolicy, PolicyBook, PolicyRule
 from kms.domain.saes import SaeInfo, SaeRegistry
 from kms.ingest import PoolFiller
 from kms.sources import build_source
@@ -20,6 +24,7 @@ class Runtime:
     db: Database
     envelope: Envelope
     registry: SaeRegistry
+    identity: KmeIdentity
     service: KeyDeliveryService
 
     def reload_registry(self) -> None:
@@ -30,7 +35,14 @@ class Runtime:
         sources = [
             (build_source(link), link.peer_kme_id or self.settings.kme.id) for link in self.settings.links
         ]
-        return PoolFiller(self.settings.kme.id, self.db, self.envelope, self.settings.pool, sources)
+        return PoolFiller(
+            self.settings.kme.id,
+            self.db,
+            self.envelope,
+            self.settings.pool,
+            sources,
+            suspend_on=self.settings.link_health.suspend_on,
+        )
 
     def close(self) -> None:
         self.db.dispose()
@@ -41,16 +53,35 @@ def load_envelope(settings: KmsSettings) -> Envelope:
     return Envelope(kek, settings.kek.key_id)
 
 
+def policy_book(settings: KmsSettings) -> PolicyBook:
+    p = settings.policy
+    default = PairPolicy(Mode(p.mode), p.pqc_fallback, p.kem)
+    rules = [PolicyRule(r.master, r.slave, PairPolicy(Mode(r.mode), r.pqc_fallback, p.kem)) for r in p.rules]
+    return PolicyBook(default, rules)
+
+
+def configured_entities(settings: KmsSettings) -> list[SaeInfo]:
+    kme = settings.kme.id
+    entries = [SaeInfo(s.id, s.kme_id or kme, s.cert_fingerprint) for s in settings.saes]
+    entries += [SaeInfo(a.id, kme, a.cert_fingerprint, role="auditor") for a in settings.auditors]
+    return entries
+
+
 def build_runtime(settings: KmsSettings, sync_registry: bool = True) -> Runtime:
-    """Open the database and, with ``sync_registry``, write the configured SAEs and links into it."""
+    """Open the database and, with ``sync_registry``, write the configured SAEs, auditors and links
+    into it and make sure the KME has its PQC identity keys."""
     db = Database(settings.database.url, settings.database.pool_size)
     envelope = load_envelope(settings)
+    identity = KmeIdentity(
+        db,
+        envelope,
+        get_signature_provider(),
+        get_kem_provider(),
+        kem_algorithm=KemAlgorithm(settings.policy.kem),
+    )
     if sync_registry:
         with db.write() as conn:
-            registry_repo.upsert_saes(
-                conn,
-                [SaeInfo(s.id, s.kme_id or settings.kme.id, s.cert_fingerprint) for s in settings.saes],
-            )
+            registry_repo.upsert_saes(conn, configured_entities(settings))
             for link in settings.links:
                 registry_repo.upsert_link(
                     conn,
@@ -59,13 +90,11 @@ def build_runtime(settings: KmsSettings, sync_registry: bool = True) -> Runtime:
                     link.source,
                     {"source": link.source, **link.options},
                 )
+        identity.ensure()
     registry = SaeRegistry()
-    runtime = Runtime(
-        settings,
-        db,
-        envelope,
-        registry,
-        KeyDeliveryService(settings.kme.id, settings.pool, db, envelope, registry),
+    service = KeyDeliveryService(
+        settings.kme.id, settings.pool, db, envelope, registry, policy_book(settings), identity
     )
+    runtime = Runtime(settings, db, envelope, registry, identity, service)
     runtime.reload_registry()
     return runtime

@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from kms.api.app import create_app
 from kms.api.tls_identity import TlsIdentityProtocol
+from kms.audit.checkpointer import write_checkpoint
 from kms.config import KmsSettings
 from kms.ingest import PoolFiller
 from kms.logs import configure_logging
@@ -52,7 +53,10 @@ class Background:
         self._filler: PoolFiller | None = None
 
     def start(self) -> None:
-        self._threads = [threading.Thread(target=self._sweep, name="qkms-expiry", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._sweep, name="qkms-expiry", daemon=True),
+            threading.Thread(target=self._checkpoint, name="qkms-audit-checkpoint", daemon=True),
+        ]
         if self.fill and self.runtime.settings.links:
             self._threads.append(
                 threading.Thread(target=self._lead_and_fill, name="qkms-filler", daemon=True)
@@ -76,6 +80,18 @@ class Background:
                     log.info("keys_expired", count=n)
             except Exception as exc:
                 log.error("expiry_sweep_failed", error=type(exc).__name__)
+
+    def _checkpoint(self) -> None:
+        """Sign the audit head periodically, and once more on shutdown."""
+        rt = self.runtime
+        while True:
+            stopping = self._stop.wait(rt.settings.audit.checkpoint_seconds)
+            try:
+                write_checkpoint(rt.db, rt.identity, rt.settings.kme.id)
+            except Exception as exc:
+                log.error("audit_checkpoint_failed", error=type(exc).__name__)
+            if stopping:
+                return
 
     def _lead_and_fill(self) -> None:
         """On PostgreSQL, fill only while holding the KME's filler lock; on SQLite, just fill."""

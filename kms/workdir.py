@@ -38,10 +38,18 @@ class InitResult:
     config_path: Path
     ca_cert: Path
     sae_credentials: dict[str, tuple[Path, Path]]
+    auditor_credentials: dict[str, tuple[Path, Path]]
 
 
 def sae_credential_paths(directory: Path, sae_id: str) -> tuple[Path, Path]:
     return directory / "pki" / "sae" / f"{sae_id}.pem", directory / "pki" / "sae" / f"{sae_id}.key"
+
+
+def auditor_credential_paths(directory: Path, auditor_id: str) -> tuple[Path, Path]:
+    return (
+        directory / "pki" / "auditor" / f"{auditor_id}.pem",
+        directory / "pki" / "auditor" / f"{auditor_id}.key",
+    )
 
 
 def default_link(kme_id: str, source: str) -> dict[str, Any]:
@@ -69,13 +77,16 @@ def init_workdir(
     database_url: str | None = None,
     link_source: str | None = "simulated",
     pool_overrides: dict[str, Any] | None = None,
+    auditor_ids: list[str] | None = None,
+    policy: dict[str, Any] | None = None,
 ) -> InitResult:
     """Create everything a KME needs in ``directory`` (which must be empty or absent)."""
-    for ident in [kme_id, *sae_ids]:
+    auditor_ids = auditor_ids or []
+    for ident in [kme_id, *sae_ids, *auditor_ids]:
         if not SAFE_ID.match(ident):
             raise InitError(f"ID {ident!r} must be 1-128 characters of letters, digits, '.', '_' or '-'")
-    if len(set(sae_ids)) != len(sae_ids):
-        raise InitError("SAE IDs must be distinct")
+    if len(set(sae_ids + auditor_ids)) != len(sae_ids) + len(auditor_ids):
+        raise InitError("SAE and auditor IDs must be distinct")
     if directory.exists() and any(directory.iterdir()):
         raise InitError(f"{directory} is not empty; choose a new directory")
     (directory / "pki" / "sae").mkdir(parents=True, exist_ok=True)
@@ -92,6 +103,15 @@ def init_workdir(
         pki.write_credential(cred, cert_path, key_path)
         creds[sae_id] = (cert_path, key_path)
         saes.append({"id": sae_id, "cert_fingerprint": cred.fingerprint_sha256})
+    auditors = []
+    auditor_creds: dict[str, tuple[Path, Path]] = {}
+    for auditor_id in auditor_ids:
+        cred = pki.issue_client_cert(ca, auditor_id, role="auditor")
+        cert_path, key_path = auditor_credential_paths(directory, auditor_id)
+        cert_path.parent.mkdir(parents=True, exist_ok=True)
+        pki.write_credential(cred, cert_path, key_path)
+        auditor_creds[auditor_id] = (cert_path, key_path)
+        auditors.append({"id": auditor_id, "cert_fingerprint": cred.fingerprint_sha256})
     generate_kek_file(directory / "kek.bin")
 
     config: dict[str, Any] = {
@@ -102,10 +122,12 @@ def init_workdir(
         "pool": pool_overrides or {},
         "links": [default_link(kme_id, link_source)] if link_source else [],
         "saes": saes,
+        "auditors": auditors,
+        "policy": policy or {"mode": "qkd", "pqc_fallback": False, "kem": "ML-KEM-768"},
     }
     config_path = directory / CONFIG_NAME
     config_path.write_text(tomli_w.dumps(config), encoding="utf-8")
     settings = KmsSettings.load(config_path)
     migrate.upgrade(settings.database.url)
     build_runtime(settings, sync_registry=True).close()  # register the SAEs and links now
-    return InitResult(config_path, directory / "pki" / "ca.pem", creds)
+    return InitResult(config_path, directory / "pki" / "ca.pem", creds, auditor_creds)

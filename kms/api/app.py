@@ -8,7 +8,6 @@ worker threads so that slow database round trips overlap.
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
@@ -18,30 +17,25 @@ from fastapi import Body, FastAPI, Path, Query, Request
 from fastapi.responses import Response
 
 from kms import __version__
-from kms.api.errors import CatchAllMiddleware, install_error_handlers
+from kms.api.audit_routes import audit_router
+from kms.api.errors import ERROR_RESPONSES, CatchAllMiddleware, install_error_handlers, json_response
 from kms.api.identity import SaeAuthMiddleware, current_sae
-from kms.api.schemas import Error, KeyContainer, KeyIds, KeyRequest, Status
+from kms.api.schemas import KeyContainer, KeyIds, KeyRequest, Status
+from kms.audit.service import AuditService
 from kms.domain.delivery import DeliveredKey
 from kms.domain.errors import InvalidRequest
 from kms.runtime import Runtime
 
 T = TypeVar("T")
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": Error, "description": "Bad request format"},
-    401: {"model": Error, "description": "Unauthorized"},
-    503: {"model": Error, "description": "Error on server side"},
-}
 POST_ONLY_QUERY = frozenset({"additional_slave_SAE_IDs", "extension_mandatory", "extension_optional"})
 SaeIdPath = Annotated[str, Path(min_length=1, max_length=128, description="SAE ID")]
 
 
-def _json(data: dict[str, Any]) -> Response:
-    return Response(json.dumps(data, separators=(",", ":")), media_type="application/json")
-
-
 def _container(keys: list[DeliveredKey]) -> Response:
-    return _json({"keys": [{"key_ID": k.key_id, "key": base64.b64encode(k.material).decode()} for k in keys]})
+    return json_response(
+        {"keys": [{"key_ID": k.key_id, "key": base64.b64encode(k.material).decode()} for k in keys]}
+    )
 
 
 def create_app(
@@ -88,7 +82,7 @@ def create_app(
     async def get_status(request: Request, slave_SAE_ID: SaeIdPath) -> Response:
         master = current_sae(request.scope)
         view = await run(service.status, master, slave_SAE_ID)
-        return _json(
+        return json_response(
             {
                 "source_KME_ID": view.source_kme_id,
                 "target_KME_ID": view.target_kme_id,
@@ -182,6 +176,7 @@ def create_app(
         )
         return _container(keys)
 
+    app.include_router(audit_router(AuditService(runtime.db, runtime.identity, runtime.settings.kme.id), run))
     _document_only_etsi_status_codes(app)
     return app
 

@@ -6,17 +6,32 @@ unknown paths and wrong methods become 400; anything unexpected becomes 503 with
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kms.api.schemas import Error
 from kms.domain.errors import DeliveryError, InvalidRequest, NotEntitled, ServiceUnavailable
 
 log = structlog.get_logger(__name__)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": Error, "description": "Bad request format"},
+    401: {"model": Error, "description": "Unauthorized"},
+    503: {"model": Error, "description": "Error on server side"},
+}
+ERROR_RESPONSES_AUDIT = ERROR_RESPONSES
+
+
+def json_response(data: Any) -> Response:
+    """A JSON response serialised once, without FastAPI's response-model validation pass."""
+    return Response(json.dumps(data, separators=(",", ":")), media_type="application/json")
 
 
 def error_response(status: int, message: str, details: list[dict[str, Any]] | None = None) -> JSONResponse:

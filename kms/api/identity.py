@@ -9,8 +9,13 @@ from typing import Any
 from kms.api.errors import error_response
 from kms.domain.errors import NotEntitled
 from kms.domain.saes import SaeInfo
-from kms.pki import certificate_common_name, fingerprint_sha256
+from kms.pki import certificate_common_name, certificate_role, fingerprint_sha256
 from kms.runtime import Runtime
+
+
+@functools.lru_cache(maxsize=4096)
+def _cert_role(der: bytes) -> str | None:
+    return certificate_role(der)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -32,6 +37,8 @@ def sae_from_scope(scope: MutableMapping[str, Any], runtime: Runtime) -> SaeInfo
         raise NotEntitled("the client certificate does not belong to a registered SAE")
     if info.sae_id != common_name:
         raise NotEntitled("the client certificate's CN does not match its registered SAE ID")
+    if _cert_role(der) not in (None, info.role):
+        raise NotEntitled("the client certificate's role does not match its registration")
     return info
 
 
@@ -48,11 +55,21 @@ class SaeAuthMiddleware:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             try:
-                scope[SCOPE_KEY] = sae_from_scope(scope, self.runtime)
+                info = sae_from_scope(scope, self.runtime)
+                _check_role(scope.get("path", ""), info)
+                scope[SCOPE_KEY] = info
             except NotEntitled as exc:
                 await error_response(401, exc.message)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _check_role(path: str, info: SaeInfo) -> None:
+    """Key endpoints are for SAEs only; audit endpoints for auditors only (no key material for them)."""
+    if path.startswith("/api/v1/audit") and info.role != "auditor":
+        raise NotEntitled("the audit API is for auditor certificates only")
+    if path.startswith("/api/v1/keys") and info.role != "sae":
+        raise NotEntitled("key delivery is for SAE certificates only; auditors never receive key material")
 
 
 def current_sae(scope: MutableMapping[str, Any]) -> SaeInfo:

@@ -9,6 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kms.cli.admin import audit_app, keys_app, link_app
+from kms.cli.doctor import doctor
+from kms.cli.sim import sim_app
 from kms.config import ConfigError, KmsSettings
 
 app = typer.Typer(
@@ -46,15 +49,33 @@ def init(
         str,
         typer.Option("--link-source", help="'simulated' (full-physics BB84 link) or 'random' (test source)."),
     ] = "simulated",
+    auditor: Annotated[
+        list[str] | None, typer.Option("--auditor", help="A security-team client of the audit API (repeat).")
+    ] = None,
+    policy: Annotated[
+        str, typer.Option(help="Default key policy: 'qkd' or 'hybrid' (QKD + ML-KEM).")
+    ] = "qkd",
+    pqc_fallback: Annotated[
+        bool, typer.Option(help="Serve ML-KEM-derived keys when no QKD key is available.")
+    ] = False,
 ) -> None:
     """Create a working directory: config, CA, KME and SAE certificates, KEK (0600) and a migrated database."""
     from kms.workdir import InitError, init_workdir
 
     if link_source not in ("simulated", "random"):
         raise typer.BadParameter("--link-source must be 'simulated' or 'random'")
+    if policy not in ("qkd", "hybrid"):
+        raise typer.BadParameter("--policy must be 'qkd' or 'hybrid'")
     try:
         result = init_workdir(
-            directory, kme_id, sae, port=port, database_url=database_url, link_source=link_source
+            directory,
+            kme_id,
+            sae,
+            port=port,
+            database_url=database_url,
+            link_source=link_source,
+            auditor_ids=auditor or [],
+            policy={"mode": policy, "pqc_fallback": pqc_fallback, "kem": "ML-KEM-768"},
         )
     except InitError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
@@ -64,6 +85,8 @@ def init(
     console.print(f"  CA:      {result.ca_cert}")
     for sae_id, (cert, key) in result.sae_credentials.items():
         console.print(f"  SAE {sae_id}: {cert} / {key}")
+    for auditor_id, (cert, key) in result.auditor_credentials.items():
+        console.print(f"  auditor {auditor_id}: {cert} / {key}")
     console.print(f"Start it with: qkms serve --config {result.config_path}")
 
 
@@ -144,12 +167,8 @@ def demo(
     raise typer.Exit(run_demo(directory, link_source, console))
 
 
-def _register_optional() -> None:
-    try:
-        from kms.cli.sim import sim_app
-    except ImportError:
-        return
-    app.add_typer(sim_app, name="sim")
-
-
-_register_optional()
+app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
+app.add_typer(link_app, name="link")
+app.command(help="Report the PQC backends found, their versions and self-tests.")(doctor)
+app.add_typer(sim_app, name="sim")

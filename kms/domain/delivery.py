@@ -1,28 +1,35 @@
 """Key delivery as ETSI GS QKD 014 defines it: status, Get key (master), Get key with key IDs (slave).
 
-This is the domain core: it checks requests against the KME's limits and the SAE registry, and runs
-each request as one database transaction through the pool repository. It knows nothing of HTTP;
-the API layer turns its errors into status codes.
+This is the domain core: it checks requests against the KME's limits, the SAE registry and the pair's
+policy, and runs each request as one database transaction through the repositories — the pool, the
+key records and the audit trail together, so a request that cannot be audited does not happen
+(fail closed). It knows nothing of HTTP; the API layer turns its errors into status codes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Connection
+
 from kms.config import PoolSection
 from kms.crypto.envelope import Envelope
+from kms.crypto.hybrid import HybridContext, combine_hybrid, derive_fallback
+from kms.crypto.identity import KmeIdentity
+from kms.crypto.pqc.base import KemAlgorithm
 from kms.domain import errors
 from kms.domain.errors import InvalidRequest, NotEntitled, ServiceUnavailable
 from kms.domain.lifecycle import KeyState
+from kms.domain.policy import POLICY_FALLBACK, Mode, PairPolicy, PolicyBook
 from kms.domain.saes import SaeInfo, SaeRegistry
+from kms.storage import audit_repository as audit
 from kms.storage import pool_repository as pool
-from kms.storage.database import Database
-
-POLICY_QKD = "qkd"
+from kms.storage.database import Database, savepoint
 
 
 @dataclass(frozen=True, repr=False)
@@ -56,18 +63,27 @@ class KeyDeliveryService:
     """One KME's delivery rules over its pool."""
 
     def __init__(
-        self, kme_id: str, pool_cfg: PoolSection, db: Database, envelope: Envelope, registry: SaeRegistry
-    ):
+        self,
+        kme_id: str,
+        pool_cfg: PoolSection,
+        db: Database,
+        envelope: Envelope,
+        registry: SaeRegistry,
+        policies: PolicyBook,
+        identity: KmeIdentity,
+    ) -> None:
         self.kme_id = kme_id
         self.cfg = pool_cfg
         self.db = db
         self.envelope = envelope
         self.registry = registry
+        self.policies = policies
+        self.identity = identity
 
     # -- lookups -------------------------------------------------------------------------------
     def _known_sae(self, sae_id: str, role: str) -> SaeInfo:
         info = self.registry.get(sae_id)
-        if info is None or not info.enabled:
+        if info is None or not info.enabled or info.role != "sae":
             raise InvalidRequest(f"unknown {role} SAE", [{"SAE_ID": sae_id}])
         return info
 
@@ -80,6 +96,7 @@ class KeyDeliveryService:
     # -- Get status ----------------------------------------------------------------------------
     def status(self, master: SaeInfo, slave_sae_id: str) -> StatusView:
         slave = self._pair(master, slave_sae_id, "slave")
+        policy = self.policies.for_pair(master.sae_id, slave.sae_id)
         with self.db.read() as conn:
             stored = pool.count_available_keys(conn, slave.kme_id, self.cfg.key_size)
         return StatusView(
@@ -94,7 +111,12 @@ class KeyDeliveryService:
             max_key_size=self.cfg.max_key_size,
             min_key_size=self.cfg.min_key_size,
             max_sae_id_count=self.cfg.max_sae_id_count,
-            extension={"qkms_policy": POLICY_QKD, "qkms_reserved_ttl_seconds": self.cfg.reserved_ttl_seconds},
+            extension={
+                "qkms_policy": policy.mode.value,
+                "qkms_pqc_fallback": policy.pqc_fallback,
+                "qkms_kem": policy.kem if (policy.mode is Mode.HYBRID or policy.pqc_fallback) else None,
+                "qkms_reserved_ttl_seconds": self.cfg.reserved_ttl_seconds,
+            },
         )
 
     # -- Get key (master) ----------------------------------------------------------------------
@@ -115,28 +137,138 @@ class KeyDeliveryService:
             names = [name for ext in extension_mandatory for name in ext]
             raise InvalidRequest(errors.MSG_EXT_MANDATORY_UNSUPPORTED, [{"extension_mandatory": names}])
         recipients = [slave.sae_id, *self._additional_slaves(master, slave, additional_slave_sae_ids)]
+        policy = self.policies.for_pair(master.sae_id, slave.sae_id)
         events = pool.EventBatch(datetime.now(UTC))
+        actor = f"sae:{master.sae_id}"
         with self.db.write() as conn:
-            cut = pool.reserve_keys(
+            cut = self._cut(conn, slave.kme_id, number, size, policy, events, actor)
+            fallback = cut[0].material is None
+            policy_name = POLICY_FALLBACK if fallback else policy.mode.value
+            suite = policy.suite(fallback)
+            exchange = None
+            if suite is not None:
+                exchange = self._encapsulate(conn, policy, slave.kme_id, events.at)
+            pool.insert_reserved_keys(
                 conn,
                 self.envelope,
-                target_kme_id=slave.kme_id,
-                number=number,
+                cut,
                 size_bits=size,
-                min_key_size=self.cfg.min_key_size,
                 master_sae_id=master.sae_id,
                 slave_sae_ids=recipients,
+                target_kme_id=slave.kme_id,
                 ttl=timedelta(seconds=self.cfg.reserved_ttl_seconds),
-                policy=POLICY_QKD,
+                policy=policy_name,
+                suite=suite,
+                kem_exchange_id=exchange.exchange_id if exchange else None,
                 events=events,
             )
-            if cut is None:
-                raise ServiceUnavailable(
-                    "not enough key material in the pool for this request; retry later",
-                    [{"requested_bits": number * size}],
-                )
             events.flush(conn)
-        return [DeliveredKey(c.key_id, c.material) for c in cut]
+            delivered = [
+                DeliveredKey(
+                    c.key_id,
+                    self._derive(c.material, exchange, suite, c.key_id, master.sae_id, slave, size)
+                    if exchange and suite
+                    else c.material or b"",
+                )
+                for c in cut
+            ]
+            record: dict[str, Any] = {
+                "key_IDs": [c.key_id for c in cut],
+                "size": size,
+                "slaves": recipients,
+                "policy": policy_name,
+                "suite": suite,
+            }
+            if exchange:
+                record["kem_ciphertext_sha384"] = hashlib.sha384(exchange.ciphertext).hexdigest()
+            audit.append(
+                conn, events.at, [(actor, "keys.reserved", f"{master.sae_id}->{slave.sae_id}", record)]
+            )
+        return delivered
+
+    def _cut(
+        self,
+        conn: Connection,
+        target: str,
+        number: int,
+        size: int,
+        policy: PairPolicy,
+        events: pool.EventBatch,
+        actor: str,
+    ) -> list[pool.CutKey]:
+        """QKD bits from the pool; PQC-fallback key IDs if the pool is short and the policy allows it."""
+        kwargs: dict[str, Any] = {
+            "target_kme_id": target,
+            "number": number,
+            "size_bits": size,
+            "min_key_size": self.cfg.min_key_size,
+            "events": events,
+            "actor": actor,
+        }
+        if not policy.pqc_fallback:
+            cut = pool.cut_keys(conn, self.envelope, **kwargs)
+        else:
+            mark = len(events.rows)
+            try:
+                with savepoint(conn):
+                    cut = pool.cut_keys(conn, self.envelope, **kwargs)
+                    if cut is None:
+                        raise _PoolShort
+            except _PoolShort:
+                del events.rows[mark:]  # the rolled-back cut's block events
+                return pool.fallback_keys(number)
+        if cut is None:
+            raise ServiceUnavailable(
+                "not enough key material in the pool for this request; retry later",
+                [{"requested_bits": number * size}],
+            )
+        return cut
+
+    def _encapsulate(
+        self, conn: Connection, policy: PairPolicy, target_kme_id: str, at: datetime
+    ) -> _Exchange:
+        if target_kme_id != self.kme_id:
+            raise ServiceUnavailable(f"no ML-KEM public key is known for KME {target_kme_id}")
+        info = self.identity.active_public("kem")
+        if info.algorithm != policy.kem:
+            raise ServiceUnavailable(
+                f"the KME's ML-KEM key is {info.algorithm}, the policy asks for {policy.kem}"
+            )
+        ciphertext, secret = self.identity.kem.encapsulate(KemAlgorithm(info.algorithm), info.public_key)
+        exchange_id = pool.insert_kem_exchange(
+            conn,
+            info.algorithm,
+            target_kme_id,
+            info.version,
+            hashlib.sha384(info.public_key).hexdigest(),
+            ciphertext,
+            at,
+        )
+        return _Exchange(exchange_id, info.version, info.public_key, ciphertext, secret)
+
+    def _derive(
+        self,
+        qkd: bytes | None,
+        exchange: _Exchange,
+        suite: str,
+        key_id: str,
+        master_sae_id: str,
+        slave: SaeInfo,
+        size: int,
+    ) -> bytes:
+        ctx = HybridContext(
+            suite=suite,
+            key_id=key_id,
+            master_kme_id=self.kme_id,
+            slave_kme_id=slave.kme_id,
+            master_sae_id=master_sae_id,
+            slave_sae_id=slave.sae_id,
+            kem_public_key=exchange.public_key,
+            kem_ciphertext=exchange.ciphertext,
+        )
+        if qkd is None:
+            return derive_fallback(exchange.secret, ctx, size // 8)
+        return combine_hybrid(qkd, exchange.secret, ctx)
 
     def _check_number_and_size(self, number: int, size: int) -> None:
         if number < 1:
@@ -190,30 +322,107 @@ class KeyDeliveryService:
         if len(set(normalised)) != len(normalised):
             raise InvalidRequest("key_IDs contains the same key_ID twice")
         events = pool.EventBatch(datetime.now(UTC))
+        try:
+            return self._serve(slave, master_sae_id, normalised, events)
+        except NotEntitled:
+            self._audit_denied(slave, master_sae_id, normalised)
+            raise
+
+    def _serve(
+        self, slave: SaeInfo, master_sae_id: str, key_ids: list[str], events: pool.EventBatch
+    ) -> list[DeliveredKey]:
         with self.db.write() as conn:
-            stored = pool.load_keys_for_update(conn, normalised)
-            missing = [k for k in normalised if k not in stored or stored[k].master_sae_id != master_sae_id]
+            stored = pool.load_keys_for_update(conn, key_ids)
+            missing = [k for k in key_ids if k not in stored or stored[k].master_sae_id != master_sae_id]
             if missing:
                 raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, [{"key_ID": k} for k in missing])
-            if any(slave.sae_id not in stored[k].recipients for k in normalised):
+            if any(slave.sae_id not in stored[k].recipients for k in key_ids):
                 raise NotEntitled("the requesting SAE is not a slave of one or more of the requested keys")
-            reasons = {k: _why_unavailable(stored[k], slave.sae_id, events.at) for k in normalised}
+            reasons = {k: _why_unavailable(stored[k], slave.sae_id, events.at) for k in key_ids}
             gone = [{"key_ID": k, "reason": r} for k, r in reasons.items() if r]
             if gone:
                 raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, gone)
-            delivered = []
-            for k in normalised:
-                material = stored[k].material
-                assert material is not None  # guaranteed by _why_unavailable
-                delivered.append(DeliveredKey(k, self.envelope.open(material, pool.key_aad(k))))
-            pool.mark_served(conn, (stored[k] for k in normalised), slave.sae_id, events)
+            exchanges = pool.load_exchanges(
+                conn, (stored[k].kem_exchange_id for k in key_ids if stored[k].kem_exchange_id is not None)
+            )
+            secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
+            delivered = [self._recover(stored[k], exchanges, secrets) for k in key_ids]
+            pool.mark_served(conn, (stored[k] for k in key_ids), slave.sae_id, events)
             events.flush(conn)
+            consumed = [r["subject_id"] for r in events.rows if r.get("to_state") == KeyState.CONSUMED.value]
+            audit.append(
+                conn,
+                events.at,
+                [
+                    (
+                        f"sae:{slave.sae_id}",
+                        "keys.delivered",
+                        f"{master_sae_id}->{slave.sae_id}",
+                        {"key_IDs": key_ids, "consumed": consumed},
+                    )
+                ],
+            )
         return delivered
+
+    def _decapsulated(self, exchange: pool.StoredExchange) -> _Exchange:
+        public = self.identity.public_key("kem", exchange.kem_key_version)
+        secret = self.identity.decapsulate(exchange.kem_key_version, exchange.ciphertext)
+        return _Exchange(0, exchange.kem_key_version, public.public_key, exchange.ciphertext, secret)
+
+    def _recover(
+        self,
+        key: pool.StoredKey,
+        exchanges: Mapping[int, pool.StoredExchange],
+        secrets: Mapping[int, _Exchange],
+    ) -> DeliveredKey:
+        qkd = self.envelope.open(key.material, pool.key_aad(key.key_id)) if key.material is not None else None
+        if key.kem_exchange_id is None or key.suite is None:
+            assert qkd is not None  # a plain QKD key always has material while deliverable
+            return DeliveredKey(key.key_id, qkd)
+        slave = self.registry.get(key.slave_sae_id) or SaeInfo(key.slave_sae_id, key.target_kme_id, "")
+        exchange = secrets[key.kem_exchange_id]
+        return DeliveredKey(
+            key.key_id,
+            self._derive(qkd, exchange, key.suite, key.key_id, key.master_sae_id, slave, key.size_bits),
+        )
+
+    def _audit_denied(self, slave: SaeInfo, master_sae_id: str, key_ids: list[str]) -> None:
+        with self.db.write() as conn:
+            audit.append(
+                conn,
+                datetime.now(UTC),
+                [
+                    (
+                        f"sae:{slave.sae_id}",
+                        "access.denied",
+                        f"{master_sae_id}->{slave.sae_id}",
+                        {"key_IDs": key_ids},
+                    )
+                ],
+            )
 
     # -- housekeeping --------------------------------------------------------------------------
     def expire_reserved(self) -> int:
+        now = datetime.now(UTC)
+        actor = f"kme:{self.kme_id}/expiry"
         with self.db.write() as conn:
-            return pool.expire_reserved(conn, datetime.now(UTC), f"kme:{self.kme_id}/expiry")
+            expired = pool.expire_reserved(conn, now, actor)
+            if expired:
+                audit.append(conn, now, [(actor, "keys.expired", "pool", {"key_IDs": expired})])
+        return len(expired)
+
+
+@dataclass(frozen=True, repr=False)
+class _Exchange:
+    exchange_id: int
+    key_version: int
+    public_key: bytes
+    ciphertext: bytes
+    secret: bytes
+
+
+class _PoolShort(Exception):
+    """Internal: unwinds the savepoint when the pool cannot serve and the fallback may."""
 
 
 def _canonical_uuid(value: str) -> str:
@@ -226,8 +435,10 @@ def _canonical_uuid(value: str) -> str:
 
 
 def _why_unavailable(key: pool.StoredKey, slave_sae_id: str, now: datetime) -> str | None:
-    if key.state != KeyState.RESERVED.value or key.material is None:
+    if key.state != KeyState.RESERVED.value:
         return f"key is {key.state}"
+    if key.material is None and key.policy != POLICY_FALLBACK:
+        return "key material is no longer held"
     if key.recipients.get(slave_sae_id) is not None:
         return "already delivered to this SAE"
     if key.expires_at <= now:

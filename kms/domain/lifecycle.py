@@ -31,7 +31,9 @@ ALLOWED: dict[KeyState | None, frozenset[KeyState]] = {
     KeyState.RESERVED: frozenset(
         {KeyState.RESERVED, KeyState.CONSUMED, KeyState.EXPIRED, KeyState.COMPROMISED, KeyState.SUSPENDED}
     ),
-    KeyState.SUSPENDED: frozenset({KeyState.ACTIVE, KeyState.COMPROMISED, KeyState.DESTROYED}),
+    KeyState.SUSPENDED: frozenset(
+        {KeyState.ACTIVE, KeyState.RESERVED, KeyState.COMPROMISED, KeyState.DESTROYED, KeyState.EXPIRED}
+    ),
     KeyState.CONSUMED: frozenset({KeyState.COMPROMISED}),
     KeyState.EXPIRED: frozenset({KeyState.COMPROMISED}),
     KeyState.EXHAUSTED: frozenset({KeyState.COMPROMISED}),

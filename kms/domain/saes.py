@@ -18,6 +18,7 @@ class SaeInfo:
     kme_id: str
     fingerprint: str
     enabled: bool = True
+    role: str = "sae"  # "sae" or "auditor"
 
 
 class SaeRegistry:

@@ -86,3 +86,16 @@ def _make_engine(url: str, pool_size: int, is_sqlite: bool) -> Engine:
         cur.close()
 
     return engine
+
+
+@contextlib.contextmanager
+def savepoint(conn: Connection, name: str = "qkms_sp") -> Iterator[None]:
+    """A savepoint inside the current write transaction: rolled back to if the block raises."""
+    conn.exec_driver_sql(f"SAVEPOINT {name}")
+    try:
+        yield
+    except BaseException:
+        conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {name}")
+        conn.exec_driver_sql(f"RELEASE SAVEPOINT {name}")
+        raise
+    conn.exec_driver_sql(f"RELEASE SAVEPOINT {name}")

@@ -18,13 +18,17 @@ from sqlalchemy import Connection, and_, func, insert, select, update
 
 from kms.crypto.envelope import Envelope
 from kms.domain.lifecycle import KeyState, check_transition
-from kms.storage.schema import key_blocks, key_recipients, keys, lifecycle_events, links
+from kms.storage.schema import kem_exchanges, key_blocks, key_recipients, keys, lifecycle_events, links
 
 
 @dataclass(frozen=True, repr=False)
 class CutKey:
+    """A key cut from the pool (or, for a PQC-fallback key, no pool bits: block_id None)."""
+
     key_id: str
-    material: bytes
+    material: bytes | None
+    block_id: int | None = None
+    bit_offset: int | None = None
 
 
 @dataclass
@@ -89,11 +93,12 @@ def store_block_pieces(
     link_id: str,
     pieces: Sequence[StoragePiece],
     provenance: dict[str, Any],
-    activate: bool,
+    state: KeyState,
     events: EventBatch,
     actor: str,
 ) -> int:
-    """Insert pool blocks; with ``activate`` they go straight to ``active`` (a local link)."""
+    """Insert pool blocks in ``state``: ``active`` for a local link, ``pre_active`` until a peer
+    confirms, ``suspended`` while the link is suspended."""
     rows = []
     for piece in pieces:
         rows.append(
@@ -103,7 +108,7 @@ def store_block_pieces(
                 "source_offset_bits": piece.source_offset_bits,
                 "bit_length": len(piece.material) * 8,
                 "next_bit": 0,
-                "state": (KeyState.ACTIVE if activate else KeyState.PRE_ACTIVE).value,
+                "state": state.value,
                 "material": envelope.seal(
                     piece.material,
                     block_aad(link_id, piece.source_block_id, piece.source_offset_bits, 0),
@@ -115,8 +120,8 @@ def store_block_pieces(
         )
         subject = f"{link_id}/{piece.source_block_id}@{piece.source_offset_bits}"
         events.add("block", subject, None, KeyState.PRE_ACTIVE, actor, "received from adapter")
-        if activate:
-            events.add("block", subject, KeyState.PRE_ACTIVE, KeyState.ACTIVE, actor, "local link")
+        if state is not KeyState.PRE_ACTIVE:
+            events.add("block", subject, KeyState.PRE_ACTIVE, state, actor, "local link")
     if rows:
         conn.execute(insert(key_blocks), rows)
     return len(rows)
@@ -173,7 +178,7 @@ def _candidate_block(conn: Connection, target_kme_id: str, size_bits: int, skip_
     return conn.execute(stmt).first()
 
 
-def reserve_keys(
+def cut_keys(
     conn: Connection,
     envelope: Envelope,
     *,
@@ -181,22 +186,15 @@ def reserve_keys(
     number: int,
     size_bits: int,
     min_key_size: int,
-    master_sae_id: str,
-    slave_sae_ids: Sequence[str],
-    ttl: timedelta,
-    policy: str,
     events: EventBatch,
+    actor: str,
 ) -> list[CutKey] | None:
     """Cut ``number`` keys of ``size_bits`` from the pool, or return None if the pool is short.
 
-    On None the caller must roll back: blocks may already have been cut in this transaction.
+    On None the caller must roll back (or to a savepoint): blocks may already have been cut.
     """
-    now = events.at
     size_bytes = size_bits // 8
     cut: list[CutKey] = []
-    key_rows: list[dict[str, Any]] = []
-    recipient_rows: list[dict[str, Any]] = []
-    actor = f"sae:{master_sae_id}"
     for skip_locked in (True, False):
         while len(cut) < number:
             block = _candidate_block(conn, target_kme_id, size_bits, skip_locked)
@@ -207,39 +205,96 @@ def reserve_keys(
                 block_aad(block.link_id, block.source_block_id, block.source_offset_bits, block.next_bit),
             )
             take = min(number - len(cut), len(remainder) // size_bytes)
-            for i in range(take):
-                key_id = str(uuid.uuid4())
-                material = remainder[i * size_bytes : (i + 1) * size_bytes]
-                cut.append(CutKey(key_id, material))
-                key_rows.append(
-                    {
-                        "key_id": key_id,
-                        "block_id": block.id,
-                        "bit_offset": block.next_bit + i * size_bits,
-                        "size_bits": size_bits,
-                        "state": KeyState.RESERVED.value,
-                        "master_sae_id": master_sae_id,
-                        "slave_sae_id": slave_sae_ids[0],
-                        "target_kme_id": target_kme_id,
-                        "policy": policy,
-                        "material": envelope.seal(material, key_aad(key_id)),
-                        "kek_id": envelope.kek_id,
-                        "created_at": now,
-                        "expires_at": now + ttl,
-                    }
+            cut.extend(
+                CutKey(
+                    str(uuid.uuid4()),
+                    remainder[i * size_bytes : (i + 1) * size_bytes],
+                    block.id,
+                    block.next_bit + i * size_bits,
                 )
-                recipient_rows.extend({"key_id": key_id, "sae_id": s} for s in slave_sae_ids)
-                events.add(
-                    "key", key_id, KeyState.ACTIVE, KeyState.RESERVED, actor, f"for {slave_sae_ids[0]}"
-                )
+                for i in range(take)
+            )
             _advance_block(conn, envelope, block, remainder[take * size_bytes :], min_key_size, events, actor)
         if len(cut) >= number:
             break
-    if len(cut) < number:
-        return None
+    return cut if len(cut) >= number else None
+
+
+def fallback_keys(number: int) -> list[CutKey]:
+    """Key IDs for PQC-fallback keys: no pool bits; the material is derived from ML-KEM."""
+    return [CutKey(str(uuid.uuid4()), None) for _ in range(number)]
+
+
+def insert_kem_exchange(
+    conn: Connection,
+    algorithm: str,
+    target_kme_id: str,
+    key_version: int,
+    public_key_sha384: str,
+    ciphertext: bytes,
+    at: datetime,
+) -> int:
+    result = conn.execute(
+        insert(kem_exchanges).values(
+            algorithm=algorithm,
+            target_kme_id=target_kme_id,
+            kem_key_version=key_version,
+            public_key_sha384=public_key_sha384,
+            ciphertext=ciphertext,
+            created_at=at,
+        )
+    )
+    pk = result.inserted_primary_key
+    assert pk is not None
+    return int(pk[0])
+
+
+def insert_reserved_keys(
+    conn: Connection,
+    envelope: Envelope,
+    cut: Sequence[CutKey],
+    *,
+    size_bits: int,
+    master_sae_id: str,
+    slave_sae_ids: Sequence[str],
+    target_kme_id: str,
+    ttl: timedelta,
+    policy: str,
+    suite: str | None,
+    kem_exchange_id: int | None,
+    events: EventBatch,
+) -> None:
+    """Record freshly cut keys as ``reserved`` for their slaves; QKD material is sealed per key."""
+    now = events.at
+    actor = f"sae:{master_sae_id}"
+    key_rows = []
+    for c in cut:
+        key_rows.append(
+            {
+                "key_id": c.key_id,
+                "block_id": c.block_id,
+                "bit_offset": c.bit_offset,
+                "size_bits": size_bits,
+                "state": KeyState.RESERVED.value,
+                "master_sae_id": master_sae_id,
+                "slave_sae_id": slave_sae_ids[0],
+                "target_kme_id": target_kme_id,
+                "policy": policy,
+                "suite": suite,
+                "kem_exchange_id": kem_exchange_id,
+                "material": envelope.seal(c.material, key_aad(c.key_id)) if c.material is not None else None,
+                "kek_id": envelope.kek_id,
+                "created_at": now,
+                "expires_at": now + ttl,
+            }
+        )
+        events.add(
+            "key", c.key_id, KeyState.ACTIVE, KeyState.RESERVED, actor, f"{policy} for {slave_sae_ids[0]}"
+        )
     conn.execute(insert(keys), key_rows)
-    conn.execute(insert(key_recipients), recipient_rows)
-    return cut
+    conn.execute(
+        insert(key_recipients), [{"key_id": c.key_id, "sae_id": s} for c in cut for s in slave_sae_ids]
+    )
 
 
 def _advance_block(
@@ -269,11 +324,17 @@ def _advance_block(
     conn.execute(update(key_blocks).where(key_blocks.c.id == block.id).values(**values))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class StoredKey:
     key_id: str
     master_sae_id: str
+    slave_sae_id: str
+    target_kme_id: str
     state: str
+    policy: str
+    suite: str | None
+    kem_exchange_id: int | None
+    size_bits: int
     expires_at: datetime
     material: bytes | None
     recipients: dict[str, datetime | None]
@@ -282,7 +343,19 @@ class StoredKey:
 def load_keys_for_update(conn: Connection, key_ids: Sequence[str]) -> dict[str, StoredKey]:
     """The named keys and their recipients, locked against concurrent slaves (PostgreSQL)."""
     rows = conn.execute(
-        select(keys.c.key_id, keys.c.master_sae_id, keys.c.state, keys.c.expires_at, keys.c.material)
+        select(
+            keys.c.key_id,
+            keys.c.master_sae_id,
+            keys.c.slave_sae_id,
+            keys.c.target_kme_id,
+            keys.c.state,
+            keys.c.policy,
+            keys.c.suite,
+            keys.c.kem_exchange_id,
+            keys.c.size_bits,
+            keys.c.expires_at,
+            keys.c.material,
+        )
         .where(keys.c.key_id.in_(key_ids))
         .with_for_update()
     ).all()
@@ -295,7 +368,18 @@ def load_keys_for_update(conn: Connection, key_ids: Sequence[str]) -> dict[str, 
         recipients[rec.key_id][rec.sae_id] = rec.served_at
     return {
         r.key_id: StoredKey(
-            r.key_id, r.master_sae_id, r.state, utc(r.expires_at), r.material, recipients[r.key_id]
+            r.key_id,
+            r.master_sae_id,
+            r.slave_sae_id,
+            r.target_kme_id,
+            r.state,
+            r.policy,
+            r.suite,
+            r.kem_exchange_id,
+            r.size_bits,
+            utc(r.expires_at),
+            r.material,
+            recipients[r.key_id],
         )
         for r in rows
     }
@@ -340,8 +424,8 @@ def mark_served(
         )
 
 
-def expire_reserved(conn: Connection, now: datetime, actor: str, limit: int = 1000) -> int:
-    """Zeroise reserved keys whose TTL has passed. Returns how many expired."""
+def expire_reserved(conn: Connection, now: datetime, actor: str, limit: int = 1000) -> list[str]:
+    """Zeroise reserved keys whose TTL has passed. Returns the expired key_IDs."""
     expired = [
         r.key_id
         for r in conn.execute(
@@ -352,7 +436,7 @@ def expire_reserved(conn: Connection, now: datetime, actor: str, limit: int = 10
         )
     ]
     if not expired:
-        return 0
+        return []
     conn.execute(
         update(keys)
         .where(keys.c.key_id.in_(expired), keys.c.state == KeyState.RESERVED.value)
@@ -362,4 +446,26 @@ def expire_reserved(conn: Connection, now: datetime, actor: str, limit: int = 10
     for key_id in expired:
         events.add("key", key_id, KeyState.RESERVED, KeyState.EXPIRED, actor, "TTL passed; material zeroised")
     events.flush(conn)
-    return len(expired)
+    return expired
+
+
+@dataclass(frozen=True)
+class StoredExchange:
+    algorithm: str
+    kem_key_version: int
+    ciphertext: bytes
+
+
+def load_exchanges(conn: Connection, ids: Iterable[int]) -> dict[int, StoredExchange]:
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    rows = conn.execute(
+        select(
+            kem_exchanges.c.id,
+            kem_exchanges.c.algorithm,
+            kem_exchanges.c.kem_key_version,
+            kem_exchanges.c.ciphertext,
+        ).where(kem_exchanges.c.id.in_(wanted))
+    )
+    return {r.id: StoredExchange(r.algorithm, r.kem_key_version, bytes(r.ciphertext)) for r in rows}

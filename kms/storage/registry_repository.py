@@ -18,7 +18,7 @@ def upsert_saes(conn: Connection, entries: Sequence[SaeInfo]) -> None:
     now = datetime.now(UTC)
     for e in entries:
         existing = conn.execute(select(saes.c.id).where(saes.c.id == e.sae_id)).first()
-        values = {"kme_id": e.kme_id, "cert_fingerprint": e.fingerprint, "enabled": e.enabled}
+        values = {"kme_id": e.kme_id, "cert_fingerprint": e.fingerprint, "enabled": e.enabled, "role": e.role}
         if existing:
             conn.execute(update(saes).where(saes.c.id == e.sae_id).values(**values))
         else:
@@ -27,8 +27,10 @@ def upsert_saes(conn: Connection, entries: Sequence[SaeInfo]) -> None:
 
 def load_saes(conn: Connection) -> list[SaeInfo]:
     return [
-        SaeInfo(r.id, r.kme_id, r.cert_fingerprint, bool(r.enabled))
-        for r in conn.execute(select(saes.c.id, saes.c.kme_id, saes.c.cert_fingerprint, saes.c.enabled))
+        SaeInfo(r.id, r.kme_id, r.cert_fingerprint, bool(r.enabled), r.role)
+        for r in conn.execute(
+            select(saes.c.id, saes.c.kme_id, saes.c.cert_fingerprint, saes.c.enabled, saes.c.role)
+        )
     ]
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -59,6 +60,7 @@ class Sae(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     kme_id: Mapped[str] = mapped_column(String(64), nullable=False)
     cert_fingerprint: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    role: Mapped[str] = mapped_column(String(16), nullable=False, default="sae", server_default="sae")
     enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
@@ -96,19 +98,91 @@ class KeyRow(Base):
     __table_args__ = (Index("ix_keys_state_expires", "state", "expires_at"),)
 
     key_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    block_id: Mapped[int] = mapped_column(ForeignKey("key_blocks.id"), nullable=False, index=True)
-    bit_offset: Mapped[int] = mapped_column(Integer, nullable=False)
+    block_id: Mapped[int | None] = mapped_column(ForeignKey("key_blocks.id"), nullable=True, index=True)
+    bit_offset: Mapped[int | None] = mapped_column(Integer, nullable=True)
     size_bits: Mapped[int] = mapped_column(Integer, nullable=False)
     state: Mapped[str] = mapped_column(String(16), nullable=False)
     master_sae_id: Mapped[str] = mapped_column(String(128), nullable=False)
     slave_sae_id: Mapped[str] = mapped_column(String(128), nullable=False)
     target_kme_id: Mapped[str] = mapped_column(String(64), nullable=False)
     policy: Mapped[str] = mapped_column(String(16), nullable=False)
+    suite: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    kem_exchange_id: Mapped[int | None] = mapped_column(ForeignKey("kem_exchanges.id"), nullable=True)
     material: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     kek_id: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class KemExchange(Base):
+    """One ML-KEM encapsulation to the slave's KME, shared by the keys of one request."""
+
+    __tablename__ = "kem_exchanges"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    algorithm: Mapped[str] = mapped_column(String(32), nullable=False)
+    target_kme_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    kem_key_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    public_key_sha384: Mapped[str] = mapped_column(String(96), nullable=False)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class KmeKey(Base):
+    """The KME's own ML-DSA signing and ML-KEM key pairs, versioned; seeds sealed under the KEK."""
+
+    __tablename__ = "kme_keys"
+    __table_args__ = (UniqueConstraint("purpose", "version", name="uq_kme_keys_purpose_version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    purpose: Mapped[str] = mapped_column(String(8), nullable=False)
+    algorithm: Mapped[str] = mapped_column(String(32), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    sealed_seed: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    kek_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditRecordRow(Base):
+    """An append-only, hash-chained audit record. ``data`` is canonical JSON text, hashed as stored."""
+
+    __tablename__ = "audit_records"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    at: Mapped[str] = mapped_column(String(40), nullable=False)
+    actor: Mapped[str] = mapped_column(String(160), nullable=False)
+    action: Mapped[str] = mapped_column(String(40), nullable=False, index=True)
+    subject: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    data: Mapped[str] = mapped_column(Text, nullable=False)
+    prev_hash: Mapped[str] = mapped_column(String(96), nullable=False)
+    hash: Mapped[str] = mapped_column(String(96), nullable=False)
+
+
+class AuditHead(Base):
+    """The chain head: one row, locked by each append so records chain in commit order."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    hash: Mapped[str] = mapped_column(String(96), nullable=False)
+
+
+class AuditCheckpoint(Base):
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    upto_seq: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
+    head_hash: Mapped[str] = mapped_column(String(96), nullable=False)
+    kme_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    key_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    algorithm: Mapped[str] = mapped_column(String(32), nullable=False)
+    at: Mapped[str] = mapped_column(String(40), nullable=False)
+    signature: Mapped[str] = mapped_column(Text, nullable=False)
 
 
 class KeyRecipient(Base):
@@ -143,3 +217,8 @@ key_blocks = cast(Table, KeyBlockRow.__table__)
 keys = cast(Table, KeyRow.__table__)
 key_recipients = cast(Table, KeyRecipient.__table__)
 lifecycle_events = cast(Table, LifecycleEvent.__table__)
+kem_exchanges = cast(Table, KemExchange.__table__)
+kme_keys = cast(Table, KmeKey.__table__)
+audit_records = cast(Table, AuditRecordRow.__table__)
+audit_head = cast(Table, AuditHead.__table__)
+audit_checkpoints = cast(Table, AuditCheckpoint.__table__)

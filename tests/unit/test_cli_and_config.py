@@ -10,6 +10,7 @@ import pytest
 
 from kms.config import ConfigError, KmsSettings
 from kms.pki import certificate_common_name, fingerprint_sha256
+from kms.storage.migrate import head_revision
 
 
 def qkms(*args: str) -> subprocess.CompletedProcess[str]:
@@ -34,7 +35,7 @@ def test_init_creates_a_complete_working_directory(tmp_path: Path) -> None:
     assert settings.links[0].source == "simulated"
 
     up = qkms("db", "upgrade", "--config", str(d / "qkms.toml"))
-    assert up.returncode == 0 and "revision 0001" in up.stdout
+    assert up.returncode == 0 and f"revision {head_revision()}" in up.stdout
     status = qkms("status", "--config", str(d / "qkms.toml"))
     assert status.returncode == 0, status.stderr
     assert "SAE-1" in status.stdout

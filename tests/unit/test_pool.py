@@ -39,7 +39,7 @@ def _store(db: Database, env: Envelope, material: bytes, storage_bits: int = 102
     pieces = split_block(_block(material), storage_bits, 64)
     events = pool.EventBatch(datetime.now(UTC))
     with db.write() as conn:
-        pool.store_block_pieces(conn, env, "L1", pieces, {}, True, events, "test")
+        pool.store_block_pieces(conn, env, "L1", pieces, {}, KeyState.ACTIVE, events, "test")
         events.flush(conn)
 
 
@@ -47,21 +47,16 @@ def _reserve(db: Database, env: Envelope, number: int, size: int) -> list[pool.C
     events = pool.EventBatch(datetime.now(UTC))
     try:
         with db.write() as conn:
-            cut = pool.reserve_keys(
-                conn,
-                env,
-                target_kme_id="KME-X",
-                number=number,
-                size_bits=size,
-                min_key_size=64,
-                master_sae_id="A",
-                slave_sae_ids=["B"],
-                ttl=timedelta(seconds=60),
-                policy="qkd",
-                events=events,
+            cut = pool.cut_keys(
+                conn, env, target_kme_id="KME-X", number=number, size_bits=size, min_key_size=64,
+                events=events, actor="sae:A",
             )
             if cut is None:
                 raise _Short  # roll back, as the delivery service does
+            pool.insert_reserved_keys(
+                conn, env, cut, size_bits=size, master_sae_id="A", slave_sae_ids=["B"], target_kme_id="KME-X",
+                ttl=timedelta(seconds=60), policy="qkd", suite=None, kem_exchange_id=None, events=events,
+            )
             events.flush(conn)
     except _Short:
         return None
@@ -121,7 +116,7 @@ def test_expire_reserved_zeroises(db: Database) -> None:
     _store(db, env, os.urandom(128))
     assert _reserve(db, env, 1, 256) is not None
     with db.write() as conn:
-        assert pool.expire_reserved(conn, datetime.now(UTC) + timedelta(seconds=120), "test") == 1
+        assert len(pool.expire_reserved(conn, datetime.now(UTC) + timedelta(seconds=120), "test")) == 1
     with db.read() as conn:
         row = conn.execute(select(keys.c.state, keys.c.material)).one()
     assert row.state == "expired" and row.material is None

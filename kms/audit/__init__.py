@@ -1,0 +1,1 @@
+"""Tamper-evident audit: hash-chained records, ML-DSA-signed checkpoints, offline verification."""

@@ -1,0 +1,269 @@
+"""Operator and security-team commands: ``qkms audit``, ``qkms keys``, ``qkms link``.
+
+They work on the KME's database directly (the same KEK and config as the server), so they also work
+while the server is down — for example to verify or export the audit trail after an incident.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kms.config import ConfigError, KmsSettings
+
+audit_app = typer.Typer(help="Audit trail: provenance, events, verification, export.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="The KME's post-quantum identity keys (ML-DSA-65, ML-KEM-768).", no_args_is_help=True
+)
+link_app = typer.Typer(help="Link health: suspend or resume a link's keys.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to the KME's qkms.toml.")]
+
+
+def _runtime(config: Path):  # type: ignore[no-untyped-def]
+    from kms.runtime import build_runtime
+
+    try:
+        settings = KmsSettings.load(config)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    return build_runtime(settings, sync_registry=False)
+
+
+def _audit_service(config: Path):  # type: ignore[no-untyped-def]
+    from kms.audit.service import AuditService
+
+    rt = _runtime(config)
+    return rt, AuditService(rt.db, rt.identity, rt.settings.kme.id)
+
+
+@audit_app.command("show")
+def audit_show(key_id: Annotated[str, typer.Argument(help="The key_ID (UUID).")], config: ConfigOpt) -> None:
+    """Print a key's provenance: its bits' origin, policy and PQC suite, SAEs, lifecycle, audit records."""
+    rt, service = _audit_service(config)
+    try:
+        record = service.provenance(key_id)
+    finally:
+        rt.close()
+    if record is None:
+        err.print(f"[red]error:[/red] no key {key_id} on this KME")
+        raise typer.Exit(1)
+    console.print_json(json.dumps(record))
+
+
+@audit_app.command("events")
+def audit_events(
+    config: ConfigOpt,
+    since: Annotated[str | None, typer.Option(help="ISO 8601 UTC time, e.g. 2026-11-23T10:00:00")] = None,
+    after_seq: Annotated[int, typer.Option(help="Only records after this sequence number.")] = 0,
+    limit: Annotated[int, typer.Option(help="At most this many records.")] = 100,
+) -> None:
+    """List audit records in order."""
+    if since is not None:
+        try:
+            since = datetime.fromisoformat(since).astimezone(UTC).isoformat(timespec="microseconds")
+        except ValueError as exc:
+            raise typer.BadParameter("--since must be an ISO 8601 time") from exc
+    rt, service = _audit_service(config)
+    try:
+        data = service.events(after_seq, since, limit)
+    finally:
+        rt.close()
+    table = Table(title=f"audit records (head seq {data['head']['seq']})")
+    for col in ("seq", "at", "actor", "action", "subject", "data"):
+        table.add_column(col)
+    for r in data["records"]:
+        table.add_row(
+            str(r["seq"]), r["at"], r["actor"], r["action"], r["subject"], json.dumps(r["data"])[:80]
+        )
+    console.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Verify the KME's database.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="Verify an export offline instead.")] = None,
+    public_key: Annotated[
+        Path | None,
+        typer.Option("--public-key", help="The KME's public keys (from `qkms keys export-public`)."),
+    ] = None,
+) -> None:
+    """Check the audit chain and signed checkpoints; name every edited, deleted, inserted or reordered record."""
+    from kms.audit.service import load_public_keys, report_json, verify_export
+    from kms.crypto.pqc.registry import get_signature_provider
+
+    if file is not None:
+        if public_key is None:
+            raise typer.BadParameter("--file needs --public-key")
+        report = verify_export(
+            json.loads(file.read_text(encoding="utf-8")),
+            load_public_keys(public_key),
+            get_signature_provider(),
+        )
+    elif config is not None:
+        rt, service = _audit_service(config)
+        try:
+            report = service.verify()
+        finally:
+            rt.close()
+    else:
+        raise typer.BadParameter("give --config, or --file with --public-key")
+    result = report_json(report)
+    for problem in report.problems:
+        console.print(f"[red]TAMPERED[/red] {problem}")
+    console.print(
+        f"{result['records']} records, {result['checkpoints_valid']} valid signed checkpoints, "
+        f"signed up to seq {result['last_signed_seq']}, {result['unsigned_tail']} records after the last checkpoint"
+    )
+    console.print(
+        "[green]audit trail intact[/green]" if report.ok else "[red]audit trail FAILED verification[/red]"
+    )
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@audit_app.command("export")
+def audit_export(
+    config: ConfigOpt, out: Annotated[Path, typer.Option("--out", help="File to write.")]
+) -> None:
+    """Write the audit trail (records and signed checkpoints) to a JSON file for offline verification."""
+    from kms.audit.checkpointer import write_checkpoint
+
+    rt, service = _audit_service(config)
+    try:
+        write_checkpoint(rt.db, rt.identity, rt.settings.kme.id)  # sign the head so the export is complete
+        data = service.export()
+    finally:
+        rt.close()
+    out.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    console.print(f"wrote {len(data['records'])} records and {len(data['checkpoints'])} checkpoints to {out}")
+
+
+@keys_app.command("export-public")
+def keys_export_public(
+    config: ConfigOpt, out: Annotated[Path, typer.Option("--out", help="File to write.")]
+) -> None:
+    """Write the KME's public keys (every version) for peers and offline audit verification."""
+    from kms.audit.service import AuditService
+
+    rt = _runtime(config)
+    try:
+        rt.identity.ensure()
+        data = AuditService(rt.db, rt.identity, rt.settings.kme.id).public_keys()
+    finally:
+        rt.close()
+    out.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    console.print(f"wrote {len(data['keys'])} public keys to {out}")
+
+
+@keys_app.command("show")
+def keys_show(config: ConfigOpt) -> None:
+    """List the KME's identity keys: purpose, algorithm, version, state."""
+    rt = _runtime(config)
+    try:
+        infos = rt.identity.public_keys()
+    finally:
+        rt.close()
+    table = Table(title="KME identity keys")
+    for col in ("purpose", "algorithm", "version", "state", "public key (first 16 bytes)"):
+        table.add_column(col)
+    for i in infos:
+        table.add_row(i.purpose, i.algorithm, str(i.version), i.state, i.public_key[:16].hex())
+    console.print(table)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    config: ConfigOpt, purpose: Annotated[str, typer.Option(help="'sign' (ML-DSA) or 'kem' (ML-KEM).")]
+) -> None:
+    """Create a new active version of a KME key; the old version is retired (still verifies/decapsulates)."""
+    if purpose not in ("sign", "kem"):
+        raise typer.BadParameter("--purpose must be 'sign' or 'kem'")
+    rt = _runtime(config)
+    try:
+        version = rt.identity.rotate(purpose)
+        _audit(rt, "operator", "identity.rotated", purpose, {"version": version})
+    finally:
+        rt.close()
+    console.print(f"{purpose} key is now version {version}")
+
+
+def _audit(rt, actor: str, action: str, subject: str, data: dict[str, object]) -> None:  # type: ignore[no-untyped-def]
+    from kms.storage import audit_repository
+
+    with rt.db.write() as conn:
+        audit_repository.append(conn, datetime.now(UTC), [(actor, action, subject, data)])
+
+
+@link_app.command("suspend")
+def link_suspend(
+    config: ConfigOpt,
+    link_id: Annotated[str, typer.Argument(help="The link ID.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in the audit trail).")] = "operator action",
+) -> None:
+    """Suspend a link: its blocks and the reserved keys cut from them are no longer served."""
+    from kms.storage import link_repository as links
+    from kms.storage.pool_repository import EventBatch
+
+    rt = _runtime(config)
+    try:
+        events = EventBatch(datetime.now(UTC))
+        with rt.db.write() as conn:
+            if links.link_state(conn, link_id) != "active":
+                err.print(f"[red]error:[/red] link {link_id} is not an active link of this KME")
+                raise typer.Exit(1)
+            change = links.suspend_link(conn, link_id, "operator", reason, events)
+            events.flush(conn)
+        _audit(
+            rt,
+            "operator",
+            "link.suspended",
+            link_id,
+            {"reason": reason, "blocks": change.blocks, "keys": change.keys},
+        )
+    finally:
+        rt.close()
+    console.print(f"link {link_id} suspended: {change.blocks} blocks, {change.keys} reserved keys")
+
+
+@link_app.command("resume")
+def link_resume(
+    config: ConfigOpt,
+    link_id: Annotated[str, typer.Argument(help="The link ID.")],
+    discard: Annotated[
+        bool, typer.Option(help="Destroy the suspended blocks and keys instead of reusing them.")
+    ] = False,
+    reason: Annotated[str, typer.Option(help="Why (recorded in the audit trail).")] = "operator action",
+) -> None:
+    """Resume a suspended link (after investigating its alarm)."""
+    from kms.storage import link_repository as links
+    from kms.storage.pool_repository import EventBatch
+
+    rt = _runtime(config)
+    try:
+        events = EventBatch(datetime.now(UTC))
+        with rt.db.write() as conn:
+            if links.link_state(conn, link_id) != "suspended":
+                err.print(f"[red]error:[/red] link {link_id} is not suspended")
+                raise typer.Exit(1)
+            change = links.resume_link(conn, link_id, "operator", reason, events, discard)
+            events.flush(conn)
+        _audit(
+            rt,
+            "operator",
+            "link.resumed",
+            link_id,
+            {"reason": reason, "discard": discard, "blocks": change.blocks, "keys": change.keys},
+        )
+    finally:
+        rt.close()
+    console.print(
+        f"link {link_id} resumed ({'discarded' if discard else 'kept'} {change.blocks} blocks, {change.keys} keys)"
+    )

@@ -1,0 +1,121 @@
+"""SQL for the audit trail: chained appends, reads, checkpoints.
+
+An append locks the single ``audit_head`` row (``FOR UPDATE``), so records chain in commit order
+even with several API processes on PostgreSQL. Callers append as the *last* step of their
+transaction, which keeps that lock for the few statements before COMMIT only. The append is part of
+the request's transaction: if it fails, the request fails (fail closed).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select, update
+
+from kms.audit.chain import AuditRecord, Checkpoint, canonical_json, record_hash
+from kms.storage.schema import audit_checkpoints, audit_head, audit_records
+
+
+def append(conn: Connection, at: datetime, entries: Sequence[tuple[str, str, str, Mapping[str, Any]]]) -> int:
+    """Append (actor, action, subject, data) entries in order; returns the new head seq."""
+    head = conn.execute(
+        select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
+    ).one()
+    seq, prev = int(head.seq), str(head.hash)
+    stamp = at.isoformat(timespec="microseconds")
+    rows = []
+    for actor, action, subject, data in entries:
+        seq += 1
+        body = {
+            "seq": seq,
+            "at": stamp,
+            "actor": actor,
+            "action": action,
+            "subject": subject,
+            "data": dict(data),
+        }
+        digest = record_hash(body, bytes.fromhex(prev)).hex()
+        rows.append(
+            {
+                "seq": seq,
+                "at": stamp,
+                "actor": actor,
+                "action": action,
+                "subject": subject,
+                "data": canonical_json(dict(data)).decode(),
+                "prev_hash": prev,
+                "hash": digest,
+            }
+        )
+        prev = digest
+    if rows:
+        conn.execute(insert(audit_records), rows)
+        conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=prev))
+    return seq
+
+
+def _record(row: Any) -> AuditRecord:
+    return AuditRecord(
+        row.seq, row.at, row.actor, row.action, row.subject, json.loads(row.data), row.prev_hash, row.hash
+    )
+
+
+def read_records(
+    conn: Connection,
+    since_seq: int = 0,
+    limit: int | None = None,
+    subject: str | None = None,
+    since_time: str | None = None,
+) -> list[AuditRecord]:
+    stmt = select(audit_records).where(audit_records.c.seq > since_seq).order_by(audit_records.c.seq)
+    if subject is not None:
+        stmt = stmt.where(audit_records.c.subject == subject)
+    if since_time is not None:
+        stmt = stmt.where(audit_records.c.at >= since_time)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return [_record(r) for r in conn.execute(stmt)]
+
+
+def records_mentioning(conn: Connection, key_id: str, limit: int = 100) -> list[AuditRecord]:
+    """Records whose data names ``key_id`` (key_IDs are UUIDs, so a text match is exact enough)."""
+    stmt = (
+        select(audit_records)
+        .where(audit_records.c.data.contains(f'"{key_id}"'))
+        .order_by(audit_records.c.seq)
+        .limit(limit)
+    )
+    return [_record(r) for r in conn.execute(stmt)]
+
+
+def head(conn: Connection) -> tuple[int, str]:
+    row = conn.execute(select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)).one()
+    return int(row.seq), str(row.hash)
+
+
+def last_checkpoint_seq(conn: Connection) -> int:
+    return int(conn.execute(select(func.coalesce(func.max(audit_checkpoints.c.upto_seq), 0))).scalar_one())
+
+
+def insert_checkpoint(conn: Connection, cp: Checkpoint) -> None:
+    conn.execute(
+        insert(audit_checkpoints).values(
+            upto_seq=cp.upto_seq,
+            head_hash=cp.head_hash,
+            kme_id=cp.kme_id,
+            key_version=cp.key_version,
+            algorithm=cp.algorithm,
+            at=cp.at,
+            signature=cp.signature,
+        )
+    )
+
+
+def read_checkpoints(conn: Connection) -> list[Checkpoint]:
+    return [
+        Checkpoint(r.upto_seq, r.head_hash, r.kme_id, r.key_version, r.algorithm, r.at, r.signature)
+        for r in conn.execute(select(audit_checkpoints).order_by(audit_checkpoints.c.upto_seq))
+    ]

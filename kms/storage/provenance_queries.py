@@ -1,0 +1,121 @@
+"""Assembles a key's provenance for security teams: where its bits came from and what happened to it.
+
+Metadata only: no query here selects a material column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from kms.storage import audit_repository as audit
+from kms.storage.pool_repository import utc
+from kms.storage.schema import kem_exchanges, key_blocks, key_recipients, keys, lifecycle_events, links
+
+
+def _iso(value: Any) -> str | None:
+    return utc(value).isoformat() if value is not None else None
+
+
+def key_provenance(conn: Connection, key_id: str, kme_id: str) -> dict[str, Any] | None:
+    key = conn.execute(
+        select(
+            keys.c.key_id,
+            keys.c.block_id,
+            keys.c.bit_offset,
+            keys.c.size_bits,
+            keys.c.state,
+            keys.c.master_sae_id,
+            keys.c.slave_sae_id,
+            keys.c.target_kme_id,
+            keys.c.policy,
+            keys.c.suite,
+            keys.c.kem_exchange_id,
+            keys.c.created_at,
+            keys.c.expires_at,
+            keys.c.closed_at,
+        ).where(keys.c.key_id == key_id)
+    ).first()
+    if key is None:
+        return None
+    record: dict[str, Any] = {
+        "key_ID": key.key_id,
+        "state": key.state,
+        "size_bits": key.size_bits,
+        "policy": key.policy,
+        "suite": key.suite,
+        "source_KME_ID": kme_id,
+        "target_KME_ID": key.target_kme_id,
+        "master_SAE_ID": key.master_sae_id,
+        "slave_SAE_ID": key.slave_sae_id,
+        "created_at": _iso(key.created_at),
+        "expires_at": _iso(key.expires_at),
+        "closed_at": _iso(key.closed_at),
+        "recipients": [
+            {"SAE_ID": r.sae_id, "served_at": _iso(r.served_at)}
+            for r in conn.execute(
+                select(key_recipients.c.sae_id, key_recipients.c.served_at).where(
+                    key_recipients.c.key_id == key_id
+                )
+            )
+        ],
+        "bits": None,
+        "kem": None,
+    }
+    if key.block_id is not None:
+        block = conn.execute(
+            select(
+                key_blocks.c.link_id,
+                key_blocks.c.source_block_id,
+                key_blocks.c.source_offset_bits,
+                key_blocks.c.state,
+                key_blocks.c.provenance,
+                links.c.adapter,
+                links.c.peer_kme_id,
+            )
+            .select_from(key_blocks.join(links, links.c.id == key_blocks.c.link_id))
+            .where(key_blocks.c.id == key.block_id)
+        ).one()
+        record["bits"] = {
+            "link_ID": block.link_id,
+            "adapter": block.adapter,
+            "peer_KME_ID": block.peer_kme_id,
+            "source_block_ID": block.source_block_id,
+            "first_bit": block.source_offset_bits + key.bit_offset,
+            "bit_length": key.size_bits,
+            "block_state": block.state,
+            "block_provenance": block.provenance,
+        }
+    if key.kem_exchange_id is not None:
+        ex = conn.execute(
+            select(
+                kem_exchanges.c.algorithm,
+                kem_exchanges.c.kem_key_version,
+                kem_exchanges.c.public_key_sha384,
+                kem_exchanges.c.ciphertext,
+            ).where(kem_exchanges.c.id == key.kem_exchange_id)
+        ).one()
+        record["kem"] = {
+            "algorithm": ex.algorithm,
+            "kem_key_version": ex.kem_key_version,
+            "public_key_sha384": ex.public_key_sha384,
+            "ciphertext_sha384": hashlib.sha384(ex.ciphertext).hexdigest(),
+        }
+    record["transitions"] = [
+        {"from": e.from_state, "to": e.to_state, "at": _iso(e.at), "actor": e.actor, "reason": e.reason}
+        for e in conn.execute(
+            select(
+                lifecycle_events.c.from_state,
+                lifecycle_events.c.to_state,
+                lifecycle_events.c.at,
+                lifecycle_events.c.actor,
+                lifecycle_events.c.reason,
+            )
+            .where(lifecycle_events.c.subject_kind == "key", lifecycle_events.c.subject_id == key_id)
+            .order_by(lifecycle_events.c.id)
+        )
+    ]
+    record["audit_seqs"] = [r.seq for r in audit.records_mentioning(conn, key_id)]
+    return record

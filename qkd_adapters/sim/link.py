@@ -1,0 +1,340 @@
+"""A simulated QKD device pair as a key source: physics + post-processing in a worker thread.
+
+:class:`SimulatedLink` simulates blocks of pulses (:mod:`.physics`), post-processes them
+(:func:`.pipeline.run_postprocessing`) and hands out the results through the
+:class:`~qkd_adapters.keyblock.KeySource` protocol: a :class:`KeyBlock` per successful block
+(identical material and block ID at both ends) or a :class:`LinkAlarm` per aborted one. The link
+itself is Alice's end; ``end("alice")`` / ``end("bob")`` give each device's own source. Pacing
+``"realtime"`` releases a block only when its simulated acquisition time has elapsed on the wall
+clock; ``"fast"`` runs as fast as the CPU allows. Nothing here logs key material.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from qkd_adapters.keyblock import KeyBlock, KeySourceError, LinkAlarm, LinkEvent, Provenance
+from qkd_adapters.sim.params import LinkParameters, load_preset, load_spdc
+from qkd_adapters.sim.physics.bb84 import simulate_bb84_block
+from qkd_adapters.sim.physics.bbm92 import simulate_bbm92_block
+from qkd_adapters.sim.physics.eve import BeamSplitting, Eavesdropper, InterceptResend, PhotonNumberSplitting
+from qkd_adapters.sim.pipeline import PostprocessConfig, PostprocessResult, run_postprocessing
+from qkd_adapters.sim.postproc.channel import Authenticator, ClassicalChannel, Party
+
+Protocol_ = Literal["decoy-bb84", "bbm92"]
+Pacing = Literal["realtime", "fast"]
+ADAPTER = "simulated-link"
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """Which eavesdropper sits on the fibre: ``none``, ``intercept-resend`` (with the fraction of
+    pulses intercepted), ``pns`` (photon-number splitting) or ``beam-splitting``."""
+
+    kind: Literal["none", "intercept-resend", "pns", "beam-splitting"] = "none"
+    fraction: float = 1.0
+
+    @classmethod
+    def parse(cls, spec: AttackSpec | str | None) -> AttackSpec:
+        """Accept an AttackSpec, None, or strings like ``"intercept-resend:0.3"``."""
+        if isinstance(spec, AttackSpec):
+            return spec
+        if spec is None or spec == "none":
+            return cls()
+        name, _, frac = spec.partition(":")
+        if name == "intercept-resend":
+            return cls("intercept-resend", float(frac) if frac else 1.0)
+        if name in ("pns", "beam-splitting") and not frac:
+            return cls(name)  # type: ignore[arg-type]
+        raise ValueError(f"unknown attack {spec!r}")
+
+    def eavesdropper(self) -> Eavesdropper | None:
+        if self.kind == "intercept-resend":
+            return InterceptResend(fraction=self.fraction)
+        if self.kind == "pns":
+            return PhotonNumberSplitting()
+        if self.kind == "beam-splitting":
+            return BeamSplitting()
+        return None
+
+    def label(self) -> str:
+        return f"intercept-resend:{self.fraction:g}" if self.kind == "intercept-resend" else self.kind
+
+
+class LinkEnd:
+    """One device's view of the link: a KeySource yielding that end's events."""
+
+    def __init__(self, link: SimulatedLink, party: Party, maxlen: int) -> None:
+        self._link = link
+        self.party = party
+        self._events: collections.deque[LinkEvent] = collections.deque(maxlen=maxlen)
+        self._cond = threading.Condition()
+        self.attached = party == "alice"
+
+    @property
+    def link_id(self) -> str:
+        return self._link.link_id
+
+    def describe(self) -> Mapping[str, Any]:
+        return {**self._link.describe(), "end": self.party}
+
+    def _push(self, event: LinkEvent) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+
+    def _full(self) -> bool:
+        return self.attached and len(self._events) == self._events.maxlen
+
+    def pull(self, max_events: int = 16, timeout: float = 0.0) -> Sequence[LinkEvent]:
+        self._link._raise_if_failed()
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._cond:
+            while not self._events and timeout > 0 and not self._link.closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._cond.wait(remaining):
+                    break
+            out = [self._events.popleft() for _ in range(min(max_events, len(self._events)))]
+        self._link._wake()
+        return out
+
+    def close(self) -> None:
+        self._link.close()
+
+
+class SimulatedLink:
+    """A simulated decoy-BB84 or BBM92 link producing key blocks in a background thread."""
+
+    def __init__(
+        self,
+        link_id: str,
+        preset: str | LinkParameters = "gys",
+        *,
+        distance_km: float | None = None,
+        protocol: Protocol_ = "decoy-bb84",
+        clock_rate_hz: float | None = None,
+        attack: AttackSpec | str | None = None,
+        pulses_per_block: int | None = None,
+        seconds_per_block: float | None = None,
+        seed: int | None = None,
+        pacing: Pacing = "fast",
+        authenticator: Authenticator | None = None,
+        postprocess: PostprocessConfig | None = None,
+        max_queue: int = 64,
+        autostart: bool = True,
+    ) -> None:
+        if not link_id:
+            raise ValueError("link_id must not be empty")
+        if protocol not in ("decoy-bb84", "bbm92"):
+            raise ValueError("protocol must be 'decoy-bb84' or 'bbm92'")
+        if pacing not in ("realtime", "fast"):
+            raise ValueError("pacing must be 'realtime' or 'fast'")
+        base = load_preset(preset) if isinstance(preset, str) else preset
+        overrides: dict[str, Any] = {}
+        if distance_km is not None:
+            overrides["length_km"] = float(distance_km)
+        if clock_rate_hz is not None:
+            overrides["clock_rate_hz"] = float(clock_rate_hz)
+        self.params = base.with_overrides(**overrides) if overrides else base
+        self.spdc = load_spdc(preset) if isinstance(preset, str) else load_spdc("gys")
+        if pulses_per_block is not None and seconds_per_block is not None:
+            raise ValueError("give pulses_per_block or seconds_per_block, not both")
+        if seconds_per_block is not None:
+            pulses_per_block = int(round(seconds_per_block * self.params.clock_rate_hz))
+        self.pulses_per_block = int(pulses_per_block) if pulses_per_block is not None else int(self.params.clock_rate_hz)
+        if self.pulses_per_block <= 0:
+            raise ValueError("a block needs at least one pulse")
+        self.attack = AttackSpec.parse(attack)
+        if protocol == "bbm92" and self.attack.kind not in ("none", "intercept-resend"):
+            raise ValueError("BBM92 models only intercept-resend attacks")
+        self._link_id = link_id
+        self.protocol: Protocol_ = protocol
+        self.pacing: Pacing = pacing
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self._auth = authenticator
+        self._config = postprocess if postprocess is not None else PostprocessConfig()
+        self._ends: dict[Party, LinkEnd] = {p: LinkEnd(self, p, max_queue) for p in ("alice", "bob")}
+        self._stop = threading.Event()
+        self._wake_event = threading.Event()
+        self._error: BaseException | None = None
+        self._counter = 0
+        self.blocks_produced = 0
+        self.simulated_seconds = 0.0
+        self._thread: threading.Thread | None = None
+        if autostart:
+            self.start()
+
+    # KeySource -------------------------------------------------------------------------------
+    @property
+    def link_id(self) -> str:
+        return self._link_id
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
+    def describe(self) -> Mapping[str, Any]:
+        p = self.params
+        return {
+            "adapter": ADAPTER,
+            "protocol": self.protocol,
+            "is_qkd": True,
+            "simulated": True,
+            "preset": p.name,
+            "distance_km": p.length_km,
+            "clock_rate_hz": p.clock_rate_hz,
+            "pulses_per_block": self.pulses_per_block,
+            "seconds_per_block": self.pulses_per_block / p.clock_rate_hz,
+            "attack": self.attack.label(),
+            "pacing": self.pacing,
+            "eps_sec": p.eps_sec,
+            "eps_cor": p.eps_cor,
+        }
+
+    def pull(self, max_events: int = 16, timeout: float = 0.0) -> Sequence[LinkEvent]:
+        """Alice's end (the link as its own KeySource)."""
+        return self._ends["alice"].pull(max_events, timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake_event.set()
+        for end in self._ends.values():
+            with end._cond:
+                end._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    # Both ends and control ---------------------------------------------------------------------
+    def end(self, party: Party) -> LinkEnd:
+        """The KeySource of one device; both yield the same block IDs with identical material."""
+        if party not in self._ends:
+            raise ValueError("party must be 'alice' or 'bob'")
+        e = self._ends[party]
+        e.attached = True
+        return e
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name=f"qkd-sim-{self._link_id}", daemon=True)
+            self._thread.start()
+
+    def produce_block(self) -> tuple[LinkEvent, LinkEvent]:
+        """Simulate and post-process one block now; the (Alice, Bob) events (no queueing)."""
+        self._counter += 1
+        block_id = f"{self._link_id}-{self._counter:08d}-{uuid.uuid4().hex[:12]}"
+        eve = self.attack.eavesdropper()
+        if self.protocol == "decoy-bb84":
+            block: Any = simulate_bb84_block(self.params, self.pulses_per_block, self._rng, eve)
+        else:
+            ir = eve if isinstance(eve, InterceptResend) else None
+            block = simulate_bbm92_block(self.params, self.spdc, self.pulses_per_block, self._rng, ir)
+        channel = ClassicalChannel(self._auth)
+        result = run_postprocessing(block, self.params, channel, self._rng, self.params.eps_sec, self.params.eps_cor, self._config)
+        self.blocks_produced += 1
+        self.simulated_seconds += float(block.duration_s)
+        details = self._details(block, result)
+        if not result.ok or result.alice_key is None or result.bob_key is None:
+            alarm = LinkAlarm(
+                link_id=self._link_id,
+                block_id=block_id,
+                reason=str(result.alarm),
+                details={**details, "detail": result.alarm_detail},
+            )
+            return alarm, alarm
+        return self._key_block(block_id, result.alice_key, result, details), self._key_block(
+            block_id, result.bob_key, result, details
+        )
+
+    # internals ---------------------------------------------------------------------------------
+    def _key_block(self, block_id: str, key: np.ndarray, result: PostprocessResult, details: Mapping[str, Any]) -> KeyBlock:  # type: ignore[type-arg]
+        return KeyBlock(
+            link_id=self._link_id,
+            block_id=block_id,
+            material=np.packbits(key).tobytes(),
+            bit_length=int(key.shape[0]),
+            provenance=Provenance(
+                protocol=self.protocol,
+                is_qkd=True,
+                adapter=ADAPTER,
+                distance_km=self.params.length_km,
+                qber=result.qber,
+                leaked_bits=result.leaked_bits,
+                epsilon_sec=result.eps_sec,
+                epsilon_cor=result.eps_cor,
+                pa_ratio=result.pa_ratio,
+                simulated=True,
+                alarms=(),
+                details=details,
+            ),
+        )
+
+    def _details(self, block: Any, result: PostprocessResult) -> dict[str, Any]:
+        rec = result.reconciliation
+        d: dict[str, Any] = {
+            "preset": self.params.name,
+            "clock_rate_hz": self.params.clock_rate_hz,
+            "n_pulses": int(block.n_pulses),
+            "duration_s": float(block.duration_s),
+            "attack": self.attack.label(),
+            "sifted_bits": result.sifted_bits,
+            "final_bits": result.final_bits,
+            "qber_test_basis": result.qber_test,
+            "leaked_ec_bits": result.leaked_ec_bits,
+            "leaked_verification_bits": result.leaked_verification_bits,
+            "verification_collision_bound": result.collision_bound,
+            "decoy_bounds": dict(result.decoy),
+            "reconciliation": None
+            if rec is None
+            else {
+                "algorithm": "cascade",
+                "block_sizes": list(rec.block_sizes),
+                "frame_bits": rec.frame_bits,
+                "rounds": rec.rounds,
+                "efficiency": rec.efficiency() if rec.errors_corrected else None,
+            },
+            "classical_channel": result.channel,
+            "postprocessing_s": dict(result.timings_s),
+        }
+        if hasattr(block, "chsh_s"):
+            d["chsh_s"] = float(block.chsh_s)
+        return d
+
+    def _wake(self) -> None:
+        self._wake_event.set()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise KeySourceError(f"simulated link {self._link_id} failed: {type(self._error).__name__}")
+
+    def _worker(self) -> None:
+        start = time.monotonic()
+        sim_elapsed = 0.0
+        try:
+            while not self._stop.is_set():
+                while any(e._full() for e in self._ends.values()) and not self._stop.is_set():
+                    self._wake_event.wait(0.1)
+                    self._wake_event.clear()
+                if self._stop.is_set():
+                    break
+                ev_a, ev_b = self.produce_block()
+                sim_elapsed += self.pulses_per_block / self.params.clock_rate_hz
+                if self.pacing == "realtime":
+                    delay = start + sim_elapsed - time.monotonic()
+                    if delay > 0 and self._stop.wait(delay):
+                        break
+                self._ends["alice"]._push(ev_a)
+                self._ends["bob"]._push(ev_b)
+        except BaseException as exc:  # surfaced to the KMS by pull()
+            self._error = exc
+            for end in self._ends.values():
+                with end._cond:
+                    end._cond.notify_all()

@@ -1,0 +1,1 @@
+"""Named link presets (TOML); see :func:`qkd_adapters.sim.params.load_preset`."""
