@@ -51,6 +51,8 @@ def running_kme(
     with_links: bool = True,
     fill_keys: int = 512,
     workers: int = 1,
+    policy: dict[str, Any] | None = None,
+    auditors: tuple[str, ...] = (),
 ) -> Iterator[RunningKme]:
     pool_cfg = {"max_pool_bits": 4 * 1024 * 1024, **(pool or {})}
     result = init_workdir(
@@ -61,6 +63,8 @@ def running_kme(
         database_url=database_url,
         link_source=link_source if with_links else None,
         pool_overrides=pool_cfg,
+        policy=policy,
+        auditor_ids=list(auditors),
     )
     settings = KmsSettings.load(result.config_path)
     proc = KmeProcess(result.config_path, settings.kme.port, workers=workers)

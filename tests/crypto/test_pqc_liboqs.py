@@ -9,6 +9,7 @@ library can be loaded. Interop tests need a real liboqs and skip with the reason
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,8 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from kms.crypto.pqc import KemAlgorithm, SignatureAlgorithm, available_backends
-from kms.crypto.pqc.liboqs_backend import find_liboqs
+from kms.crypto.pqc import (
+    BackendUnavailableError,
+    KemAlgorithm,
+    SignatureAlgorithm,
+    available_backends,
+    liboqs_backend,
+)
+from kms.crypto.pqc.liboqs_backend import LiboqsLocation, find_liboqs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,3 +162,57 @@ def test_liboqs_restores_system_rng_after_seeded_keygen() -> None:
         kem.encapsulate(pair.algorithm, pair.public_key),
     )
     assert ct1 != ct2 and ss1 != ss2
+
+
+def _pretend_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = LiboqsLocation(path="/nonexistent/liboqs.so", found_by="test", version="0.0.0")
+    monkeypatch.setattr(liboqs_backend, "find_liboqs", lambda: (fake, ""))
+    monkeypatch.delitem(sys.modules, "oqs", raising=False)
+    monkeypatch.delitem(sys.modules, "oqs.oqs", raising=False)
+
+
+def test_systemexit_from_oqs_import_is_contained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """liboqs-python ends with ``raise SystemExit`` when it cannot load or build liboqs."""
+    pkg = tmp_path / "oqs"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise SystemExit('Could not load liboqs shared library')\n")
+    _pretend_found(monkeypatch)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BackendUnavailableError, match="exited the interpreter"):
+        liboqs_backend.load_liboqs_providers()
+    assert "oqs" not in sys.modules
+
+
+def test_missing_liboqs_python_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    _pretend_found(monkeypatch)
+    monkeypatch.setitem(sys.modules, "oqs", None)  # makes ``import oqs`` raise ImportError
+    with pytest.raises(BackendUnavailableError, match="liboqs-python is not installed"):
+        liboqs_backend.load_liboqs_providers()
+
+
+def test_import_output_is_kept_off_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """liboqs-python prints at import; a ``doctor --json`` report must stay valid JSON."""
+    pkg = tmp_path / "oqs"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import logging, sys\n"
+        "log = logging.getLogger('oqs.oqs')\n"
+        "log.addHandler(logging.StreamHandler(sys.stdout))\n"
+        "log.warning('liboqs-python faulthandler is disabled')\n"
+        "print('chatter')\n"
+        "def oqs_version(): return '0.0.0'\n"
+        "def oqs_python_version(): return '0.0.0'\n"
+        "def get_enabled_kem_mechanisms(): return ()\n"
+        "def get_enabled_sig_mechanisms(): return ()\n"
+        "class Signature:\n"
+        "    def sign_with_ctx_str(self): ...\n"
+        "    def verify_with_ctx_str(self): ...\n"
+    )
+    _pretend_found(monkeypatch)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BackendUnavailableError, match="lacks ML-KEM-768"):
+        liboqs_backend.load_liboqs_providers()
+    assert capsys.readouterr().out == ""
+    assert not logging.getLogger("oqs.oqs").handlers

@@ -66,7 +66,9 @@ def test_original_schedule_also_corrects() -> None:
     a, b = _keys(40000, 0.02, seed=3)
     corrected, res = reconcile(a, b, ClassicalChannel(), 0.02, CascadeConfig(schedule="original"))
     assert len(res.block_sizes) == 4 and res.block_sizes[0] == 32
-    assert np.count_nonzero(corrected != a) <= 4  # original Cascade may leave a few; verification catches them
+    assert (
+        np.count_nonzero(corrected != a) <= 4
+    )  # original Cascade may leave a few; verification catches them
 
 
 def test_block_sizes_follow_martinez_mateo_option8() -> None:

@@ -48,14 +48,30 @@ def _reserve(db: Database, env: Envelope, number: int, size: int) -> list[pool.C
     try:
         with db.write() as conn:
             cut = pool.cut_keys(
-                conn, env, target_kme_id="KME-X", number=number, size_bits=size, min_key_size=64,
-                events=events, actor="sae:A",
+                conn,
+                env,
+                target_kme_id="KME-X",
+                number=number,
+                size_bits=size,
+                min_key_size=64,
+                events=events,
+                actor="sae:A",
             )
             if cut is None:
                 raise _Short  # roll back, as the delivery service does
             pool.insert_reserved_keys(
-                conn, env, cut, size_bits=size, master_sae_id="A", slave_sae_ids=["B"], target_kme_id="KME-X",
-                ttl=timedelta(seconds=60), policy="qkd", suite=None, kem_exchange_id=None, events=events,
+                conn,
+                env,
+                cut,
+                size_bits=size,
+                master_sae_id="A",
+                slave_sae_ids=["B"],
+                target_kme_id="KME-X",
+                ttl=timedelta(seconds=60),
+                policy="qkd",
+                suite=None,
+                kem_exchange_id=None,
+                events=events,
             )
             events.flush(conn)
     except _Short:

@@ -145,8 +145,9 @@ def _import_oqs() -> Any:
     ``--json`` report stays clean. Its stdout log handler is dropped so later messages go through
     ordinary logging.
     """
-    if "oqs" in sys.modules:
-        return sys.modules["oqs"]
+    already = sys.modules.get("oqs")
+    if already is not None:
+        return already
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured), warnings.catch_warnings():
@@ -190,7 +191,7 @@ def _seeded_randombytes(native: Any, seed: bytes) -> Iterator[list[int]]:
 
 
 class _LiboqsBase:
-    name: Final = BACKEND_NAME
+    name: str = BACKEND_NAME
 
     def __init__(self, oqs: Any, location: LiboqsLocation) -> None:
         self._oqs = oqs

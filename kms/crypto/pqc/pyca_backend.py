@@ -80,7 +80,7 @@ def _version() -> str:
 class PycaKemProvider:
     """ML-KEM-768/1024 on pyca/cryptography."""
 
-    name: Final = BACKEND_NAME
+    name: str = BACKEND_NAME
 
     def __init__(self) -> None:
         self.version: str = _version()
@@ -125,7 +125,7 @@ class PycaKemProvider:
 class PycaSignatureProvider:
     """ML-DSA-44/65/87 (pure, hedged signing) on pyca/cryptography."""
 
-    name: Final = BACKEND_NAME
+    name: str = BACKEND_NAME
 
     def __init__(self) -> None:
         self.version: str = _version()
