@@ -233,8 +233,8 @@ def test_missing_pin_env_var(
         create_wrapping_key(cfg)
 
 
-def test_default_pin_env_is_qkms_pkcs11_pin(token: SoftHsmToken, tmp_path: Path) -> None:
-    cfg = Pkcs11KekConfig(token.module, token.label, "k", tmp_path / "w")
+def test_default_pin_env_is_qkms_pkcs11_pin() -> None:
+    cfg = Pkcs11KekConfig(Path("/lib/p11.so"), "token", "key", Path("kek.wrapped"))
     assert cfg.pin_env == "QKMS_PKCS11_PIN"
 
 

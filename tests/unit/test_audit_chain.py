@@ -29,7 +29,7 @@ def _chain(n: int, start_prev: bytes = GENESIS, first: int = 1, tag: str = "k") 
             "actor": "sae:A",
             "action": "keys.reserved",
             "subject": "A->B",
-            "data": {"key_IDs": [f"k{seq}"]},
+            "data": {"key_IDs": [f"{tag}{seq}"]},
         }
         digest = record_hash(body, prev)
         out.append(
