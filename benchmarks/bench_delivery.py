@@ -304,7 +304,10 @@ class Bench:
             )
             time.sleep(1.0)
             kme_cpu = CpuGroup("kme", pgid=kme.process.proc.pid)
-            creds = {n: [str(workdir / "pki" / "sae" / f"{n}.pem"), str(workdir / "pki" / "sae" / f"{n}.key")] for n in names}
+            creds = {
+                n: [str(workdir / "pki" / "sae" / f"{n}.pem"), str(workdir / "pki" / "sae" / f"{n}.key")]
+                for n in names
+            }
             base = {
                 "base_url": kme.process.base_url,
                 "ca": str(kme.ca),
@@ -405,7 +408,15 @@ def _start_py_spy(kme: CpuGroup, out: Path, duration: float) -> subprocess.Popen
     leader = kme.pgid
     assert leader is not None
     cmd = [_py_spy(), "record", "--pid", str(leader), "--subprocesses", "--rate", "200"]
-    cmd += ["--duration", str(max(1, int(duration))), "--format", "raw", "--output", str(out), "--nonblocking"]
+    cmd += [
+        "--duration",
+        str(max(1, int(duration))),
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+        "--nonblocking",
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -532,7 +543,9 @@ def _verdict(f: Figures) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each scenario")
@@ -541,7 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="run each scenario this many times")
     parser.add_argument("--pool-mbit", type=int, default=128, help="max_pool_bits in Mibit (pre-filled)")
     parser.add_argument("--profile", action="store_true", help="extra runs with py-spy on the KME")
-    parser.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "qkms-bench-profile")
+    parser.add_argument(
+        "--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "qkms-bench-profile"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--client-spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -32,17 +32,29 @@ class DatabaseSection(BaseModel):
     pool_size: int = Field(default=10, ge=1)
 
 
+class Pkcs11KekSection(BaseModel):
+    """A KEK wrapped by a non-extractable AES key in a PKCS#11 token (HSM); the PIN comes from ``pin_env``."""
+
+    module: Path
+    token_label: str
+    key_label: str = "qkms-kek-wrap"
+    wrapped_kek_file: Path
+    pin_env: str = "QKMS_PKCS11_PIN"
+
+
 class KekSection(BaseModel):
-    """Where the key-encryption key comes from: a file (32 raw bytes, mode 0600) or an env variable."""
+    """Where the key-encryption key comes from: a file (32 raw bytes, mode 0600), an env variable
+    (base64), or a PKCS#11 token that unwraps it at start."""
 
     file: Path | None = None
     env_var: str | None = None
+    pkcs11: Pkcs11KekSection | None = None
     key_id: str = "kek-1"
 
     @model_validator(mode="after")
     def _one_source(self) -> KekSection:
-        if (self.file is None) == (self.env_var is None):
-            raise ValueError("configure exactly one of kek.file or kek.env_var")
+        if sum(x is not None for x in (self.file, self.env_var, self.pkcs11)) != 1:
+            raise ValueError("configure exactly one of kek.file, kek.env_var or kek.pkcs11")
         return self
 
 
@@ -164,6 +176,11 @@ class KmsSettings(BaseSettings):
         )
         if self.kek.file is not None:
             self.kek = self.kek.model_copy(update={"file": _under(base, self.kek.file)})
+        if self.kek.pkcs11 is not None:
+            p11 = self.kek.pkcs11.model_copy(
+                update={"wrapped_kek_file": _under(base, self.kek.pkcs11.wrapped_kek_file)}
+            )
+            self.kek = self.kek.model_copy(update={"pkcs11": p11})
         self.database = self.database.model_copy(update={"url": _resolve_sqlite(base, self.database.url)})
         ids = [s.id for s in self.saes] + [a.id for a in self.auditors]
         if len(ids) != len(set(ids)):

@@ -49,8 +49,16 @@ class Runtime:
 
 
 def load_envelope(settings: KmsSettings) -> Envelope:
-    kek = load_kek_file(settings.kek.file) if settings.kek.file else load_kek_env(settings.kek.env_var or "")
-    return Envelope(kek, settings.kek.key_id)
+    cfg = settings.kek
+    if cfg.pkcs11 is not None:
+        from kms.crypto.kek_pkcs11 import Pkcs11KekConfig, load_kek_pkcs11
+
+        kek = load_kek_pkcs11(Pkcs11KekConfig(**cfg.pkcs11.model_dump()))
+    elif cfg.file is not None:
+        kek = load_kek_file(cfg.file)
+    else:
+        kek = load_kek_env(cfg.env_var or "")
+    return Envelope(kek, cfg.key_id)
 
 
 def policy_book(settings: KmsSettings) -> PolicyBook:

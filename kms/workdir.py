@@ -79,7 +79,10 @@ def init_workdir(
     pool_overrides: dict[str, Any] | None = None,
     auditor_ids: list[str] | None = None,
     policy: dict[str, Any] | None = None,
+    pkcs11: dict[str, Any] | None = None,
 ) -> InitResult:
+    """``pkcs11`` (module, token_label, optional key_label, pin_env) keeps the KEK wrapped by an HSM
+    key instead of in a file; the token's PIN must be in the environment variable ``pin_env``."""
     """Create everything a KME needs in ``directory`` (which must be empty or absent)."""
     auditor_ids = auditor_ids or []
     for ident in [kme_id, *sae_ids, *auditor_ids]:
@@ -112,13 +115,35 @@ def init_workdir(
         pki.write_credential(cred, cert_path, key_path)
         auditor_creds[auditor_id] = (cert_path, key_path)
         auditors.append({"id": auditor_id, "cert_fingerprint": cred.fingerprint_sha256})
-    generate_kek_file(directory / "kek.bin")
+    kek_section: dict[str, Any]
+    if pkcs11:
+        from kms.crypto.kek_pkcs11 import Pkcs11KekConfig, create_wrapping_key, provision_wrapped_kek
+
+        p11 = {
+            "key_label": "qkms-kek-wrap",
+            "pin_env": "QKMS_PKCS11_PIN",
+            **pkcs11,
+            "wrapped_kek_file": "kek.wrapped",
+        }
+        cfg = Pkcs11KekConfig(
+            module=Path(p11["module"]),
+            token_label=p11["token_label"],
+            key_label=p11["key_label"],
+            wrapped_kek_file=directory / "kek.wrapped",
+            pin_env=p11["pin_env"],
+        )
+        create_wrapping_key(cfg)
+        provision_wrapped_kek(cfg)
+        kek_section = {"pkcs11": {**p11, "module": str(p11["module"])}, "key_id": "kek-1"}
+    else:
+        generate_kek_file(directory / "kek.bin")
+        kek_section = {"file": "kek.bin", "key_id": "kek-1"}
 
     config: dict[str, Any] = {
         "kme": {"id": kme_id, "host": "127.0.0.1", "port": port},
         "tls": {"ca_cert": "pki/ca.pem", "server_cert": "pki/kme.pem", "server_key": "pki/kme.key"},
         "database": {"url": database_url or "sqlite:///qkms.db"},
-        "kek": {"file": "kek.bin", "key_id": "kek-1"},
+        "kek": kek_section,
         "pool": pool_overrides or {},
         "links": [default_link(kme_id, link_source)] if link_source else [],
         "saes": saes,

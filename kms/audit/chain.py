@@ -160,12 +160,12 @@ def verify_chain(
         if not check_signature(cp.key_version, cp.message(), bytes.fromhex(cp.signature)):
             report.problems.append(f"checkpoint at seq {cp.upto_seq} has an invalid signature")
             continue
-        rec = by_seq.get(cp.upto_seq)
-        if rec is None:
+        signed = by_seq.get(cp.upto_seq)
+        if signed is None:
             report.problems.append(
                 f"checkpoint at seq {cp.upto_seq} names a record that is missing (deleted)"
             )
-        elif rec.hash != cp.head_hash:
+        elif signed.hash != cp.head_hash:
             report.problems.append(
                 f"log rewritten: record seq {cp.upto_seq} no longer matches the signed checkpoint"
             )

@@ -58,14 +58,25 @@ def init(
     pqc_fallback: Annotated[
         bool, typer.Option(help="Serve ML-KEM-derived keys when no QKD key is available.")
     ] = False,
+    pkcs11_module: Annotated[
+        Path | None,
+        typer.Option(help="Keep the KEK wrapped by a PKCS#11 token (HSM): path of its module (.so)."),
+    ] = None,
+    pkcs11_token: Annotated[str | None, typer.Option(help="Label of the PKCS#11 token.")] = None,
+    pkcs11_key_label: Annotated[
+        str, typer.Option(help="Label of the token's wrapping key.")
+    ] = "qkms-kek-wrap",
 ) -> None:
     """Create a working directory: config, CA, KME and SAE certificates, KEK (0600) and a migrated database."""
+    from kms.crypto.envelope import KekError
     from kms.workdir import InitError, init_workdir
 
     if link_source not in ("simulated", "random"):
         raise typer.BadParameter("--link-source must be 'simulated' or 'random'")
     if policy not in ("qkd", "hybrid"):
         raise typer.BadParameter("--policy must be 'qkd' or 'hybrid'")
+    if (pkcs11_module is None) != (pkcs11_token is None):
+        raise typer.BadParameter("--pkcs11-module and --pkcs11-token go together")
     try:
         result = init_workdir(
             directory,
@@ -76,8 +87,13 @@ def init(
             link_source=link_source,
             auditor_ids=auditor or [],
             policy={"mode": policy, "pqc_fallback": pqc_fallback, "kem": "ML-KEM-768"},
+            pkcs11=(
+                {"module": str(pkcs11_module), "token_label": pkcs11_token, "key_label": pkcs11_key_label}
+                if pkcs11_module
+                else None
+            ),
         )
-    except InitError as exc:
+    except (InitError, KekError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     console.print(f"Created KME [bold]{kme_id}[/bold] in {directory}")
@@ -98,9 +114,16 @@ def serve(
     workers: Annotated[int, typer.Option(help="API processes (more than one needs PostgreSQL).")] = 1,
 ) -> None:
     """Run the KME over HTTPS with client certificates required, until interrupted."""
+    from kms.crypto.envelope import KekError
+    from kms.runtime import load_envelope
     from kms.server import serve as run_server
 
-    _settings(config)
+    settings = _settings(config)
+    try:
+        load_envelope(settings)  # fail here, readably, rather than inside the server's start-up
+    except KekError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
     run_server(config, host=host, port=port, workers=workers)
 
 

@@ -1,1 +1,2 @@
-"""Cryptography for the service: envelope encryption at rest (and, later, PQC providers)."""
+"""Cryptography for the service: envelope encryption at rest, the KEK sources (file, environment,
+PKCS#11), post-quantum providers (``pqc``), the KME's identity keys and the hybrid key combiner."""

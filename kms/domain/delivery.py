@@ -342,9 +342,8 @@ class KeyDeliveryService:
             gone = [{"key_ID": k, "reason": r} for k, r in reasons.items() if r]
             if gone:
                 raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, gone)
-            exchanges = pool.load_exchanges(
-                conn, (stored[k].kem_exchange_id for k in key_ids if stored[k].kem_exchange_id is not None)
-            )
+            exchange_ids = [e for e in (stored[k].kem_exchange_id for k in key_ids) if e is not None]
+            exchanges = pool.load_exchanges(conn, exchange_ids)
             secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
             delivered = [self._recover(stored[k], exchanges, secrets) for k in key_ids]
             pool.mark_served(conn, (stored[k] for k in key_ids), slave.sae_id, events)
