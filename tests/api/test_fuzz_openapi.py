@@ -81,7 +81,7 @@ def _content_type(response: Response) -> str:
     return ""
 
 
-def check_response(case: schemathesis.Case, response: Response) -> None:
+def check_response(case: schemathesis.Case[Any], response: Response) -> None:
     where = f"{case.method} {case.formatted_path} -> {response.status_code}: {response.content[:300]!r}"
     assert response.status_code in ETSI_STATUS_CODES, f"status outside ETSI GS QKD 014: {where}"
     assert _content_type(response).startswith("application/json"), f"not JSON: {where}"
@@ -125,7 +125,7 @@ def test_fuzz_operation(
         print_blob=True,
     )
     @given(case=strategy)
-    def fuzz(case: schemathesis.Case) -> None:
+    def fuzz(case: schemathesis.Case[Any]) -> None:
         response = case.call(base_url=base_url, session=session, verify=session.verify, timeout=15)
         seen.add(response.status_code)
         check_response(case, response)

@@ -1,0 +1,125 @@
+"""A link alarm suspends the link: nothing cut from its blocks is served; the policy's fallback takes over."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from kms.config import KmsSettings
+from kms.domain.errors import InvalidRequest, ServiceUnavailable
+from kms.runtime import Runtime, build_runtime
+from kms.storage.schema import key_blocks
+from kms.workdir import init_workdir
+from qkd_adapters.keyblock import LinkAlarm
+
+M, S, T = "SAE-M", "SAE-S", "SAE-T"
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Runtime:
+    policy = {
+        "mode": "qkd",
+        "pqc_fallback": False,
+        "kem": "ML-KEM-768",
+        "rules": [{"master": M, "slave": S, "mode": "qkd", "pqc_fallback": True}],
+    }
+    res = init_workdir(
+        tmp_path / "kme",
+        "KME-T",
+        [M, S, T],
+        link_source="random",
+        policy=policy,
+        pool_overrides={"max_pool_bits": 1 << 20},
+    )
+    runtime = build_runtime(KmsSettings.load(res.config_path))
+    yield runtime
+    runtime.close()
+
+
+def _sae(rt: Runtime, sae_id: str):  # type: ignore[no-untyped-def]
+    info = rt.registry.get(sae_id)
+    assert info is not None
+    return info
+
+
+def test_alarm_suspends_and_fallback_takes_over(rt: Runtime) -> None:
+    filler = rt.make_filler()
+    assert filler.fill_once() > 0
+    svc = rt.service
+    pending = svc.get_keys(_sae(rt, M), S, number=2)
+    other = svc.get_keys(_sae(rt, M), T, number=1)
+
+    code = "qber_above_threshold"
+    assert filler.handle_alarm(
+        LinkAlarm("link-local-1", "blk-9", "QBER 0.26 above 0.11", details={"code": code})
+    )
+
+    # Keys already reserved from the suspended link are not served, to anyone.
+    with pytest.raises(InvalidRequest) as err:
+        svc.get_keys_with_ids(_sae(rt, S), M, [k.key_id for k in pending])
+    assert {d["reason"] for d in err.value.details or []} == {"key is suspended"}
+    # M -> S may fall back to ML-KEM; M -> T may not.
+    with pytest.raises(ServiceUnavailable):
+        svc.get_keys(_sae(rt, M), T)
+    fallback = svc.get_keys(_sae(rt, M), S, number=2)
+    served = svc.get_keys_with_ids(_sae(rt, S), M, [k.key_id for k in fallback])
+    assert [k.material for k in served] == [k.material for k in fallback]
+    from kms.audit.service import AuditService
+
+    audit = AuditService(rt.db, rt.identity, "KME-T")
+    prov = audit.provenance(fallback[0].key_id)
+    assert prov is not None and prov["policy"] == "pqc_fallback" and prov["bits"] is None
+    assert prov["kem"]["algorithm"] == "ML-KEM-768"
+    assert audit.provenance(other[0].key_id)["state"] == "suspended"  # type: ignore[index]
+
+    # Blocks that arrive while suspended are stored suspended, never served.
+    filler.fill_once()
+    with rt.db.read() as conn:
+        states = set(conn.execute(select(key_blocks.c.state)).scalars())
+    assert "active" not in states and "suspended" in states
+    actions = [r["action"] for r in audit.events(limit=1000)["records"]]
+    assert "link.alarm" in actions and "link.suspended" in actions
+
+
+def test_non_suspending_alarm_only_recorded(rt: Runtime) -> None:
+    filler = rt.make_filler()
+    filler.fill_once()
+    assert not filler.handle_alarm(
+        LinkAlarm(
+            "link-local-1",
+            "blk-1",
+            "finite-key bound gives no key",
+            details={"code": "no_positive_key_length"},
+        )
+    )
+    assert len(rt.service.get_keys(_sae(rt, M), T)) == 1
+
+
+def test_operator_resumes_the_link(rt: Runtime) -> None:
+    filler = rt.make_filler()
+    filler.fill_once()
+    pending = rt.service.get_keys(_sae(rt, M), S)
+    filler.handle_alarm(
+        LinkAlarm("link-local-1", None, "verification failed", details={"code": "verification_failed"})
+    )
+    config = str(rt.settings.config_dir / "qkms.toml")
+    res = subprocess.run(
+        [sys.executable, "-m", "kms", "link", "resume", "link-local-1", "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    served = rt.service.get_keys_with_ids(_sae(rt, S), M, [pending[0].key_id])
+    assert served[0].material == pending[0].material
+    again = subprocess.run(
+        [sys.executable, "-m", "kms", "link", "resume", "link-local-1", "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 1 and "not suspended" in again.stderr
