@@ -67,7 +67,9 @@ def main() -> None:
             node.update_detector_params(det, "time_resolution", 10)
     d = distance_km * 1e3
     for name, src, dst in (("qc0", alice, bob), ("qc1", bob, alice)):
-        qc = QuantumChannel(name, tl, attenuation=ALPHA_DB_PER_M, distance=d, polarization_fidelity=1 - MISALIGNMENT)
+        qc = QuantumChannel(
+            name, tl, attenuation=ALPHA_DB_PER_M, distance=d, polarization_fidelity=1 - MISALIGNMENT
+        )
         qc.set_ends(src, dst.name)
     for name, src, dst in (("cc0", alice, bob), ("cc1", bob, alice)):
         cc = ClassicalChannel(name, tl, distance=d)

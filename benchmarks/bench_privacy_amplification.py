@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import pin_one_core
-
 import numpy as np
+from _common import pin_one_core
 
 from qkd_adapters.sim.postproc.privacy_amplification import toeplitz_hash
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import pin_one_core
-
 import numpy as np
+from _common import pin_one_core
 
 from qkd_adapters.sim.postproc.cascade import CascadeConfig, binary_entropy, reconcile
 from qkd_adapters.sim.postproc.channel import ClassicalChannel, HmacAuthenticator
@@ -47,7 +46,10 @@ def main() -> int:
             t0 = time.perf_counter()
             corrected, res = reconcile(a, a ^ err, ch, q, cfg)
             dt = time.perf_counter() - t0
-            assert ch.leaked_by_kind("cascade/top-parities") + ch.leaked_by_kind("cascade/reply") == res.leaked_bits
+            assert (
+                ch.leaked_by_kind("cascade/top-parities") + ch.leaked_by_kind("cascade/reply")
+                == res.leaked_bits
+            )
             actual = int(err.sum()) / args.bits
             effs.append(res.leaked_bits / (args.bits * binary_entropy(actual)))
             rates.append(args.bits / dt / 1e6)
@@ -57,7 +59,9 @@ def main() -> int:
         print(f"{q:6.2%} {f_mean:8.4f} {f_max:8.4f} {rate:8.2f} {int(np.mean(rounds)):7d} {resid:9d}")
         if 0.02 <= q <= 0.05:
             ok &= f_max <= F_FLOOR and rate >= THROUGHPUT_FLOOR_MBPS
-    print(f"floors (QBER 2-5%): f <= {F_FLOOR}, >= {THROUGHPUT_FLOOR_MBPS} Mbit/s -> {'PASS' if ok else 'FAIL'}")
+    print(
+        f"floors (QBER 2-5%): f <= {F_FLOOR}, >= {THROUGHPUT_FLOOR_MBPS} Mbit/s -> {'PASS' if ok else 'FAIL'}"
+    )
     return 0 if ok else 1
 
 

@@ -43,7 +43,15 @@ def run_sequence(keysize: int, keynum: int, distance_km: float) -> dict[str, flo
 
 
 def run_qkms(blocks: int, distance_km: float) -> dict[str, float]:
-    link = SimulatedLink("vs-seq", "gys", distance_km=distance_km, clock_rate_hz=1e9, seconds_per_block=1.0, seed=3, autostart=False)
+    link = SimulatedLink(
+        "vs-seq",
+        "gys",
+        distance_km=distance_km,
+        clock_rate_hz=1e9,
+        seconds_per_block=1.0,
+        seed=3,
+        autostart=False,
+    )
     link.produce_block()  # JIT warm-up, not timed
     t0 = time.perf_counter()
     corrected = 0

@@ -15,12 +15,13 @@ def build_source(link: LinkSection) -> KeySource:
         return RandomTestSource(
             link.id, block_bits=int(options.get("block_bits", 65536)), rate_bps=options.get("rate_bps")
         )
+    from kms.crypto.channel_auth import device_authenticator
+    from qkd_adapters.sim.link import SimulatedLink
+
     try:
-        from qkd_adapters.sim.link import SimulatedLink
-    except ImportError as exc:  # pragma: no cover - the simulator ships with the package
-        raise ConfigError(f"link {link.id}: the simulated link is not available ({exc})") from exc
-    try:
-        source: KeySource = SimulatedLink(link_id=link.id, **options)
+        # The devices' classical channel is authenticated with ML-DSA (DESIGN.md #5).
+        authenticator = device_authenticator(str(options.pop("channel_auth", "ml-dsa-session")), link.id)
+        source: KeySource = SimulatedLink(link_id=link.id, authenticator=authenticator, **options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"link {link.id}: invalid simulated-link options: {exc}") from exc
     return source

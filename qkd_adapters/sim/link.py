@@ -27,6 +27,7 @@ from qkd_adapters.sim.physics.bb84 import simulate_bb84_block
 from qkd_adapters.sim.physics.bbm92 import simulate_bbm92_block
 from qkd_adapters.sim.physics.eve import BeamSplitting, Eavesdropper, InterceptResend, PhotonNumberSplitting
 from qkd_adapters.sim.pipeline import PostprocessConfig, PostprocessResult, run_postprocessing
+from qkd_adapters.sim.postproc._types import U8Array
 from qkd_adapters.sim.postproc.channel import Authenticator, ClassicalChannel, Party
 
 Protocol_ = Literal["decoy-bb84", "bbm92"]
@@ -148,8 +149,10 @@ class SimulatedLink:
         if pulses_per_block is not None and seconds_per_block is not None:
             raise ValueError("give pulses_per_block or seconds_per_block, not both")
         if seconds_per_block is not None:
-            pulses_per_block = int(round(seconds_per_block * self.params.clock_rate_hz))
-        self.pulses_per_block = int(pulses_per_block) if pulses_per_block is not None else int(self.params.clock_rate_hz)
+            pulses_per_block = round(seconds_per_block * self.params.clock_rate_hz)
+        self.pulses_per_block = (
+            int(pulses_per_block) if pulses_per_block is not None else int(self.params.clock_rate_hz)
+        )
         if self.pulses_per_block <= 0:
             raise ValueError("a block needs at least one pulse")
         self.attack = AttackSpec.parse(attack)
@@ -238,7 +241,9 @@ class SimulatedLink:
             ir = eve if isinstance(eve, InterceptResend) else None
             block = simulate_bbm92_block(self.params, self.spdc, self.pulses_per_block, self._rng, ir)
         channel = ClassicalChannel(self._auth)
-        result = run_postprocessing(block, self.params, channel, self._rng, self.params.eps_sec, self.params.eps_cor, self._config)
+        result = run_postprocessing(
+            block, self.params, channel, self._rng, self.params.eps_sec, self.params.eps_cor, self._config
+        )
         self.blocks_produced += 1
         self.simulated_seconds += float(block.duration_s)
         details = self._details(block, result)
@@ -255,7 +260,9 @@ class SimulatedLink:
         )
 
     # internals ---------------------------------------------------------------------------------
-    def _key_block(self, block_id: str, key: np.ndarray, result: PostprocessResult, details: Mapping[str, Any]) -> KeyBlock:  # type: ignore[type-arg]
+    def _key_block(
+        self, block_id: str, key: U8Array, result: PostprocessResult, details: Mapping[str, Any]
+    ) -> KeyBlock:
         return KeyBlock(
             link_id=self._link_id,
             block_id=block_id,

@@ -49,7 +49,14 @@ ALARM_VERIFICATION = "verification-failed"
 ALARM_AUTHENTICATION = "authentication-failed"
 ALARM_RECONCILIATION = "reconciliation-failed"
 ALARM_NO_BELL_VIOLATION = "no-bell-violation"
-ALARMS = (ALARM_QBER, ALARM_NO_KEY, ALARM_VERIFICATION, ALARM_AUTHENTICATION, ALARM_RECONCILIATION, ALARM_NO_BELL_VIOLATION)
+ALARMS = (
+    ALARM_QBER,
+    ALARM_NO_KEY,
+    ALARM_VERIFICATION,
+    ALARM_AUTHENTICATION,
+    ALARM_RECONCILIATION,
+    ALARM_NO_BELL_VIOLATION,
+)
 
 EXPECTED_EC_EFFICIENCY = 1.08  # for the pre-check only; the real leak is counted afterwards
 
@@ -211,7 +218,9 @@ class _Run:
         # 2. error correction
         t1 = time.perf_counter()
         try:
-            corrected, self.rec = reconcile(block.alice_key, block.bob_key, self.channel, hint, self.cfg.cascade)
+            corrected, self.rec = reconcile(
+                block.alice_key, block.bob_key, self.channel, hint, self.cfg.cascade
+            )
         except ReconciliationError as exc:
             return self.abort(ALARM_RECONCILIATION, str(exc))
         self.leak_ec = self.rec.leaked_bits
@@ -240,7 +249,9 @@ class _Run:
         return self._result(None, None, ka, kb, length)
 
 
-def bbm92_key_length(block: BBM92Block, leak_bits: int, eps_sec: float, eps_cor: float) -> tuple[int, str | None]:
+def bbm92_key_length(
+    block: BBM92Block, leak_bits: int, eps_sec: float, eps_cor: float
+) -> tuple[int, str | None]:
     """Entanglement-based finite-key length (Tomamichel, Lim, Gisin, Renner 2012, Eq. 2).
 
     l = n (1 - h(Q_X + mu)) - leak - log2(2 / (eps_sec^2 eps_cor)), with n key bits, k X-X test
@@ -268,7 +279,11 @@ def _test_qber(block: BB84Block | BBM92Block) -> float:
 def _statistics_payload(block: BB84Block | BBM92Block) -> bytes:
     data: dict[str, Any]
     if isinstance(block, BB84Block):
-        data = {"sent": block.sent.tolist(), "detected": block.detected.tolist(), "errors": block.errors.tolist()}
+        data = {
+            "sent": block.sent.tolist(),
+            "detected": block.detected.tolist(),
+            "errors": block.errors.tolist(),
+        }
     else:
         data = {
             "sent": block.sent.tolist(),

@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 
+from qkd_adapters.sim.postproc._types import U8Array
 from qkd_adapters.sim.postproc.cascade import (
     CascadeConfig,
     ReconciliationError,
@@ -17,7 +18,7 @@ from qkd_adapters.sim.postproc.cascade import (
 from qkd_adapters.sim.postproc.channel import ClassicalChannel
 
 
-def _keys(n: int, q: float, seed: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[type-arg]
+def _keys(n: int, q: float, seed: int) -> tuple[U8Array, U8Array]:
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 2, n, dtype=np.uint8)
     return a, a ^ (rng.random(n) < q).astype(np.uint8)
@@ -58,7 +59,7 @@ def test_identical_keys_and_tiny_keys() -> None:
     corrected, res = reconcile(a, a.copy(), ClassicalChannel(), 0.02)
     assert np.array_equal(corrected, a) and res.errors_corrected == 0
     one = np.array([1], dtype=np.uint8)
-    corrected, _ = reconcile(one, one ^ 1, ClassicalChannel(), 0.02)
+    corrected, _ = reconcile(one, one ^ np.uint8(1), ClassicalChannel(), 0.02)
     assert np.array_equal(corrected, one)
 
 

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qkd_adapters.sim.postproc._types import U8Array
 from qkd_adapters.sim.postproc.channel import ClassicalChannel
 from qkd_adapters.sim.postproc.privacy_amplification import (
     PrivacyAmplificationError,
@@ -16,8 +17,8 @@ from qkd_adapters.sim.postproc.privacy_amplification import (
 )
 
 
-def _direct(x: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:  # type: ignore[type-arg]
-    return (toeplitz_matrix(seed, x.shape[0], m).astype(np.int64) @ x.astype(np.int64)) % 2
+def _direct(x: np.ndarray, seed: np.ndarray, m: int) -> U8Array:
+    return ((toeplitz_matrix(seed, x.shape[0], m).astype(np.int64) @ x.astype(np.int64)) % 2).astype(np.uint8)
 
 
 @settings(max_examples=40, deadline=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qkd_adapters.sim.postproc._types import U8Array
 from qkd_adapters.sim.postproc.channel import ClassicalChannel
 from qkd_adapters.sim.postproc.verification import (
     MERSENNE_61,
@@ -16,7 +17,7 @@ from qkd_adapters.sim.postproc.verification import (
 )
 
 
-def _reference_hash(key: np.ndarray, r: int) -> int:  # type: ignore[type-arg]
+def _reference_hash(key: U8Array, r: int) -> int:
     packed = np.packbits(key)
     packed = np.concatenate((packed, np.zeros((-packed.shape[0]) % 4, np.uint8)))
     h = int(key.shape[0])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from qkd_adapters.sim.postproc._types import I32Array, I64Array, U8Array
+from qkd_adapters.sim.postproc._types import I32Array, I64Array, Int, U8Array
 
 _DROP = 0
 _DONE = 1
@@ -28,7 +28,7 @@ _QUERY = 2
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _parity64(x: np.int64) -> np.int64:
+def _parity64(x: Int) -> Int:
     x ^= x >> 32
     x ^= x >> 16
     x ^= x >> 8
@@ -63,7 +63,7 @@ def build_trees(
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _node_parity(words: I64Array, wtree: U8Array, v: np.int64, s: np.int64, n: np.int64) -> np.int64:
+def _node_parity(words: I64Array, wtree: U8Array, v: Int, s: Int, n: Int) -> Int:
     if s >= 64:
         return np.int64(wtree[v])
     start = v * s - n
@@ -72,7 +72,7 @@ def _node_parity(words: I64Array, wtree: U8Array, v: np.int64, s: np.int64, n: n
 
 
 @njit(cache=True, nogil=True)
-def node_size(v: np.int64, n: np.int64) -> np.int64:
+def node_size(v: Int, n: Int) -> Int:
     """Size of heap node ``v`` in a tree over ``n`` leaves (0 if ``v`` is out of range)."""
     if v < 1 or v >= 2 * n:
         return np.int64(0)
@@ -103,7 +103,9 @@ def answer_parities(
 
 
 @njit(cache=True, nogil=True)
-def top_parities(words: I64Array, wtree: U8Array, trees: I32Array, nfs: I64Array, top: int, n: int) -> U8Array:
+def top_parities(
+    words: I64Array, wtree: U8Array, trees: I32Array, nfs: I64Array, top: int, n: int
+) -> U8Array:
     """Alice: parities of the top-level nodes of size ``top`` holding real bits, tree by tree."""
     total = 0
     for i in range(trees.shape[0]):
@@ -115,24 +117,27 @@ def top_parities(words: I64Array, wtree: U8Array, trees: I32Array, nfs: I64Array
         t = trees[i]
         cnt = (nfs[i] + top - 1) // top
         for j in range(cnt):
-            out[k] = np.uint8(_node_parity(words[t], wtree[t], np.int64(first + j), np.int64(top), np.int64(n)))
+            out[k] = np.uint8(
+                _node_parity(words[t], wtree[t], np.int64(first + j), np.int64(top), np.int64(n))
+            )
             k += 1
     return out
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _known(kf: I64Array, kv: I64Array, v: np.int64, s: np.int64, n: np.int64, n_f: np.int64) -> np.int64:
+def _known(kf: I64Array, kv: I64Array, v: Int, s: Int, n: Int, n_f: Int) -> Int:
     if v * s - n >= n_f:
         return np.int64(0)
     w = v >> 6
     b = v & 63
     if (kf[w] >> b) & 1:
-        return (kv[w] >> b) & 1
+        bit: Int = (kv[w] >> b) & 1
+        return bit
     return np.int64(-1)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _set_known(kf: I64Array, kv: I64Array, v: np.int64, bit: np.int64) -> None:
+def _set_known(kf: I64Array, kv: I64Array, v: Int, bit: Int) -> None:
     w = v >> 6
     m = np.int64(1) << (v & 63)
     kf[w] |= m
@@ -314,10 +319,7 @@ def bob_round(
             kr = _known(kf[t], kv[t], right, hs, nn, n_f)
             if kr >= 0:
                 _set_known(kf[t], kv[t], left, k ^ kr)
-                if kr ^ _node_parity(words[t], wtree[t], right, hs, nn):
-                    v = right
-                else:
-                    v = left
+                v = right if kr ^ _node_parity(words[t], wtree[t], right, hs, nn) else left
                 s = hs
                 continue
             if n_pend == pend_t.shape[0]:

@@ -12,3 +12,4 @@ I32Array = npt.NDArray[np.int32]
 I64Array = npt.NDArray[np.int64]
 F64Array = npt.NDArray[np.float64]
 AnyArray = npt.NDArray[Any]
+Int = int | np.signedinteger[Any]  # a scalar inside numba kernels (Python int or numpy int64)

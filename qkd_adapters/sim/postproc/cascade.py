@@ -99,7 +99,9 @@ def binary_entropy(q: float) -> float:
     return -q * math.log2(q) - (1.0 - q) * math.log2(1.0 - q)
 
 
-def block_sizes(qber: float, frame_bits: int, schedule: Schedule = "option8", passes: int | None = None) -> tuple[int, ...]:
+def block_sizes(
+    qber: float, frame_bits: int, schedule: Schedule = "option8", passes: int | None = None
+) -> tuple[int, ...]:
     """Top-level block size of each pass (powers of two, at most half a frame)."""
     q = min(max(qber, MIN_QBER), 0.25)
     half = max(frame_bits // 2, 1)
@@ -231,10 +233,17 @@ class CascadeAlice:
         for f in range(lay.frames):
             t = int(trees[f])
             kern.build_trees(
-                self._key, f * lay.frame_bits, int(lay.nf_by_frame[f]), lay.perm_of_frame(f)[p], self._words[t], self._wtree[t]
+                self._key,
+                f * lay.frame_bits,
+                int(lay.nf_by_frame[f]),
+                lay.perm_of_frame(f)[p],
+                self._words[t],
+                self._wtree[t],
             )
             self._built[t] = 1
-        bits = kern.top_parities(self._words, self._wtree, trees, lay.nf_by_frame, lay.sizes[p], lay.frame_bits)
+        bits = kern.top_parities(
+            self._words, self._wtree, trees, lay.nf_by_frame, lay.sizes[p], lay.frame_bits
+        )
         if p > 0:  # the last block of each frame follows from the frame parity disclosed in pass 0
             counts = -(-lay.nf_by_frame // lay.sizes[p])
             keep = np.ones(bits.shape[0], dtype=bool)
@@ -289,7 +298,12 @@ class CascadeBob:
         for f in range(lay.frames):
             t = f * lay.passes + p
             kern.build_trees(
-                self.key, f * lay.frame_bits, int(lay.nf_by_frame[f]), lay.perm_of_frame(f)[p], self._words[t], self._wtree[t]
+                self.key,
+                f * lay.frame_bits,
+                int(lay.nf_by_frame[f]),
+                lay.perm_of_frame(f)[p],
+                self._words[t],
+                self._wtree[t],
             )
         self.built = p + 1
         return struct.pack(">I", p)
@@ -301,10 +315,21 @@ class CascadeBob:
         bits = _unpack_bits(payload, expected)
         trees = np.arange(lay.frames, dtype=np.int32) * lay.passes + p
         act_t, act_v, act_s = kern.bob_start_pass(
-            self._words, self._wtree, self._kf, self._kv, trees, lay.nf_by_frame, bits, self._totals, lay.sizes[p], lay.frame_bits
+            self._words,
+            self._wtree,
+            self._kf,
+            self._kv,
+            trees,
+            lay.nf_by_frame,
+            bits,
+            self._totals,
+            lay.sizes[p],
+            lay.frame_bits,
         )
         if p == 0:
-            self._totals = np.bitwise_xor.reduceat(bits, np.concatenate(([0], np.cumsum(counts)[:-1]))).astype(np.uint8)
+            self._totals = np.bitwise_xor.reduceat(
+                bits, np.concatenate(([0], np.cumsum(counts)[:-1]))
+            ).astype(np.uint8)
         self._act_t = np.concatenate((self._act_t, act_t))
         self._act_v = np.concatenate((self._act_v, act_v))
         self._act_s = np.concatenate((self._act_s, act_s))

@@ -148,7 +148,9 @@ class ClassicalChannel:
         delivered = self.tamper(msg) if self.tamper is not None else msg
         # The receiver checks against its own expectation of sequence number and direction.
         expected_header = _header(seq, sender, delivered.kind)
-        if delivered.kind != kind or not self._auth.verify(expected_header + delivered.payload, delivered.tag):
+        if delivered.kind != kind or not self._auth.verify(
+            expected_header + delivered.payload, delivered.tag
+        ):
             raise ChannelAuthenticationError(f"message {seq} ({kind!r} from {sender}) failed authentication")
         st = self.stats[sender]
         st.messages += 1

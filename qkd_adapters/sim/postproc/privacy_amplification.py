@@ -67,7 +67,8 @@ def _toeplitz_fft(x: U8Array, seed: U8Array, m: int) -> U8Array | None:
     rounded = np.rint(conv)
     if float(np.max(np.abs(conv - rounded), initial=0.0)) > MAX_ROUNDING_ERROR:
         return None
-    return (rounded.astype(np.int64) & 1).astype(np.uint8)
+    bits: U8Array = (rounded.astype(np.int64) & 1).astype(np.uint8)
+    return bits
 
 
 def toeplitz_matrix(seed: U8Array, n: int, m: int) -> U8Array:

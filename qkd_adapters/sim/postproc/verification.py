@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from numba import njit
 
 from qkd_adapters.sim.postproc._types import U8Array
@@ -77,7 +78,7 @@ def _mulmod(a: np.uint64, b: np.uint64) -> np.uint64:
 
 
 @njit(cache=True, nogil=True)
-def _poly_hash(words: np.ndarray, n_bits: np.uint64, r: np.uint64) -> np.uint64:  # type: ignore[type-arg]
+def _poly_hash(words: npt.NDArray[np.uint32], n_bits: np.uint64, r: np.uint64) -> np.uint64:
     m61 = np.uint64(MERSENNE_61)
     h = n_bits % m61
     for i in range(words.shape[0]):
