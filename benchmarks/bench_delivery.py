@@ -70,6 +70,7 @@ class ClientSpec:
     number: int
     warmup: float
     duration: float
+    client: str = "aiohttp"
 
 
 async def _pair_loop(
@@ -85,30 +86,29 @@ async def _pair_loop(
     m, s = clients[master], clients[slave]
     enc_url = f"/api/v1/keys/{slave}/enc_keys"
     dec_url = f"/api/v1/keys/{master}/dec_keys"
-    headers = {"content-type": "application/json"}
     enc_body = json.dumps({"number": spec.number, "size": KEY_BITS}).encode()
     while True:
         t0 = time.perf_counter()
         if t0 >= t_end:
             return
         try:
-            r1 = await m.post(enc_url, content=enc_body, headers=headers)
-            if r1.status_code != 200:
-                errors[f"enc {r1.status_code}"] += 1
+            status1, body1 = await m.post(enc_url, enc_body)
+            if status1 != 200:
+                errors[f"enc {status1}"] += 1
                 await asyncio.sleep(0.01)
                 continue
-            keys = r1.json()["keys"]
+            keys = body1["keys"]
             dec_body = json.dumps({"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]}).encode()
-            r2 = await s.post(dec_url, content=dec_body, headers=headers)
+            status2, body2 = await s.post(dec_url, dec_body)
         except Exception as exc:  # count transport failures rather than abort the run
             errors[type(exc).__name__] += 1
             await asyncio.sleep(0.01)
             continue
         t1 = time.perf_counter()
-        if r2.status_code != 200:
-            errors[f"dec {r2.status_code}"] += 1
+        if status2 != 200:
+            errors[f"dec {status2}"] += 1
             continue
-        got = {k["key_ID"]: k["key"] for k in r2.json()["keys"]}
+        got = {k["key_ID"]: k["key"] for k in body2["keys"]}
         if len(keys) != spec.number or any(got.get(k["key_ID"]) != k["key"] for k in keys):
             errors["key mismatch"] += 1
             continue
@@ -116,19 +116,47 @@ async def _pair_loop(
             latencies.append(t1 - t0)
 
 
-async def _run_client(spec: ClientSpec) -> dict[str, Any]:
-    import httpx
+class _HttpxSae:
+    """One SAE's keep-alive connection through httpx (the product's client library)."""
 
+    def __init__(self, base_url: str, ctx: Any) -> None:
+        import httpx
+
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        self._c = httpx.AsyncClient(base_url=base_url, verify=ctx, limits=limits, timeout=30.0)
+
+    async def post(self, url: str, body: bytes) -> tuple[int, Any]:
+        r = await self._c.post(url, content=body, headers={"content-type": "application/json"})
+        return r.status_code, r.json()
+
+    async def aclose(self) -> None:
+        await self._c.aclose()
+
+
+class _AiohttpSae:
+    """The same through aiohttp, whose per-request CPU is a fraction of httpx's: on a 2-core machine the
+    load generator shares the cores with the server, and a lighter client measures the server better."""
+
+    def __init__(self, base_url: str, ctx: Any) -> None:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=1, ssl=ctx)
+        self._c = aiohttp.ClientSession(base_url=base_url, connector=connector)
+
+    async def post(self, url: str, body: bytes) -> tuple[int, Any]:
+        async with self._c.post(url, data=body, headers={"content-type": "application/json"}) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def aclose(self) -> None:
+        await self._c.close()
+
+
+async def _run_client(spec: ClientSpec) -> dict[str, Any]:
     from kms.launcher import client_ssl_context
 
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    kind = _AiohttpSae if spec.client == "aiohttp" else _HttpxSae
     clients = {
-        sae: httpx.AsyncClient(
-            base_url=spec.base_url,
-            verify=client_ssl_context(Path(spec.ca), Path(cert), Path(key)),
-            limits=limits,
-            timeout=30.0,
-        )
+        sae: kind(spec.base_url, client_ssl_context(Path(spec.ca), Path(cert), Path(key)))
         for sae, (cert, key) in spec.creds.items()
     }
     latencies: list[float] = []
@@ -315,6 +343,7 @@ class Bench:
                 "pairs": pairs,
                 "warmup": self.args.warmup,
                 "duration": self.args.duration,
+                "client": self.args.client,
             }
             scenarios = [("single", 1), ("batched", BATCH)]
             for _ in range(self.args.repeat):
@@ -556,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="extra runs with py-spy on the KME")
     parser.add_argument(
         "--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "qkms-bench-profile"
+    )
+    parser.add_argument(
+        "--client", choices=["aiohttp", "httpx"], default="aiohttp", help="load generator's HTTP client"
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--client-spec", help=argparse.SUPPRESS)

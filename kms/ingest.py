@@ -8,6 +8,7 @@ decrypts and re-seals a few KiB. A link stops being pulled while its pool holds 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -79,6 +80,7 @@ class PoolFiller:
                 continue
             for event in source.pull(max_events=max_events, timeout=0.0):
                 stored += self._store(event, peer_kme_id)
+                time.sleep(0)  # let request threads and the event loop have the GIL between blocks
         return stored
 
     def _store(self, event: KeyBlock | LinkAlarm, peer_kme_id: str) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 import threading
 import zlib
 from collections.abc import Callable
@@ -121,6 +122,9 @@ class Background:
 
 
 def build_app(settings: KmsSettings, fill: bool = True) -> FastAPI:
+    # Background threads (filler, sweeper, signer) must not hold the GIL for the default 5 ms
+    # while requests wait on the event loop.
+    sys.setswitchinterval(0.001)
     runtime = build_runtime(settings)
     background = Background(runtime, fill=fill)
     return create_app(runtime, lifespan_hooks=(background.start, background.stop))

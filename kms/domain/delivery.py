@@ -346,9 +346,7 @@ class KeyDeliveryService:
             exchanges = pool.load_exchanges(conn, exchange_ids)
             secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
             delivered = [self._recover(stored[k], exchanges, secrets) for k in key_ids]
-            pool.mark_served(conn, (stored[k] for k in key_ids), slave.sae_id, events)
-            events.flush(conn)
-            consumed = [r["subject_id"] for r in events.rows if r.get("to_state") == KeyState.CONSUMED.value]
+            consumed = pool.mark_served(conn, (stored[k] for k in key_ids), slave.sae_id, events.at)
             audit.append(
                 conn,
                 events.at,

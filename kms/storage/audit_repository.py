@@ -13,18 +13,18 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, func, insert, select
 
 from kms.audit.chain import AuditRecord, Checkpoint, canonical_json, record_hash
+from kms.storage.rawsql import Raw
 from kms.storage.schema import audit_checkpoints, audit_head, audit_records
 
 
 def append(conn: Connection, at: datetime, entries: Sequence[tuple[str, str, str, Mapping[str, Any]]]) -> int:
     """Append (actor, action, subject, data) entries in order; returns the new head seq."""
-    head = conn.execute(
-        select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
-    ).one()
-    seq, prev = int(head.seq), str(head.hash)
+    raw = Raw(conn)
+    seq, prev = raw.one("SELECT seq, hash FROM audit_head WHERE id = 1" + raw.for_update())
+    seq = int(seq)
     stamp = at.isoformat(timespec="microseconds")
     rows = []
     for actor, action, subject, data in entries:
@@ -38,22 +38,15 @@ def append(conn: Connection, at: datetime, entries: Sequence[tuple[str, str, str
             "data": dict(data),
         }
         digest = record_hash(body, bytes.fromhex(prev)).hex()
-        rows.append(
-            {
-                "seq": seq,
-                "at": stamp,
-                "actor": actor,
-                "action": action,
-                "subject": subject,
-                "data": canonical_json(dict(data)).decode(),
-                "prev_hash": prev,
-                "hash": digest,
-            }
-        )
+        rows.append((seq, stamp, actor, action, subject, canonical_json(dict(data)).decode(), prev, digest))
         prev = digest
     if rows:
-        conn.execute(insert(audit_records), rows)
-        conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=prev))
+        raw.executemany(
+            "INSERT INTO audit_records (seq, at, actor, action, subject, data, prev_hash, hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        raw.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
     return seq
 
 

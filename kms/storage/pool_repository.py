@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from kms.crypto.envelope import Envelope
 from kms.domain.lifecycle import KeyState, check_transition
-from kms.storage.schema import kem_exchanges, key_blocks, key_recipients, keys, lifecycle_events, links
+from kms.storage.rawsql import Raw
+from kms.storage.schema import key_blocks, keys, links
 
 
 @dataclass(frozen=True, repr=False)
@@ -63,7 +64,24 @@ class EventBatch:
 
     def flush(self, conn: Connection) -> None:
         if self.rows:
-            conn.execute(insert(lifecycle_events), self.rows)
+            raw = Raw(conn)
+            at = raw.ts(self.at)
+            raw.executemany(
+                "INSERT INTO lifecycle_events (subject_kind, subject_id, from_state, to_state, actor, reason, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r["subject_kind"],
+                        r["subject_id"],
+                        r["from_state"],
+                        r["to_state"],
+                        r["actor"],
+                        r["reason"],
+                        at,
+                    )
+                    for r in self.rows
+                ],
+            )
             self.rows = []
 
 
@@ -153,29 +171,14 @@ def count_available_keys(conn: Connection, target_kme_id: str, key_size: int) ->
     return int(conn.execute(stmt).scalar_one())
 
 
-def _candidate_block(conn: Connection, target_kme_id: str, size_bits: int, skip_locked: bool) -> Any:
-    stmt = (
-        select(
-            key_blocks.c.id,
-            key_blocks.c.link_id,
-            key_blocks.c.source_block_id,
-            key_blocks.c.source_offset_bits,
-            key_blocks.c.bit_length,
-            key_blocks.c.next_bit,
-            key_blocks.c.material,
-        )
-        .select_from(key_blocks.join(links, links.c.id == key_blocks.c.link_id))
-        .where(
-            links.c.peer_kme_id == target_kme_id,
-            links.c.state == "active",
-            key_blocks.c.state == KeyState.ACTIVE.value,
-            key_blocks.c.bit_length - key_blocks.c.next_bit >= size_bits,
-        )
-        .order_by(key_blocks.c.id)
-        .limit(1)
-        .with_for_update(skip_locked=skip_locked, of=key_blocks)
+def _candidate_block(raw: Raw, target_kme_id: str, size_bits: int, skip_locked: bool) -> Any:
+    return raw.one(
+        "SELECT b.id, b.link_id, b.source_block_id, b.source_offset_bits, b.bit_length, b.next_bit, b.material"
+        " FROM key_blocks b JOIN links l ON l.id = b.link_id"
+        " WHERE l.peer_kme_id = ? AND l.state = 'active' AND b.state = 'active' AND b.bit_length - b.next_bit >= ?"
+        " ORDER BY b.id LIMIT 1" + raw.for_update(of="b", skip_locked=skip_locked),
+        (target_kme_id, size_bits),
     )
-    return conn.execute(stmt).first()
 
 
 def cut_keys(
@@ -195,13 +198,15 @@ def cut_keys(
     """
     size_bytes = size_bits // 8
     cut: list[CutKey] = []
+    raw = Raw(conn)
     for skip_locked in (True, False):
         while len(cut) < number:
-            block = _candidate_block(conn, target_kme_id, size_bits, skip_locked)
-            if block is None:
+            row = _candidate_block(raw, target_kme_id, size_bits, skip_locked)
+            if row is None:
                 break
+            block = _Block(*row)
             remainder = envelope.open(
-                block.material,
+                bytes(block.material),
                 block_aad(block.link_id, block.source_block_id, block.source_offset_bits, block.next_bit),
             )
             take = min(number - len(cut), len(remainder) // size_bytes)
@@ -214,7 +219,7 @@ def cut_keys(
                 )
                 for i in range(take)
             )
-            _advance_block(conn, envelope, block, remainder[take * size_bytes :], min_key_size, events, actor)
+            _advance_block(raw, envelope, block, remainder[take * size_bytes :], min_key_size, events, actor)
         if len(cut) >= number:
             break
     return cut if len(cut) >= number else None
@@ -234,19 +239,13 @@ def insert_kem_exchange(
     ciphertext: bytes,
     at: datetime,
 ) -> int:
-    result = conn.execute(
-        insert(kem_exchanges).values(
-            algorithm=algorithm,
-            target_kme_id=target_kme_id,
-            kem_key_version=key_version,
-            public_key_sha384=public_key_sha384,
-            ciphertext=ciphertext,
-            created_at=at,
-        )
+    raw = Raw(conn)
+    row = raw.one(
+        "INSERT INTO kem_exchanges (algorithm, target_kme_id, kem_key_version, public_key_sha384, ciphertext, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+        (algorithm, target_kme_id, key_version, public_key_sha384, ciphertext, raw.ts(at)),
     )
-    pk = result.inserted_primary_key
-    assert pk is not None
-    return int(pk[0])
+    return int(row[0])
 
 
 def insert_reserved_keys(
@@ -264,43 +263,66 @@ def insert_reserved_keys(
     kem_exchange_id: int | None,
     events: EventBatch,
 ) -> None:
-    """Record freshly cut keys as ``reserved`` for their slaves; QKD material is sealed per key."""
-    now = events.at
-    actor = f"sae:{master_sae_id}"
-    key_rows = []
-    for c in cut:
-        key_rows.append(
-            {
-                "key_id": c.key_id,
-                "block_id": c.block_id,
-                "bit_offset": c.bit_offset,
-                "size_bits": size_bits,
-                "state": KeyState.RESERVED.value,
-                "master_sae_id": master_sae_id,
-                "slave_sae_id": slave_sae_ids[0],
-                "target_kme_id": target_kme_id,
-                "policy": policy,
-                "suite": suite,
-                "kem_exchange_id": kem_exchange_id,
-                "material": envelope.seal(c.material, key_aad(c.key_id)) if c.material is not None else None,
-                "kek_id": envelope.kek_id,
-                "created_at": now,
-                "expires_at": now + ttl,
-            }
+    """Record freshly cut keys as ``reserved`` for their slaves; QKD material is sealed per key.
+
+    The transition itself is recorded on the row (``created_at``, the master as actor) and in the
+    request's audit record, not as one event row per key: this is the hot path.
+    """
+    raw = Raw(conn)
+    now = raw.ts(events.at)
+    expires = raw.ts(events.at + ttl)
+    seal, kek_id = envelope.seal, envelope.kek_id
+    slave, additional = slave_sae_ids[0], list(slave_sae_ids[1:])
+    multicast = bool(additional)
+    rows = [
+        (
+            c.key_id,
+            c.block_id,
+            c.bit_offset,
+            size_bits,
+            "reserved",
+            master_sae_id,
+            slave,
+            target_kme_id,
+            policy,
+            suite,
+            kem_exchange_id,
+            seal(c.material, key_aad(c.key_id)) if c.material is not None else None,
+            kek_id,
+            now,
+            expires,
+            multicast,
         )
-        events.add(
-            "key", c.key_id, KeyState.ACTIVE, KeyState.RESERVED, actor, f"{policy} for {slave_sae_ids[0]}"
-        )
-    conn.execute(insert(keys), key_rows)
-    conn.execute(
-        insert(key_recipients), [{"key_id": c.key_id, "sae_id": s} for c in cut for s in slave_sae_ids]
+        for c in cut
+    ]
+    raw.executemany(
+        "INSERT INTO keys (key_id, block_id, bit_offset, size_bits, state, master_sae_id, slave_sae_id,"
+        " target_kme_id, policy, suite, kem_exchange_id, material, kek_id, created_at, expires_at, multicast)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
     )
+    if additional:
+        raw.executemany(
+            "INSERT INTO key_recipients (key_id, sae_id) VALUES (?, ?)",
+            [(c.key_id, s) for c in cut for s in additional],
+        )
+
+
+@dataclass(frozen=True)
+class _Block:
+    id: int
+    link_id: str
+    source_block_id: str
+    source_offset_bits: int
+    bit_length: int
+    next_bit: int
+    material: bytes
 
 
 def _advance_block(
-    conn: Connection,
+    raw: Raw,
     envelope: Envelope,
-    block: Any,
+    block: _Block,
     rest: bytes,
     min_key_size: int,
     events: EventBatch,
@@ -308,20 +330,23 @@ def _advance_block(
 ) -> None:
     """Move a block's cursor past the cut bits and re-seal what is left, or retire it."""
     next_bit = block.bit_length - len(rest) * 8
-    values: dict[str, Any] = {"next_bit": next_bit}
     if len(rest) * 8 < min_key_size:
-        values["state"] = KeyState.EXHAUSTED.value
-        values["material"] = None
         subject = f"{block.link_id}/{block.source_block_id}@{block.source_offset_bits}"
         reason = (
             f"fully cut; {len(rest) * 8} trailing bits below min_key_size zeroised" if rest else "fully cut"
         )
         events.add("block", subject, KeyState.ACTIVE, KeyState.EXHAUSTED, actor, reason)
+        raw.execute(
+            "UPDATE key_blocks SET next_bit = ?, state = 'exhausted', material = NULL WHERE id = ?",
+            (next_bit, block.id),
+        )
     else:
-        values["material"] = envelope.seal(
+        sealed = envelope.seal(
             rest, block_aad(block.link_id, block.source_block_id, block.source_offset_bits, next_bit)
         )
-    conn.execute(update(key_blocks).where(key_blocks.c.id == block.id).values(**values))
+        raw.execute(
+            "UPDATE key_blocks SET next_bit = ?, material = ? WHERE id = ?", (next_bit, sealed, block.id)
+        )
 
 
 @dataclass(frozen=True, repr=False)
@@ -337,91 +362,89 @@ class StoredKey:
     size_bits: int
     expires_at: datetime
     material: bytes | None
-    recipients: dict[str, datetime | None]
+    recipients: dict[str, datetime | None]  # the named slave first, then any additional slaves
 
 
 def load_keys_for_update(conn: Connection, key_ids: Sequence[str]) -> dict[str, StoredKey]:
     """The named keys and their recipients, locked against concurrent slaves (PostgreSQL)."""
-    rows = conn.execute(
-        select(
-            keys.c.key_id,
-            keys.c.master_sae_id,
-            keys.c.slave_sae_id,
-            keys.c.target_kme_id,
-            keys.c.state,
-            keys.c.policy,
-            keys.c.suite,
-            keys.c.kem_exchange_id,
-            keys.c.size_bits,
-            keys.c.expires_at,
-            keys.c.material,
+    raw = Raw(conn)
+    where, params = raw.in_list("key_id", key_ids)
+    rows = raw.all(
+        "SELECT key_id, master_sae_id, slave_sae_id, target_kme_id, state, policy, suite, kem_exchange_id,"
+        f" size_bits, expires_at, material, served_at, multicast FROM keys WHERE {where}" + raw.for_update(),
+        params,
+    )
+    recipients: dict[str, dict[str, datetime | None]] = {r[0]: {r[2]: raw.read_ts(r[11])} for r in rows}
+    multicast = [r[0] for r in rows if r[12]]
+    if multicast:
+        mwhere, mparams = raw.in_list("key_id", multicast)
+        for key_id, sae_id, served_at in raw.all(
+            f"SELECT key_id, sae_id, served_at FROM key_recipients WHERE {mwhere}", mparams
+        ):
+            recipients[key_id][sae_id] = raw.read_ts(served_at)
+    out = {}
+    for key_id, master, slave, target, state, policy, suite, exchange, size, expires, material, _, _ in rows:
+        expires_at = raw.read_ts(expires)
+        assert expires_at is not None
+        out[key_id] = StoredKey(
+            key_id,
+            master,
+            slave,
+            target,
+            state,
+            policy,
+            suite,
+            exchange,
+            size,
+            expires_at,
+            bytes(material) if material is not None else None,
+            recipients[key_id],
         )
-        .where(keys.c.key_id.in_(key_ids))
-        .with_for_update()
-    ).all()
-    recipients: dict[str, dict[str, datetime | None]] = {r.key_id: {} for r in rows}
-    for rec in conn.execute(
-        select(key_recipients.c.key_id, key_recipients.c.sae_id, key_recipients.c.served_at).where(
-            key_recipients.c.key_id.in_(key_ids)
-        )
-    ):
-        recipients[rec.key_id][rec.sae_id] = rec.served_at
-    return {
-        r.key_id: StoredKey(
-            r.key_id,
-            r.master_sae_id,
-            r.slave_sae_id,
-            r.target_kme_id,
-            r.state,
-            r.policy,
-            r.suite,
-            r.kem_exchange_id,
-            r.size_bits,
-            utc(r.expires_at),
-            r.material,
-            recipients[r.key_id],
-        )
-        for r in rows
-    }
+    return out
 
 
-def mark_served(
-    conn: Connection,
-    served: Iterable[StoredKey],
-    slave_sae_id: str,
-    events: EventBatch,
-) -> None:
-    """Record delivery to ``slave_sae_id``; a key whose every slave is served is consumed and zeroised."""
+def mark_served(conn: Connection, served: Iterable[StoredKey], slave_sae_id: str, at: datetime) -> list[str]:
+    """Record delivery to ``slave_sae_id``; a key whose every slave is served is consumed and its
+    material zeroised. Returns the key_IDs consumed."""
     served = list(served)
     if not served:
-        return
-    conn.execute(
-        update(key_recipients)
-        .where(
-            and_(
-                key_recipients.c.key_id.in_([k.key_id for k in served]),
-                key_recipients.c.sae_id == slave_sae_id,
+        return []
+    raw = Raw(conn)
+    now = raw.ts(at)
+    done = [
+        k.key_id
+        for k in served
+        if all(when is not None or sae == slave_sae_id for sae, when in k.recipients.items())
+    ]
+    named = [k.key_id for k in served if k.slave_sae_id == slave_sae_id]
+    extra = [k.key_id for k in served if k.slave_sae_id != slave_sae_id]
+    finished = set(done)
+    # The named slave's delivery and, when it completes the key, consumption, in one statement.
+    for ids, consume in (
+        ([i for i in named if i in finished], True),
+        ([i for i in named if i not in finished], False),
+    ):
+        if ids:
+            where, params = raw.in_list("key_id", ids)
+            closing = ", state = 'consumed', material = NULL, closed_at = ?" if consume else ""
+            raw.execute(
+                f"UPDATE keys SET served_at = ?{closing} WHERE {where}",
+                [now, now, *params] if consume else [now, *params],
             )
+    if extra:
+        where, params = raw.in_list("key_id", extra)
+        raw.execute(
+            f"UPDATE key_recipients SET served_at = ? WHERE sae_id = ? AND {where}",
+            [now, slave_sae_id, *params],
         )
-        .values(served_at=events.at)
-    )
-    actor = f"sae:{slave_sae_id}"
-    done: list[str] = []
-    for key in served:
-        pending = [s for s, at in key.recipients.items() if at is None and s != slave_sae_id]
-        if pending:
-            events.add(
-                "key", key.key_id, KeyState.RESERVED, KeyState.RESERVED, actor, f"served to {slave_sae_id}"
+        closing_ids = [i for i in extra if i in finished]
+        if closing_ids:
+            where, params = raw.in_list("key_id", closing_ids)
+            raw.execute(
+                f"UPDATE keys SET state = 'consumed', material = NULL, closed_at = ? WHERE {where}",
+                [now, *params],
             )
-        else:
-            done.append(key.key_id)
-            events.add("key", key.key_id, KeyState.RESERVED, KeyState.CONSUMED, actor, "every slave served")
-    if done:
-        conn.execute(
-            update(keys)
-            .where(keys.c.key_id.in_(done))
-            .values(state=KeyState.CONSUMED.value, material=None, closed_at=events.at)
-        )
+    return done
 
 
 def expire_reserved(conn: Connection, now: datetime, actor: str, limit: int = 1000) -> list[str]:
@@ -460,12 +483,9 @@ def load_exchanges(conn: Connection, ids: Iterable[int]) -> dict[int, StoredExch
     wanted = sorted(set(ids))
     if not wanted:
         return {}
-    rows = conn.execute(
-        select(
-            kem_exchanges.c.id,
-            kem_exchanges.c.algorithm,
-            kem_exchanges.c.kem_key_version,
-            kem_exchanges.c.ciphertext,
-        ).where(kem_exchanges.c.id.in_(wanted))
+    raw = Raw(conn)
+    where, params = raw.in_list("id", wanted)
+    rows = raw.all(
+        f"SELECT id, algorithm, kem_key_version, ciphertext FROM kem_exchanges WHERE {where}", params
     )
-    return {r.id: StoredExchange(r.algorithm, r.kem_key_version, bytes(r.ciphertext)) for r in rows}
+    return {r[0]: StoredExchange(r[1], r[2], bytes(r[3])) for r in rows}

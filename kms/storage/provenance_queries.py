@@ -35,6 +35,7 @@ def key_provenance(conn: Connection, key_id: str, kme_id: str) -> dict[str, Any]
             keys.c.kem_exchange_id,
             keys.c.created_at,
             keys.c.expires_at,
+            keys.c.served_at,
             keys.c.closed_at,
         ).where(keys.c.key_id == key_id)
     ).first()
@@ -53,12 +54,13 @@ def key_provenance(conn: Connection, key_id: str, kme_id: str) -> dict[str, Any]
         "created_at": _iso(key.created_at),
         "expires_at": _iso(key.expires_at),
         "closed_at": _iso(key.closed_at),
-        "recipients": [
+        "recipients": [{"SAE_ID": key.slave_sae_id, "served_at": _iso(key.served_at)}]
+        + [
             {"SAE_ID": r.sae_id, "served_at": _iso(r.served_at)}
             for r in conn.execute(
-                select(key_recipients.c.sae_id, key_recipients.c.served_at).where(
-                    key_recipients.c.key_id == key_id
-                )
+                select(key_recipients.c.sae_id, key_recipients.c.served_at)
+                .where(key_recipients.c.key_id == key_id)
+                .order_by(key_recipients.c.sae_id)
             )
         ],
         "bits": None,
@@ -103,7 +105,36 @@ def key_provenance(conn: Connection, key_id: str, kme_id: str) -> dict[str, Any]
             "public_key_sha384": ex.public_key_sha384,
             "ciphertext_sha384": hashlib.sha384(ex.ciphertext).hexdigest(),
         }
-    record["transitions"] = [
+    record["transitions"] = _transitions(conn, key, record["recipients"])
+    record["audit_seqs"] = [r.seq for r in audit.records_mentioning(conn, key_id)]
+    return record
+
+
+def _transitions(conn: Connection, key: Any, recipients: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every transition with time and actor: hot-path ones from the key row and its recipients,
+    rarer ones (expiry, suspension, resumption) from ``lifecycle_events``."""
+    out: list[dict[str, Any]] = [
+        {
+            "from": "active",
+            "to": "reserved",
+            "at": _iso(key.created_at),
+            "actor": f"sae:{key.master_sae_id}",
+            "reason": f"{key.policy} for {key.slave_sae_id}",
+        }
+    ]
+    served = sorted((r for r in recipients if r["served_at"]), key=lambda r: r["served_at"])
+    for i, r in enumerate(served):
+        last = i == len(served) - 1 and key.state == "consumed"
+        out.append(
+            {
+                "from": "reserved",
+                "to": "consumed" if last else "reserved",
+                "at": r["served_at"],
+                "actor": f"sae:{r['SAE_ID']}",
+                "reason": "every slave served" if last else f"served to {r['SAE_ID']}",
+            }
+        )
+    out += [
         {"from": e.from_state, "to": e.to_state, "at": _iso(e.at), "actor": e.actor, "reason": e.reason}
         for e in conn.execute(
             select(
@@ -113,9 +144,8 @@ def key_provenance(conn: Connection, key_id: str, kme_id: str) -> dict[str, Any]
                 lifecycle_events.c.actor,
                 lifecycle_events.c.reason,
             )
-            .where(lifecycle_events.c.subject_kind == "key", lifecycle_events.c.subject_id == key_id)
+            .where(lifecycle_events.c.subject_kind == "key", lifecycle_events.c.subject_id == key.key_id)
             .order_by(lifecycle_events.c.id)
         )
     ]
-    record["audit_seqs"] = [r.seq for r in audit.records_mentioning(conn, key_id)]
-    return record
+    return sorted(out, key=lambda t: t["at"] or "")

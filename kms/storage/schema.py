@@ -92,7 +92,13 @@ class KeyBlockRow(Base):
 
 
 class KeyRow(Base):
-    """One delivered key: where its bits came from, who may fetch it, and its lifecycle state."""
+    """One delivered key: where its bits came from, who may fetch it, and its lifecycle state.
+
+    The hot-path transitions are recorded on the row itself — reserved at ``created_at`` by the
+    master, served to the named slave at ``served_at``, closed (consumed, expired, ...) at
+    ``closed_at`` — and in the per-request audit record; rarer transitions (expiry, suspension,
+    resumption) also get ``lifecycle_events`` rows.
+    """
 
     __tablename__ = "keys"
     __table_args__ = (Index("ix_keys_state_expires", "state", "expires_at"),)
@@ -112,7 +118,9 @@ class KeyRow(Base):
     kek_id: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    multicast: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default="0")
 
 
 class KemExchange(Base):
@@ -186,7 +194,7 @@ class AuditCheckpoint(Base):
 
 
 class KeyRecipient(Base):
-    """A slave SAE entitled to one key (the named slave and every additional slave)."""
+    """An *additional* slave SAE entitled to a multicast key (the named slave is on the key row)."""
 
     __tablename__ = "key_recipients"
 

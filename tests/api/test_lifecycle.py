@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, select
 
-from kms.storage.schema import key_blocks, keys, lifecycle_events
+from kms.audit.service import AuditService
+from kms.runtime import build_runtime
+from kms.storage.schema import key_blocks, keys
 from tests.conftest import database_url
 from tests.kme_harness import running_kme
 
@@ -60,25 +62,24 @@ def test_lifecycle_consume_and_expire(backend: str, tmp_path: Path, request: pyt
         assert rows[consumed["key_ID"]].material is None  # type: ignore[attr-defined]
         assert rows[expiring["key_ID"]].material is None  # type: ignore[attr-defined]
 
-        events = _rows(
-            db_url,
-            select(
-                lifecycle_events.c.subject_id,
-                lifecycle_events.c.from_state,
-                lifecycle_events.c.to_state,
-                lifecycle_events.c.actor,
-            )
-            .where(lifecycle_events.c.subject_kind == "key")
-            .order_by(lifecycle_events.c.id),
-        )
-        history = {}
-        for subject, src, dst, actor in events:  # type: ignore[misc]
-            history.setdefault(subject, []).append((src, dst, actor))
+        # Every transition, with time and actor, as the provenance view reports it.
+        rt = build_runtime(kme.settings, sync_registry=False)
+        try:
+            audit = AuditService(rt.db, rt.identity, "KME-T")
+            history = {
+                k: [(t["from"], t["to"], t["actor"]) for t in audit.provenance(k)["transitions"]]  # type: ignore[index]
+                for k in (consumed["key_ID"], expiring["key_ID"])
+            }
+        finally:
+            rt.close()
         assert history[consumed["key_ID"]] == [
             ("active", "reserved", f"sae:{M}"),
             ("reserved", "consumed", f"sae:{S}"),
         ]
-        assert history[expiring["key_ID"]][-1][:2] == ("reserved", "expired")
+        assert history[expiring["key_ID"]] == [
+            ("active", "reserved", f"sae:{M}"),
+            ("reserved", "expired", "kme:KME-T/expiry"),
+        ]
 
 
 def test_material_is_never_stored_in_the_clear(tmp_path: Path) -> None:

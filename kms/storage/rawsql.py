@@ -1,0 +1,76 @@
+"""Fixed SQL on the raw DB-API cursor, for the delivery hot path.
+
+SQLAlchemy Core builds, caches and compiles statements in Python on every call; for the handful of
+statements a key request runs, that costs several times the database work itself. Here the SQL is
+written once (``?`` placeholders, rewritten to ``%s`` for psycopg), executed on the cursor of the
+connection the caller's transaction already holds, and timestamps are stored exactly as SQLAlchemy
+stores them, so the rest of the code reads these rows through SQLAlchemy unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+
+@functools.lru_cache(maxsize=256)
+def _for_psycopg(sql: str) -> str:
+    return sql.replace("?", "%s")
+
+
+class Raw:
+    """One cursor on the transaction's connection, dialect-aware."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.pg = conn.dialect.name == "postgresql"
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        self.cur: Any = dbapi.cursor()
+
+    def sql(self, text: str) -> str:
+        return _for_psycopg(text) if self.pg else text
+
+    def execute(self, text: str, params: Sequence[Any] = ()) -> Any:
+        self.cur.execute(self.sql(text), params)
+        return self.cur
+
+    def executemany(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self.cur.executemany(self.sql(text), rows)
+
+    def one(self, text: str, params: Sequence[Any] = ()) -> Any:
+        self.cur.execute(self.sql(text), params)
+        return self.cur.fetchone()
+
+    def all(self, text: str, params: Sequence[Any] = ()) -> list[Any]:
+        self.cur.execute(self.sql(text), params)
+        return list(self.cur.fetchall())
+
+    def in_list(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        """``column IN (...)`` for SQLite, ``column = ANY(array)`` for PostgreSQL."""
+        if self.pg:
+            return f"{column} = ANY(?)", [list(values)]
+        return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
+    def for_update(self, of: str | None = None, skip_locked: bool = False) -> str:
+        """Row-lock clause (PostgreSQL only; a SQLite write transaction is already exclusive)."""
+        if not self.pg:
+            return ""
+        return " FOR UPDATE" + (f" OF {of}" if of else "") + (" SKIP LOCKED" if skip_locked else "")
+
+    def ts(self, value: datetime) -> Any:
+        """A timestamp as SQLAlchemy stores it: native on PostgreSQL, naive-UTC text on SQLite."""
+        if self.pg:
+            return value
+        return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+    def read_ts(self, value: Any) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
