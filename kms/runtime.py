@@ -75,10 +75,11 @@ def configured_entities(settings: KmsSettings) -> list[SaeInfo]:
     return entries
 
 
-def build_runtime(settings: KmsSettings, sync_registry: bool = True) -> Runtime:
+def build_runtime(settings: KmsSettings, sync_registry: bool = True, server: bool = False) -> Runtime:
     """Open the database and, with ``sync_registry``, write the configured SAEs, auditors and links
-    into it and make sure the KME has its PQC identity keys."""
-    db = Database(settings.database.url, settings.database.pool_size)
+    into it and make sure the KME has its PQC identity keys. ``server``: the caller runs the
+    background work (WAL checkpoints included)."""
+    db = Database(settings.database.url, settings.database.pool_size, background_checkpoints=server)
     envelope = load_envelope(settings)
     identity = KmeIdentity(
         db,

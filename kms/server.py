@@ -58,6 +58,8 @@ class Background:
             threading.Thread(target=self._sweep, name="qkms-expiry", daemon=True),
             threading.Thread(target=self._checkpoint, name="qkms-audit-checkpoint", daemon=True),
         ]
+        if self.runtime.db.is_sqlite:
+            self._threads.append(threading.Thread(target=self._wal_checkpoint, name="qkms-wal", daemon=True))
         if self.fill and self.runtime.settings.links:
             self._threads.append(
                 threading.Thread(target=self._lead_and_fill, name="qkms-filler", daemon=True)
@@ -94,6 +96,15 @@ class Background:
             if stopping:
                 return
 
+    def _wal_checkpoint(self) -> None:
+        """SQLite: fold the WAL into the database file off the request path, once a second."""
+        while not self._stop.wait(1.0):
+            try:
+                self.runtime.db.checkpoint()
+            except Exception as exc:
+                log.error("wal_checkpoint_failed", error=type(exc).__name__)
+        self.runtime.db.checkpoint()
+
     def _lead_and_fill(self) -> None:
         """On PostgreSQL, fill only while holding the KME's filler lock; on SQLite, just fill."""
         db = self.runtime.db
@@ -125,7 +136,7 @@ def build_app(settings: KmsSettings, fill: bool = True) -> FastAPI:
     # Background threads (filler, sweeper, signer) must not hold the GIL for the default 5 ms
     # while requests wait on the event loop.
     sys.setswitchinterval(0.001)
-    runtime = build_runtime(settings)
+    runtime = build_runtime(settings, server=True)
     background = Background(runtime, fill=fill)
     return create_app(runtime, lifespan_hooks=(background.start, background.stop))
 

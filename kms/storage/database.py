@@ -22,12 +22,20 @@ from sqlalchemy.pool import StaticPool
 class Database:
     """One engine plus the transaction discipline for its dialect."""
 
-    def __init__(self, url: str, pool_size: int = 10) -> None:
+    def __init__(self, url: str, pool_size: int = 10, background_checkpoints: bool = False) -> None:
+        """``background_checkpoints`` (SQLite): commits never checkpoint the WAL themselves — with its
+        fsyncs that is most of a commit's cost — and the server calls :meth:`checkpoint` periodically."""
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self._write_lock = threading.Lock() if self.is_sqlite else None
-        self.engine = _make_engine(url, pool_size, self.is_sqlite)
+        self.engine = _make_engine(url, pool_size, self.is_sqlite, background_checkpoints)
+
+    def checkpoint(self) -> None:
+        """Copy the SQLite WAL into the database file without blocking writers (no-op on PostgreSQL)."""
+        if self.is_sqlite:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
@@ -63,9 +71,18 @@ class Database:
         self.engine.dispose()
 
 
-def _make_engine(url: str, pool_size: int, is_sqlite: bool) -> Engine:
+def _make_engine(url: str, pool_size: int, is_sqlite: bool, background_checkpoints: bool) -> Engine:
     if not is_sqlite:
-        return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        # No pre-ping: it costs a round trip per checkout; a dropped connection fails that request
+        # (503) and the pool replaces it.
+        # Custom plans always: psycopg prepares repeated statements, and PostgreSQL's generic plan
+        # for ``key_id = ANY($1)`` cannot see the array's size and may choose a sequential scan.
+        return create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            connect_args={"options": "-c plan_cache_mode=force_custom_plan"},
+        )
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
     if parsed.database in (None, "", ":memory:"):
@@ -83,6 +100,8 @@ def _make_engine(url: str, pool_size: int, is_sqlite: bool) -> Engine:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
+        if background_checkpoints:
+            cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
 
     return engine

@@ -2,7 +2,8 @@
 
 SQLAlchemy Core builds, caches and compiles statements in Python on every call; for the handful of
 statements a key request runs, that costs several times the database work itself. Here the SQL is
-written once (``?`` placeholders, rewritten to ``%s`` for psycopg), executed on the cursor of the
+written once (``?`` placeholders, rewritten to psycopg's binary ``%b`` — its text-format array
+dumper runs a regex per element), executed on the cursor of the
 connection the caller's transaction already holds, and timestamps are stored exactly as SQLAlchemy
 stores them, so the rest of the code reads these rows through SQLAlchemy unchanged.
 """
@@ -19,7 +20,7 @@ from sqlalchemy import Connection
 
 @functools.lru_cache(maxsize=256)
 def _for_psycopg(sql: str) -> str:
-    return sql.replace("?", "%s")
+    return sql.replace("?", "%b")
 
 
 class Raw:

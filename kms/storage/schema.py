@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -76,6 +77,13 @@ class KeyBlockRow(Base):
     __table_args__ = (
         UniqueConstraint("link_id", "source_block_id", "source_offset_bits", name="uq_key_blocks_source"),
         Index("ix_key_blocks_pool", "link_id", "state", "id"),
+        Index(
+            "ix_key_blocks_active",
+            "link_id",
+            "id",
+            postgresql_where=text("state = 'active'"),
+            sqlite_where=text("state = 'active'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -101,10 +109,23 @@ class KeyRow(Base):
     """
 
     __tablename__ = "keys"
-    __table_args__ = (Index("ix_keys_state_expires", "state", "expires_at"),)
+    __table_args__ = (
+        Index(
+            "ix_keys_reserved_expiry",
+            "expires_at",
+            postgresql_where=text("state = 'reserved'"),
+            sqlite_where=text("state = 'reserved'"),
+        ),
+        Index(
+            "ix_keys_live_block",
+            "block_id",
+            postgresql_where=text("state IN ('reserved', 'suspended')"),
+            sqlite_where=text("state IN ('reserved', 'suspended')"),
+        ),
+    )
 
     key_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    block_id: Mapped[int | None] = mapped_column(ForeignKey("key_blocks.id"), nullable=True, index=True)
+    block_id: Mapped[int | None] = mapped_column(ForeignKey("key_blocks.id"), nullable=True)
     bit_offset: Mapped[int | None] = mapped_column(Integer, nullable=True)
     size_bits: Mapped[int] = mapped_column(Integer, nullable=False)
     state: Mapped[str] = mapped_column(String(16), nullable=False)
