@@ -129,7 +129,13 @@ class LinkHealthSection(BaseModel):
     """Which link alarms suspend a link's keys (matched against the alarm's code)."""
 
     suspend_on: list[str] = Field(
-        default_factory=lambda: ["qber_above_threshold", "verification_failed", "authentication_failed"]
+        default_factory=lambda: [
+            "qber-over-threshold",
+            "verification-failed",
+            "authentication-failed",
+            "reconciliation-failed",
+            "no-bell-violation",
+        ]
     )
 
 

@@ -14,8 +14,10 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from kms.audit.service import AuditService
 from kms.config import KmsSettings
 from kms.launcher import KmeProcess, free_port
+from kms.runtime import build_runtime
 from kms.storage.status_queries import pool_report
 from kms.workdir import init_workdir, sae_credential_paths
 
@@ -58,6 +60,7 @@ def _client(kme: KmeProcess, work: Path, ca: Path, sae_id: str) -> httpx.Client:
 def _exchange(kme: KmeProcess, work: Path, ca: Path, console: Console) -> int:
     alice, bob, carol = (_client(kme, work, ca, s) for s in (MASTER, SLAVE, EXTRA))
     ok = True
+    master_ids: list[str] = []
     with alice, bob, carol:
         console.rule("[bold]3. waiting for the link to fill the key pool")
         stored = kme.wait_for_keys(alice, SLAVE, minimum=16, timeout=120)
@@ -91,6 +94,7 @@ def _exchange(kme: KmeProcess, work: Path, ca: Path, console: Console) -> int:
             f"/api/v1/keys/{MASTER}/dec_keys", json={"key_IDs": [{"key_ID": k["key_ID"]} for k in multi]}
         ).json()["keys"]
         master_view = {k["key_ID"]: k["key"] for k in got + multi}
+        master_ids[:] = list(master_view)
         for holder, keys in ((SLAVE, first + rest), (EXTRA, carol_keys)):
             for k in keys:
                 same = master_view.get(k["key_ID"]) == k["key"]
@@ -113,8 +117,29 @@ def _exchange(kme: KmeProcess, work: Path, ca: Path, console: Console) -> int:
         console.print(f"{MASTER} asks for size=100 -> {bad.status_code} {bad.json()['message']!r}")
         ok &= again.status_code == 400 and stolen.status_code == 401 and bad.status_code == 400
 
-    console.rule("[bold]7. qkms status")
-    report = pool_report(KmsSettings.load(kme.config_path).database.url)
+    console.rule("[bold]7. where a key came from (provenance, as an auditor sees it)")
+    settings = KmsSettings.load(kme.config_path)
+    runtime = build_runtime(settings, sync_registry=False)
+    try:
+        prov = AuditService(runtime.db, runtime.identity, settings.kme.id).provenance(master_ids[0])
+    finally:
+        runtime.close()
+    if prov is not None and prov["bits"] is not None:
+        block = prov["bits"]["block_provenance"]
+        console.print(
+            f"key {prov['key_ID']}: {prov['state']}, bits {prov['bits']['first_bit']}.."
+            f"{prov['bits']['first_bit'] + prov['size_bits'] - 1} of block {prov['bits']['source_block_ID']}"
+        )
+        console.print(
+            f"  link {prov['bits']['link_ID']}: {block['protocol']} (simulated: {block['simulated']}, "
+            f"QKD: {block['is_qkd']}), {block['distance_km']} km, QBER {block['qber']}, "
+            f"leaked {block['leaked_bits']} bits, PA ratio {block['pa_ratio']}, "
+            f"eps_sec {block['epsilon_sec']}, eps_cor {block['epsilon_cor']}"
+        )
+        console.print(f"  transitions: {[(t['from'], t['to'], t['actor']) for t in prov['transitions']]}")
+
+    console.rule("[bold]8. qkms status")
+    report = pool_report(settings.database.url)
     for link in report.links:
         console.print(
             f"link {link.link_id} ({link.adapter}): {link.active_blocks} active blocks, {link.stored_bits} bits"

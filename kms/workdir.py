@@ -64,7 +64,17 @@ def default_link(kme_id: str, source: str) -> dict[str, Any]:
         "id": "link-local-1",
         "peer_kme_id": kme_id,
         "source": "simulated",
-        "options": {"preset": "gys", "distance_km": 25.0, "protocol": "decoy-bb84", "pacing": "fast"},
+        # GYS detectors (Gobby, Yuan, Shields 2004) behind a 1 GHz source, 25 km of fibre, 1 s blocks
+        # (the finite-key bound needs ~1e9 pulses per block), paced at the physical rate.
+        "options": {
+            "preset": "gys",
+            "distance_km": 25.0,
+            "protocol": "decoy-bb84",
+            "clock_rate_hz": 1e9,
+            "seconds_per_block": 1.0,
+            "pacing": "realtime",
+            "channel_auth": "ml-dsa-session",
+        },
     }
 
 

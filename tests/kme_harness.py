@@ -53,6 +53,7 @@ def running_kme(
     workers: int = 1,
     policy: dict[str, Any] | None = None,
     auditors: tuple[str, ...] = (),
+    link_options: dict[str, Any] | None = None,
 ) -> Iterator[RunningKme]:
     pool_cfg = {"max_pool_bits": 4 * 1024 * 1024, **(pool or {})}
     result = init_workdir(
@@ -66,6 +67,14 @@ def running_kme(
         policy=policy,
         auditor_ids=list(auditors),
     )
+    if link_options is not None:
+        import tomllib
+
+        import tomli_w
+
+        config = tomllib.loads(result.config_path.read_text())
+        config["links"][0]["options"].update(link_options)
+        result.config_path.write_text(tomli_w.dumps(config))
     settings = KmsSettings.load(result.config_path)
     proc = KmeProcess(result.config_path, settings.kme.port, workers=workers)
     proc.start()

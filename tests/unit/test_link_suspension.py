@@ -53,7 +53,7 @@ def test_alarm_suspends_and_fallback_takes_over(rt: Runtime) -> None:
     pending = svc.get_keys(_sae(rt, M), S, number=2)
     other = svc.get_keys(_sae(rt, M), T, number=1)
 
-    code = "qber_above_threshold"
+    code = "qber-over-threshold"
     assert filler.handle_alarm(
         LinkAlarm("link-local-1", "blk-9", "QBER 0.26 above 0.11", details={"code": code})
     )
@@ -93,7 +93,7 @@ def test_non_suspending_alarm_only_recorded(rt: Runtime) -> None:
             "link-local-1",
             "blk-1",
             "finite-key bound gives no key",
-            details={"code": "no_positive_key_length"},
+            details={"code": "no-positive-key-length"},
         )
     )
     assert len(rt.service.get_keys(_sae(rt, M), T)) == 1
@@ -104,7 +104,7 @@ def test_operator_resumes_the_link(rt: Runtime) -> None:
     filler.fill_once()
     pending = rt.service.get_keys(_sae(rt, M), S)
     filler.handle_alarm(
-        LinkAlarm("link-local-1", None, "verification failed", details={"code": "verification_failed"})
+        LinkAlarm("link-local-1", None, "verification failed", details={"code": "verification-failed"})
     )
     config = str(rt.settings.config_dir / "qkms.toml")
     res = subprocess.run(
