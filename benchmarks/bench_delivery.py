@@ -22,6 +22,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_delivery.py --backend both --duration 10
     .venv/bin/python benchmarks/bench_delivery.py --backend postgres --workers 2
+    .venv/bin/python benchmarks/bench_delivery.py --backend sqlite --policy hybrid
     .venv/bin/python benchmarks/bench_delivery.py --backend sqlite --profile
 """
 
@@ -303,8 +304,9 @@ class Bench:
         from tests.kme_harness import running_kme
         from tests.support.postgres import PostgresServer
 
-        workers = self.args.workers if backend == "postgres" else 1
+        workers = self.args.workers if backend == "postgres" else 1  # SQLite serves from one process
         names, pairs = self.saes()
+        policy = {"mode": self.args.policy, "pqc_fallback": False, "kem": "ML-KEM-768"}
         pool = {"max_pool_bits": self.args.pool_mbit * 1024 * 1024, "storage_block_bits": 65536}
         # Fill the pool completely, so the filler is idle when the run starts and afterwards only tops
         # up what the run consumes (the steady state of a KME fed faster than it serves).
@@ -322,11 +324,19 @@ class Bench:
             workdir = self.tmp / f"kme-{backend}"
             t0 = time.monotonic()
             kme = stack.enter_context(
-                running_kme(workdir, url, saes=tuple(names), pool=pool, fill_keys=fill_keys, workers=workers)
+                running_kme(
+                    workdir,
+                    url,
+                    saes=tuple(names),
+                    pool=pool,
+                    fill_keys=fill_keys,
+                    workers=workers,
+                    policy=policy,
+                )
             )
             assert kme.process.proc is not None
             print(
-                f"[{backend}] KME up (workers={workers}), pool pre-filled to {fill_keys:,} keys "
+                f"[{backend}] KME up (workers={workers}, policy {self.args.policy}, audit on), pool pre-filled to {fill_keys:,} keys "
                 f"in {time.monotonic() - t0:.1f}s",
                 flush=True,
             )
@@ -580,6 +590,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each scenario")
     parser.add_argument("--pairs", type=int, default=16, help="concurrent master/slave SAE pairs")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn processes (PostgreSQL only)")
+    parser.add_argument(
+        "--policy",
+        choices=["qkd", "hybrid"],
+        default="qkd",
+        help="key policy of every pair (audit is always on)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="run each scenario this many times")
     parser.add_argument("--pool-mbit", type=int, default=128, help="max_pool_bits in Mibit (pre-filled)")
     parser.add_argument("--profile", action="store_true", help="extra runs with py-spy on the KME")
@@ -595,8 +611,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.client_spec:
         client_main(args.client_spec)
         return 0
-    if args.backend == "sqlite" and args.workers != 1:
-        print("note: SQLite serves from one process; --workers applies to PostgreSQL only", flush=True)
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     print(
         f"bench_delivery: {args.pairs} pairs, {KEY_BITS}-bit keys, batch {BATCH}, warm-up {args.warmup:g}s, "
