@@ -174,10 +174,11 @@ def count_available_keys(conn: Connection, target_kme_id: str, key_size: int) ->
 def _candidate_block(raw: Raw, target_kme_id: str, size_bits: int, skip_locked: bool) -> Any:
     return raw.one(
         "SELECT b.id, b.link_id, b.source_block_id, b.source_offset_bits, b.bit_length, b.next_bit, b.material"
-        " FROM key_blocks b JOIN links l ON l.id = b.link_id"
-        " WHERE l.peer_kme_id = ? AND l.state = 'active' AND b.state = 'active' AND b.bit_length - b.next_bit >= ?"
+        " FROM key_blocks b"
+        " WHERE b.state = 'active' AND b.bit_length - b.next_bit >= ?"
+        " AND b.link_id IN (SELECT l.id FROM links l WHERE l.peer_kme_id = ? AND l.state = 'active')"
         " ORDER BY b.id LIMIT 1" + raw.for_update(of="b", skip_locked=skip_locked),
-        (target_kme_id, size_bits),
+        (size_bits, target_kme_id),
     )
 
 

@@ -78,8 +78,7 @@ class KeyBlockRow(Base):
         UniqueConstraint("link_id", "source_block_id", "source_offset_bits", name="uq_key_blocks_source"),
         Index("ix_key_blocks_pool", "link_id", "state", "id"),
         Index(
-            "ix_key_blocks_active",
-            "link_id",
+            "ix_key_blocks_active_id",
             "id",
             postgresql_where=text("state = 'active'"),
             sqlite_where=text("state = 'active'"),
