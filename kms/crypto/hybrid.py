@@ -15,6 +15,7 @@ label differs, so a fallback key can never collide with a hybrid one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -48,11 +49,17 @@ class HybridContext:
             self.slave_kme_id.encode(),
             self.master_sae_id.encode(),
             self.slave_sae_id.encode(),
-            hashlib.sha384(self.kem_public_key).digest(),
-            hashlib.sha384(self.kem_ciphertext).digest(),
+            _sha384(self.kem_public_key),
+            _sha384(self.kem_ciphertext),
             (length_bytes * 8).to_bytes(4, "big"),
         ]
         return b"".join(lp(f) for f in fields)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha384(data: bytes) -> bytes:
+    """Every key of a request shares one public key and ciphertext: hash each once."""
+    return hashlib.sha384(data).digest()
 
 
 def lp(field: bytes) -> bytes:
