@@ -74,3 +74,65 @@ def test_config_errors_are_readable(tmp_path: Path) -> None:
 def test_serve_with_bad_config_exits_cleanly(tmp_path: Path) -> None:
     res = qkms("serve", "--config", str(tmp_path / "nope.toml"))
     assert res.returncode == 2 and "not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_sim_run_summarises_an_honest_and_an_attacked_link() -> None:
+    env_cols = {"COLUMNS": "200"}
+    import os
+
+    honest = subprocess.run(
+        [sys.executable, "-m", "kms", "sim", "run", "--seconds", "1", "--seed", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env_cols},
+    )
+    assert honest.returncode == 0, honest.stderr
+    assert "blocks (aborted)" in honest.stdout and "1 (0)" in honest.stdout
+    final = next(line for line in honest.stdout.splitlines() if "final secret key bits" in line)
+    assert int(final.split("│")[2].strip().replace(",", "")) > 50_000
+    attacked = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kms",
+            "sim",
+            "run",
+            "--seconds",
+            "1",
+            "--seed",
+            "3",
+            "--attack",
+            "intercept-resend:1.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env_cols},
+    )
+    assert (
+        attacked.returncode == 0 and "1 (1)" in attacked.stdout and "qber-over-threshold" in attacked.stdout
+    )
+
+
+def test_sim_keyrate_writes_a_png(tmp_path: Path) -> None:
+    out = tmp_path / "rate.png"
+    res = qkms(
+        "sim",
+        "keyrate",
+        "--out",
+        str(out),
+        "--mc-distances",
+        "0,50",
+        "--repeats",
+        "1",
+        "--mc-pulses",
+        "10000000",
+    )
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_sim_run_rejects_bad_options() -> None:
+    res = qkms("sim", "run", "--protocol", "nonsense", "--seconds", "1")
+    assert res.returncode == 2 and "protocol" in (res.stderr + res.stdout)
