@@ -7,9 +7,10 @@ while the server is down — for example to verify or export the audit trail aft
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -189,17 +190,38 @@ def keys_rotate(
     rt = _runtime(config)
     try:
         version = rt.identity.rotate(purpose)
-        _audit(rt, "operator", "identity.rotated", purpose, {"version": version})
     finally:
         rt.close()
     console.print(f"{purpose} key is now version {version}")
 
 
-def _audit(rt, actor: str, action: str, subject: str, data: dict[str, object]) -> None:  # type: ignore[no-untyped-def]
+def _link_transition(
+    config: Path,
+    link_id: str,
+    required: str,
+    action: str,
+    data: dict[str, object],
+    change: Callable[..., Any],
+) -> Any:
+    """Check the link's state, apply ``change`` and audit it, all in one transaction."""
     from kms.storage import audit_repository
+    from kms.storage import link_repository as links
+    from kms.storage.pool_repository import EventBatch
 
-    with rt.db.write() as conn:
-        audit_repository.append(conn, datetime.now(UTC), [(actor, action, subject, data)])
+    rt = _runtime(config)
+    try:
+        events = EventBatch(datetime.now(UTC))
+        with rt.db.write() as conn:
+            if links.link_state(conn, link_id) != required:
+                err.print(f"[red]error:[/red] link {link_id} is not {required} on this KME")
+                raise typer.Exit(1)
+            result = change(conn, events)
+            events.flush(conn)
+            record = {**data, "blocks": result.blocks, "keys": result.keys}
+            audit_repository.append(conn, events.at, [("operator", action, link_id, record)])
+    finally:
+        rt.close()
+    return result
 
 
 @link_app.command("suspend")
@@ -210,26 +232,15 @@ def link_suspend(
 ) -> None:
     """Suspend a link: its blocks and the reserved keys cut from them are no longer served."""
     from kms.storage import link_repository as links
-    from kms.storage.pool_repository import EventBatch
 
-    rt = _runtime(config)
-    try:
-        events = EventBatch(datetime.now(UTC))
-        with rt.db.write() as conn:
-            if links.link_state(conn, link_id) != "active":
-                err.print(f"[red]error:[/red] link {link_id} is not an active link of this KME")
-                raise typer.Exit(1)
-            change = links.suspend_link(conn, link_id, "operator", reason, events)
-            events.flush(conn)
-        _audit(
-            rt,
-            "operator",
-            "link.suspended",
-            link_id,
-            {"reason": reason, "blocks": change.blocks, "keys": change.keys},
-        )
-    finally:
-        rt.close()
+    change = _link_transition(
+        config,
+        link_id,
+        "active",
+        "link.suspended",
+        {"reason": reason},
+        lambda conn, events: links.suspend_link(conn, link_id, "operator", reason, events),
+    )
     console.print(f"link {link_id} suspended: {change.blocks} blocks, {change.keys} reserved keys")
 
 
@@ -244,26 +255,14 @@ def link_resume(
 ) -> None:
     """Resume a suspended link (after investigating its alarm)."""
     from kms.storage import link_repository as links
-    from kms.storage.pool_repository import EventBatch
 
-    rt = _runtime(config)
-    try:
-        events = EventBatch(datetime.now(UTC))
-        with rt.db.write() as conn:
-            if links.link_state(conn, link_id) != "suspended":
-                err.print(f"[red]error:[/red] link {link_id} is not suspended")
-                raise typer.Exit(1)
-            change = links.resume_link(conn, link_id, "operator", reason, events, discard)
-            events.flush(conn)
-        _audit(
-            rt,
-            "operator",
-            "link.resumed",
-            link_id,
-            {"reason": reason, "discard": discard, "blocks": change.blocks, "keys": change.keys},
-        )
-    finally:
-        rt.close()
-    console.print(
-        f"link {link_id} resumed ({'discarded' if discard else 'kept'} {change.blocks} blocks, {change.keys} keys)"
+    change = _link_transition(
+        config,
+        link_id,
+        "suspended",
+        "link.resumed",
+        {"reason": reason, "discard": discard},
+        lambda conn, events: links.resume_link(conn, link_id, "operator", reason, events, discard),
     )
+    verb = "discarded" if discard else "kept"
+    console.print(f"link {link_id} resumed ({verb} {change.blocks} blocks, {change.keys} keys)")

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, func, insert, select, update
 
 from kms.crypto.envelope import Envelope
 from kms.crypto.pqc.base import KemAlgorithm, KemProvider, SignatureAlgorithm, SignatureProvider
+from kms.storage import audit_repository
 from kms.storage.database import Database
 from kms.storage.schema import kme_keys
 
@@ -79,17 +80,20 @@ class KmeIdentity:
                 if self._active_row(conn, purpose) is None:
                     self._create(conn, purpose)
 
-    def rotate(self, purpose: str) -> int:
-        """Make a new active version of ``purpose`` ('sign' or 'kem'); the old one is retired."""
+    def rotate(self, purpose: str, actor: str = "operator") -> int:
+        """Make a new active version of ``purpose`` ('sign' or 'kem'); the old one is retired.
+        The rotation is audited in the same transaction."""
         if purpose not in (SIGN, KEM):
             raise ValueError("purpose must be 'sign' or 'kem'")
+        now = datetime.now(UTC)
         with self.db.write() as conn:
             conn.execute(
                 update(kme_keys)
                 .where(kme_keys.c.purpose == purpose, kme_keys.c.state == "active")
-                .values(state="retired", retired_at=datetime.now(UTC))
+                .values(state="retired", retired_at=now)
             )
             version = self._create(conn, purpose)
+            audit_repository.append(conn, now, [(actor, "identity.rotated", purpose, {"version": version})])
         with self._lock:
             self._active.pop(purpose, None)
         return version

@@ -122,4 +122,4 @@ def test_operator_resumes_the_link(rt: Runtime) -> None:
         text=True,
         timeout=60,
     )
-    assert again.returncode == 1 and "not suspended" in again.stderr
+    assert again.returncode == 1 and "is not suspended" in again.stderr
