@@ -195,6 +195,27 @@ def keys_rotate(
     console.print(f"{purpose} key is now version {version}")
 
 
+@keys_app.command("destroy")
+def keys_destroy(
+    config: ConfigOpt,
+    purpose: Annotated[str, typer.Option(help="'sign' or 'kem'.")],
+    version: Annotated[int, typer.Option(help="A retired version.")],
+) -> None:
+    """Zeroise a retired key's private seed (its public key stays, so old signatures still verify).
+
+    For a KEM key, do this once no key encapsulated to that version can still be fetched."""
+    if purpose not in ("sign", "kem"):
+        raise typer.BadParameter("--purpose must be 'sign' or 'kem'")
+    rt = _runtime(config)
+    try:
+        if not rt.identity.destroy_retired(purpose, version):
+            err.print(f"[red]error:[/red] {purpose} key version {version} is not a retired key")
+            raise typer.Exit(1)
+    finally:
+        rt.close()
+    console.print(f"{purpose} key version {version}: private seed destroyed")
+
+
 def _link_transition(
     config: Path,
     link_id: str,

@@ -220,10 +220,12 @@ class KmeIdentity:
         info = self.public_key(KEM, version)
         return self.kem.decapsulate(KemAlgorithm(info.algorithm), self._seed(KEM, version), ciphertext)
 
-    def destroy_retired(self, purpose: str, version: int) -> None:
-        """Zeroise a retired key's sealed seed; its public key stays for verification."""
+    def destroy_retired(self, purpose: str, version: int, actor: str = "operator") -> bool:
+        """Zeroise a retired key's sealed seed (audited); its public key stays for verification.
+        Returns False if that version is not retired."""
+        now = datetime.now(UTC)
         with self.db.write() as conn:
-            conn.execute(
+            done = conn.execute(
                 update(kme_keys)
                 .where(
                     kme_keys.c.purpose == purpose,
@@ -231,6 +233,12 @@ class KmeIdentity:
                     kme_keys.c.state == "retired",
                 )
                 .values(sealed_seed=None, state="destroyed")
-            )
+            ).rowcount
+            if done:
+                audit_repository.append(
+                    conn, now, [(actor, "identity.destroyed", purpose, {"version": version})]
+                )
         with self._lock:
             self._seeds.pop((purpose, version), None)
+            self._public.pop((purpose, version), None)
+        return bool(done)

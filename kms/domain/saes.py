@@ -43,9 +43,6 @@ class SaeRegistry:
     def by_fingerprint(self, fingerprint: str) -> SaeInfo | None:
         return self._by_fp.get(fingerprint)
 
-    def all(self) -> list[SaeInfo]:
-        return list(self._by_id.values())
-
     def stale(self, min_interval: float = 5.0) -> bool:
         """True when a reload is allowed (rate-limited so unknown callers cannot hammer the database)."""
         now = time.monotonic()

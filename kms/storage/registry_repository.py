@@ -50,12 +50,3 @@ def upsert_link(
     else:
         stmt = sqlite.insert(links).values(id=link_id, state="active", created_at=now, **values)
     conn.execute(stmt.on_conflict_do_update(index_elements=[links.c.id], set_=values))
-
-
-def load_links(conn: Connection) -> list[dict[str, Any]]:
-    return [
-        dict(r._mapping)
-        for r in conn.execute(
-            select(links.c.id, links.c.peer_kme_id, links.c.adapter, links.c.state, links.c.description)
-        )
-    ]

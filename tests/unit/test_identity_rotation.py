@@ -58,3 +58,51 @@ def test_rotation_keeps_old_checkpoints_verifiable(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 2
+    destroy = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kms",
+            "keys",
+            "destroy",
+            "--purpose",
+            "sign",
+            "--version",
+            "1",
+            "--config",
+            str(res.config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert destroy.returncode == 0, destroy.stderr
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kms",
+            "keys",
+            "destroy",
+            "--purpose",
+            "sign",
+            "--version",
+            "2",
+            "--config",
+            str(res.config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 1 and "not a retired key" in again.stderr
+    rt = build_runtime(KmsSettings.load(res.config_path), sync_registry=False)
+    try:
+        assert (
+            AuditService(rt.db, rt.identity, "KME-R").verify().ok
+        )  # version 1 still verifies its checkpoint
+        assert {(k.purpose, k.version): k.state for k in rt.identity.public_keys()}[
+            ("sign", 1)
+        ] == "destroyed"
+    finally:
+        rt.close()
