@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -70,6 +71,7 @@ class KmeIdentity:
         self._seeds: dict[tuple[str, int], bytes] = {}
         self._public: dict[tuple[str, int], PublicKeyInfo] = {}
         self._active: dict[str, tuple[float, PublicKeyInfo]] = {}
+        self._decapsulators: dict[int, Callable[[bytes], bytes]] = {}
         self._lock = threading.Lock()
 
     # -- creation and rotation ----------------------------------------------------------------
@@ -217,8 +219,15 @@ class KmeIdentity:
         )
 
     def decapsulate(self, version: int, ciphertext: bytes) -> bytes:
-        info = self.public_key(KEM, version)
-        return self.kem.decapsulate(KemAlgorithm(info.algorithm), self._seed(KEM, version), ciphertext)
+        """Decapsulate with this KME's KEM key ``version``, expanded once and kept like its seed."""
+        with self._lock:
+            bound = self._decapsulators.get(version)
+        if bound is None:
+            info = self.public_key(KEM, version)
+            bound = self.kem.decapsulator(KemAlgorithm(info.algorithm), self._seed(KEM, version))
+            with self._lock:
+                self._decapsulators[version] = bound
+        return bound(ciphertext)
 
     def destroy_retired(self, purpose: str, version: int, actor: str = "operator") -> bool:
         """Zeroise a retired key's sealed seed (audited); its public key stays for verification.
@@ -241,4 +250,6 @@ class KmeIdentity:
         with self._lock:
             self._seeds.pop((purpose, version), None)
             self._public.pop((purpose, version), None)
+            if purpose == KEM:
+                self._decapsulators.pop(version, None)
         return bool(done)

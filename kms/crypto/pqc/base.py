@@ -11,6 +11,7 @@ names lengths, never contents.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -194,6 +195,11 @@ class KemProvider(Protocol):
     def decapsulate(self, alg: KemAlgorithm, private_seed: bytes, ciphertext: bytes) -> bytes:
         """The shared secret; a tampered ciphertext of the right length yields the implicit-rejection
         secret (never an error), a wrong-length one raises InvalidCiphertextError."""
+        ...
+
+    def decapsulator(self, alg: KemAlgorithm, private_seed: bytes) -> Callable[[bytes], bytes]:
+        """``decapsulate`` bound to one long-lived key, expanded once: a KME's own ML-KEM key serves
+        every hybrid request, and re-expanding its seed is most of a decapsulation's cost."""
         ...
 
 

@@ -33,7 +33,7 @@ import platform
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -238,6 +238,11 @@ class LiboqsKemProvider(_LiboqsBase):
                     f"{alg} public key fails the FIPS 203 encapsulation key check"
                 ) from None
         return bytes(ciphertext), bytes(shared_secret)
+
+    def decapsulator(self, alg: KemAlgorithm, private_seed: bytes) -> Callable[[bytes], bytes]:
+        """liboqs has no key object to keep: each call decapsulates from the seed."""
+        seed = bytes(private_seed)
+        return lambda ciphertext: self.decapsulate(alg, seed, ciphertext)
 
     def decapsulate(self, alg: KemAlgorithm, private_seed: bytes, ciphertext: bytes) -> bytes:
         alg = kem_algorithm(alg)

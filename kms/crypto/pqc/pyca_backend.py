@@ -7,6 +7,7 @@ private-key operation, so no expanded secret key outlives the call that needed i
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Final
 
 import cryptography
@@ -120,6 +121,20 @@ class PycaKemProvider:
             return private.decapsulate(bytes(ciphertext))
         except ValueError:
             raise InvalidCiphertextError(f"{alg} ciphertext rejected") from None
+
+    def decapsulator(self, alg: KemAlgorithm, private_seed: bytes) -> Callable[[bytes], bytes]:
+        alg = kem_algorithm(alg)
+        private = self._private(alg, private_seed)
+        size = KEM_SIZES[alg].ciphertext
+
+        def decapsulate(ciphertext: bytes) -> bytes:
+            check_length(f"{alg} ciphertext", ciphertext, size, InvalidCiphertextError)
+            try:
+                return private.decapsulate(bytes(ciphertext))
+            except ValueError:
+                raise InvalidCiphertextError(f"{alg} ciphertext rejected") from None
+
+        return decapsulate
 
 
 class PycaSignatureProvider:
