@@ -30,6 +30,8 @@ class TlsSection(BaseModel):
 class DatabaseSection(BaseModel):
     url: str = "sqlite:///qkms.db"
     pool_size: int = Field(default=10, ge=1)
+    # PostgreSQL: requests run their transactions in at most this many threads per process.
+    max_concurrency: int = Field(default=4, ge=1)
 
 
 class Pkcs11KekSection(BaseModel):

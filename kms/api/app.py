@@ -67,10 +67,13 @@ def create_app(
     service = runtime.service
     inline = runtime.db.is_sqlite
 
+    # A few database threads overlap PostgreSQL round trips; more only contend for the GIL.
+    limiter = anyio.CapacityLimiter(runtime.settings.database.max_concurrency)
+
     async def run(fn: Callable[..., T], *args: Any) -> T:
         if inline:
             return fn(*args)
-        return await anyio.to_thread.run_sync(fn, *args)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
     @app.get(
         "/api/v1/keys/{slave_SAE_ID}/status",

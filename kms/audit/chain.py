@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GENESIS = bytes(48)
-_RECORD_LABEL = b"QKMS audit record v1"
+RECORD_LABEL = b"QKMS audit record v1"
 CHECKPOINT_CONTEXT = b"qkms-audit-checkpoint-v1"
 
 
@@ -67,7 +67,7 @@ class AuditRecord:
 
 def record_hash(body: Mapping[str, Any], prev_hash: bytes) -> bytes:
     encoded = canonical_json(dict(body))
-    return hashlib.sha384(_RECORD_LABEL + len(encoded).to_bytes(4, "big") + encoded + prev_hash).digest()
+    return hashlib.sha384(RECORD_LABEL + len(encoded).to_bytes(4, "big") + encoded + prev_hash).digest()
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """SQL for the audit trail: chained appends, reads, checkpoints.
 
-An append locks the single ``audit_head`` row (``FOR UPDATE``), so records chain in commit order
-even with several API processes on PostgreSQL. Callers append as the *last* step of their
-transaction, which keeps that lock for the few statements before COMMIT only. The append is part of
+On PostgreSQL an append locks the single ``audit_head`` row (``FOR UPDATE``), so records chain in
+commit order even with several API processes; it does so in one statement, as the *last* step of the
+caller's transaction, so the lock is held for one round trip and the COMMIT. On SQLite the write
+transaction is already exclusive. The append is part of
 the request's transaction: if it fails, the request fails (fail closed).
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
 
-from kms.audit.chain import AuditRecord, Checkpoint, canonical_json, record_hash
+from kms.audit.chain import RECORD_LABEL, AuditRecord, Checkpoint, canonical_json, record_hash
 from kms.storage.rawsql import Raw
 from kms.storage.schema import audit_checkpoints, audit_head, audit_records
 
@@ -23,9 +24,14 @@ from kms.storage.schema import audit_checkpoints, audit_head, audit_records
 def append(conn: Connection, at: datetime, entries: Sequence[tuple[str, str, str, Mapping[str, Any]]]) -> int:
     """Append (actor, action, subject, data) entries in order; returns the new head seq."""
     raw = Raw(conn)
-    seq, prev = raw.one("SELECT seq, hash FROM audit_head WHERE id = 1" + raw.for_update())
-    seq = int(seq)
     stamp = at.isoformat(timespec="microseconds")
+    if raw.pg:
+        seq = 0
+        for actor, action, subject, data in entries:
+            seq = _append_pg(raw, stamp, actor, action, subject, data)
+        return seq
+    seq, prev = raw.one("SELECT seq, hash FROM audit_head WHERE id = 1")
+    seq = int(seq)
     rows = []
     for actor, action, subject, data in entries:
         seq += 1
@@ -48,6 +54,44 @@ def append(conn: Connection, at: datetime, entries: Sequence[tuple[str, str, str
         )
         raw.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
     return seq
+
+
+_SEQ_MARK = -7_340_033  # a seq value that cannot occur, used to split the canonical body around seq
+
+# PostgreSQL: lock the head, hash, insert and advance in ONE statement, so the head row — which
+# every request locks — is held for a single round trip plus COMMIT, not four. The hash is the
+# same as ``record_hash``: the canonical body is ``prefix || seq || suffix`` (keys are sorted, and
+# only seq is unknown before the lock).
+_APPEND_PG = (
+    "WITH head AS (SELECT seq + 1 AS seq, hash AS prev FROM audit_head WHERE id = 1 FOR UPDATE),"
+    " body AS (SELECT seq, prev, ?::bytea || convert_to(seq::text, 'UTF8') || ?::bytea AS enc FROM head),"
+    " rec AS (SELECT seq, prev,"
+    " encode(sha384(?::bytea || int4send(octet_length(enc)) || enc || decode(prev, 'hex')), 'hex') AS hash"
+    " FROM body),"
+    " ins AS (INSERT INTO audit_records (seq, at, actor, action, subject, data, prev_hash, hash)"
+    " SELECT seq, ?, ?, ?, ?, ?, prev, hash FROM rec RETURNING seq, hash)"
+    " UPDATE audit_head SET seq = ins.seq, hash = ins.hash FROM ins WHERE audit_head.id = 1 RETURNING ins.seq"
+)
+
+
+def _append_pg(raw: Raw, stamp: str, actor: str, action: str, subject: str, data: Mapping[str, Any]) -> int:
+    body = {
+        "seq": _SEQ_MARK,
+        "at": stamp,
+        "actor": actor,
+        "action": action,
+        "subject": subject,
+        "data": dict(data),
+    }
+    # The top-level "seq" member is the last one (keys sorted; string contents have quotes escaped).
+    marker = b'"seq":' + str(_SEQ_MARK).encode()
+    prefix, suffix = canonical_json(body).rsplit(marker, 1)
+    prefix += b'"seq":'
+    row = raw.one(
+        _APPEND_PG,
+        (prefix, suffix, RECORD_LABEL, stamp, actor, action, subject, canonical_json(dict(data)).decode()),
+    )
+    return int(row[0])
 
 
 def _record(row: Any) -> AuditRecord:

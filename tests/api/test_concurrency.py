@@ -11,6 +11,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, select
 
+from kms.audit.service import AuditService
+from kms.runtime import build_runtime
 from kms.storage.schema import keys as keys_table
 from tests.conftest import database_url
 from tests.kme_harness import running_kme
@@ -73,6 +75,18 @@ def test_32_concurrent_masters(backend: str, tmp_path: Path, request: pytest.Fix
             assert {k["key_ID"]: k["key"] for k in resp.json()["keys"]} == expected
             again = slave_client.post(f"/api/v1/keys/{master}/dec_keys", json=body)
             assert again.status_code == 400
+
+        # The audit trail stayed one unbroken chain under concurrent appends.
+        rt = build_runtime(kme.settings, sync_registry=False)
+        try:
+            audit = AuditService(rt.db, rt.identity, "KME-T")
+            report = audit.verify()
+            records = audit.events(limit=100_000)["records"]
+        finally:
+            rt.close()
+        assert report.ok, report.problems
+        reserved = [k for r in records if r["action"] == "keys.reserved" for k in r["data"]["key_IDs"]]
+        assert sorted(reserved) == sorted(ids)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
