@@ -22,7 +22,7 @@ import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
 from qkd_adapters.sim.params import LinkParameters
-from qkd_adapters.sim.physics.bb84 import N_BASES, N_INTENSITIES, class_model
+from qkd_adapters.sim.physics.bb84 import class_model
 from qkd_adapters.sim.physics.counts import DecoyCounts, Z
 from qkd_adapters.sim.physics.detector import click_patterns
 from qkd_adapters.sim.physics.eve import Eavesdropper, honest_branches
@@ -204,17 +204,8 @@ def expected_counts(params: LinkParameters, n_pulses: float, eve: Eavesdropper |
     det = sent * model.detect_prob
     pat = model.patterns.sum(axis=1)
     err = sent * (pat[:, 2] + 0.5 * pat[:, 3])
-    shape = (N_INTENSITIES, N_BASES, N_BASES)
-    s, d, e = sent.reshape(shape), det.reshape(shape), err.reshape(shape)
-    diag = np.arange(N_BASES)
-    return DecoyCounts(
-        intensities=params.intensities,
-        probabilities=params.intensity_probabilities,
-        p_z=params.p_z,
-        sent=s.sum(axis=2),
-        detected=d[:, diag, diag],
-        errors=e[:, diag, diag],
-        detected_all=d.sum(axis=(1, 2)),
+    return DecoyCounts.from_classes(
+        params.intensities, params.intensity_probabilities, params.p_z, sent, det, err
     )
 
 

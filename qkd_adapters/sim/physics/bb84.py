@@ -238,18 +238,13 @@ def _aggregate(
     det_c: npt.NDArray[np.int64],
     err_c: npt.NDArray[np.int64],
 ) -> DecoyCounts:
-    s = np.asarray(sent_c, dtype=np.int64).reshape(N_INTENSITIES, N_BASES, N_BASES)
-    d = np.asarray(det_c, dtype=np.int64).reshape(N_INTENSITIES, N_BASES, N_BASES)
-    e = np.asarray(err_c, dtype=np.int64).reshape(N_INTENSITIES, N_BASES, N_BASES)
-    diag = np.arange(N_BASES)
-    return DecoyCounts(
-        intensities=params.intensities,
-        probabilities=params.intensity_probabilities,
-        p_z=params.p_z,
-        sent=s.sum(axis=2),
-        detected=d[:, diag, diag],
-        errors=e[:, diag, diag],
-        detected_all=d.sum(axis=(1, 2)),
+    return DecoyCounts.from_classes(
+        params.intensities,
+        params.intensity_probabilities,
+        params.p_z,
+        np.asarray(sent_c, dtype=np.int64),
+        np.asarray(det_c, dtype=np.int64),
+        np.asarray(err_c, dtype=np.int64),
     )
 
 

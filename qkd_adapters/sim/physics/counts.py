@@ -31,6 +31,32 @@ class DecoyCounts:
     errors: npt.NDArray[Any]
     detected_all: npt.NDArray[Any]
 
+    @classmethod
+    def from_classes(
+        cls,
+        intensities: tuple[float, float, float],
+        probabilities: tuple[float, float, float],
+        p_z: float,
+        sent: npt.NDArray[Any],
+        detected: npt.NDArray[Any],
+        errors: npt.NDArray[Any],
+    ) -> DecoyCounts:
+        """Fold per-class arrays (intensity x Alice basis x Bob basis, flattened) into per-(intensity,
+        basis) counts: matching bases only for detections and errors. Keeps the arrays' dtype, so
+        simulated integer counts and analytic expectations share one definition."""
+        shape = (len(intensities), 2, 2)
+        s, d, e = (np.asarray(a).reshape(shape) for a in (sent, detected, errors))
+        diag = np.arange(2)
+        return cls(
+            intensities=intensities,
+            probabilities=probabilities,
+            p_z=p_z,
+            sent=s.sum(axis=2),
+            detected=d[:, diag, diag],
+            errors=e[:, diag, diag],
+            detected_all=d.sum(axis=(1, 2)),
+        )
+
     @property
     def n_z(self) -> float:
         """Sifted Z-basis detections over all intensities."""
