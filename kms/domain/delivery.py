@@ -160,7 +160,7 @@ class KeyDeliveryService:
                 policy=policy_name,
                 suite=suite,
                 kem_exchange_id=exchange.exchange_id if exchange else None,
-                events=events,
+                at=events.at,
             )
             events.flush(conn)
             delivered = [
@@ -321,15 +321,14 @@ class KeyDeliveryService:
         normalised = [_canonical_uuid(k) for k in key_ids]
         if len(set(normalised)) != len(normalised):
             raise InvalidRequest("key_IDs contains the same key_ID twice")
-        events = pool.EventBatch(datetime.now(UTC))
         try:
-            return self._serve(slave, master_sae_id, normalised, events)
+            return self._serve(slave, master_sae_id, normalised, datetime.now(UTC))
         except NotEntitled:
             self._audit_denied(slave, master_sae_id, normalised)
             raise
 
     def _serve(
-        self, slave: SaeInfo, master_sae_id: str, key_ids: list[str], events: pool.EventBatch
+        self, slave: SaeInfo, master_sae_id: str, key_ids: list[str], now: datetime
     ) -> list[DeliveredKey]:
         with self.db.write() as conn:
             stored = pool.load_keys_for_update(conn, key_ids)
@@ -338,7 +337,7 @@ class KeyDeliveryService:
                 raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, [{"key_ID": k} for k in missing])
             if any(slave.sae_id not in stored[k].recipients for k in key_ids):
                 raise NotEntitled("the requesting SAE is not a slave of one or more of the requested keys")
-            reasons = {k: _why_unavailable(stored[k], slave.sae_id, events.at) for k in key_ids}
+            reasons = {k: _why_unavailable(stored[k], slave.sae_id, now) for k in key_ids}
             gone = [{"key_ID": k, "reason": r} for k, r in reasons.items() if r]
             if gone:
                 raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, gone)
@@ -346,10 +345,10 @@ class KeyDeliveryService:
             exchanges = pool.load_exchanges(conn, exchange_ids)
             secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
             delivered = [self._recover(stored[k], exchanges, secrets) for k in key_ids]
-            consumed = pool.mark_served(conn, (stored[k] for k in key_ids), slave.sae_id, events.at)
+            consumed = pool.mark_served(conn, (stored[k] for k in key_ids), slave.sae_id, now)
             audit.append(
                 conn,
-                events.at,
+                now,
                 [
                     (
                         f"sae:{slave.sae_id}",

@@ -262,7 +262,7 @@ def insert_reserved_keys(
     policy: str,
     suite: str | None,
     kem_exchange_id: int | None,
-    events: EventBatch,
+    at: datetime,
 ) -> None:
     """Record freshly cut keys as ``reserved`` for their slaves; QKD material is sealed per key.
 
@@ -270,8 +270,8 @@ def insert_reserved_keys(
     request's audit record, not as one event row per key: this is the hot path.
     """
     raw = Raw(conn)
-    now = raw.ts(events.at)
-    expires = raw.ts(events.at + ttl)
+    now = raw.ts(at)
+    expires = raw.ts(at + ttl)
     seal, kek_id = envelope.seal, envelope.kek_id
     slave, additional = slave_sae_ids[0], list(slave_sae_ids[1:])
     multicast = bool(additional)

@@ -71,7 +71,7 @@ def _reserve(db: Database, env: Envelope, number: int, size: int) -> list[pool.C
                 policy="qkd",
                 suite=None,
                 kem_exchange_id=None,
-                events=events,
+                at=events.at,
             )
             events.flush(conn)
     except _Short:
