@@ -6,6 +6,7 @@ cut from them become ``suspended``, so nothing derived from a suspended block is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, select, update
@@ -26,13 +27,16 @@ def link_state(conn: Connection, link_id: str) -> str | None:
     return conn.execute(select(links.c.state).where(links.c.id == link_id)).scalar_one_or_none()
 
 
-def _block_subject(row: object) -> str:
-    return f"{row.link_id}/{row.source_block_id}@{row.source_offset_bits}"  # type: ignore[attr-defined]
-
-
-def suspend_link(conn: Connection, link_id: str, actor: str, reason: str, events: EventBatch) -> LinkChange:
-    conn.execute(update(links).where(links.c.id == link_id).values(state="suspended", updated_at=events.at))
-    events.add("link", link_id, KeyState.ACTIVE, KeyState.SUSPENDED, actor, reason[:500])
+def _move_blocks(
+    conn: Connection,
+    link_id: str,
+    current: Sequence[KeyState],
+    target: KeyState,
+    actor: str,
+    reason: str,
+    events: EventBatch,
+) -> int:
+    """Lock the link's blocks in ``current`` states and move them to ``target`` (zeroised if destroyed)."""
     blocks = conn.execute(
         select(
             key_blocks.c.id,
@@ -41,35 +45,59 @@ def suspend_link(conn: Connection, link_id: str, actor: str, reason: str, events
             key_blocks.c.source_offset_bits,
             key_blocks.c.state,
         )
-        .where(
-            key_blocks.c.link_id == link_id,
-            key_blocks.c.state.in_([KeyState.ACTIVE.value, KeyState.PRE_ACTIVE.value]),
-        )
+        .where(key_blocks.c.link_id == link_id, key_blocks.c.state.in_([s.value for s in current]))
         .with_for_update()
     ).all()
     for b in blocks:
-        events.add("block", _block_subject(b), KeyState(b.state), KeyState.SUSPENDED, actor, "link suspended")
+        subject = f"{b.link_id}/{b.source_block_id}@{b.source_offset_bits}"
+        events.add("block", subject, KeyState(b.state), target, actor, reason[:500])
     if blocks:
-        conn.execute(
-            update(key_blocks)
-            .where(key_blocks.c.id.in_([b.id for b in blocks]))
-            .values(state=KeyState.SUSPENDED.value)
-        )
-    all_block_ids = select(key_blocks.c.id).where(key_blocks.c.link_id == link_id)
-    reserved = (
+        values: dict[str, object] = {"state": target.value}
+        if target is KeyState.DESTROYED:
+            values["material"] = None
+        conn.execute(update(key_blocks).where(key_blocks.c.id.in_([b.id for b in blocks])).values(**values))
+    return len(blocks)
+
+
+def _move_keys(
+    conn: Connection,
+    link_id: str,
+    current: KeyState,
+    target: KeyState,
+    actor: str,
+    reason: str,
+    events: EventBatch,
+) -> int:
+    """Lock the keys cut from the link's blocks that are in ``current`` and move them to ``target``."""
+    key_ids = (
         conn.execute(
             select(keys.c.key_id)
-            .where(keys.c.block_id.in_(all_block_ids), keys.c.state == KeyState.RESERVED.value)
+            .where(
+                keys.c.block_id.in_(select(key_blocks.c.id).where(key_blocks.c.link_id == link_id)),
+                keys.c.state == current.value,
+            )
             .with_for_update()
         )
         .scalars()
         .all()
     )
-    for key_id in reserved:
-        events.add("key", key_id, KeyState.RESERVED, KeyState.SUSPENDED, actor, "link suspended")
-    if reserved:
-        conn.execute(update(keys).where(keys.c.key_id.in_(reserved)).values(state=KeyState.SUSPENDED.value))
-    return LinkChange(link_id, len(blocks), len(reserved))
+    for key_id in key_ids:
+        events.add("key", key_id, current, target, actor, reason[:500])
+    if key_ids:
+        values: dict[str, object] = {"state": target.value}
+        if target is KeyState.DESTROYED:
+            values.update(material=None, closed_at=events.at)
+        conn.execute(update(keys).where(keys.c.key_id.in_(key_ids)).values(**values))
+    return len(key_ids)
+
+
+def suspend_link(conn: Connection, link_id: str, actor: str, reason: str, events: EventBatch) -> LinkChange:
+    conn.execute(update(links).where(links.c.id == link_id).values(state="suspended", updated_at=events.at))
+    events.add("link", link_id, KeyState.ACTIVE, KeyState.SUSPENDED, actor, reason[:500])
+    live = (KeyState.ACTIVE, KeyState.PRE_ACTIVE)
+    blocks = _move_blocks(conn, link_id, live, KeyState.SUSPENDED, actor, "link suspended", events)
+    n_keys = _move_keys(conn, link_id, KeyState.RESERVED, KeyState.SUSPENDED, actor, "link suspended", events)
+    return LinkChange(link_id, blocks, n_keys)
 
 
 def resume_link(
@@ -79,41 +107,7 @@ def resume_link(
     conn.execute(update(links).where(links.c.id == link_id).values(state="active", updated_at=events.at))
     events.add("link", link_id, KeyState.SUSPENDED, KeyState.ACTIVE, actor, reason[:500])
     block_target = KeyState.DESTROYED if discard else KeyState.ACTIVE
-    blocks = conn.execute(
-        select(
-            key_blocks.c.id,
-            key_blocks.c.link_id,
-            key_blocks.c.source_block_id,
-            key_blocks.c.source_offset_bits,
-        )
-        .where(key_blocks.c.link_id == link_id, key_blocks.c.state == KeyState.SUSPENDED.value)
-        .with_for_update()
-    ).all()
-    for b in blocks:
-        events.add("block", _block_subject(b), KeyState.SUSPENDED, block_target, actor, reason[:500])
-    if blocks:
-        values: dict[str, object] = {"state": block_target.value}
-        if discard:
-            values["material"] = None
-        conn.execute(update(key_blocks).where(key_blocks.c.id.in_([b.id for b in blocks])).values(**values))
     key_target = KeyState.DESTROYED if discard else KeyState.RESERVED
-    suspended = (
-        conn.execute(
-            select(keys.c.key_id)
-            .where(
-                keys.c.block_id.in_(select(key_blocks.c.id).where(key_blocks.c.link_id == link_id)),
-                keys.c.state == KeyState.SUSPENDED.value,
-            )
-            .with_for_update()
-        )
-        .scalars()
-        .all()
-    )
-    for key_id in suspended:
-        events.add("key", key_id, KeyState.SUSPENDED, key_target, actor, reason[:500])
-    if suspended:
-        kvalues: dict[str, object] = {"state": key_target.value}
-        if discard:
-            kvalues.update(material=None, closed_at=events.at)
-        conn.execute(update(keys).where(keys.c.key_id.in_(suspended)).values(**kvalues))
-    return LinkChange(link_id, len(blocks), len(suspended))
+    blocks = _move_blocks(conn, link_id, (KeyState.SUSPENDED,), block_target, actor, reason, events)
+    n_keys = _move_keys(conn, link_id, KeyState.SUSPENDED, key_target, actor, reason, events)
+    return LinkChange(link_id, blocks, n_keys)
