@@ -14,13 +14,9 @@ from kms.runtime import Runtime
 
 
 @functools.lru_cache(maxsize=4096)
-def _cert_role(der: bytes) -> str | None:
-    return certificate_role(der)
-
-
-@functools.lru_cache(maxsize=4096)
-def _cert_identity(der: bytes) -> tuple[str, str]:
-    return fingerprint_sha256(der), certificate_common_name(der)
+def _cert_identity(der: bytes) -> tuple[str, str, str | None]:
+    """(fingerprint, CN, role) of a client certificate, parsed once per distinct certificate."""
+    return fingerprint_sha256(der), certificate_common_name(der), certificate_role(der)
 
 
 def sae_from_scope(scope: MutableMapping[str, Any], runtime: Runtime) -> SaeInfo:
@@ -28,7 +24,7 @@ def sae_from_scope(scope: MutableMapping[str, Any], runtime: Runtime) -> SaeInfo
     der = scope.get("extensions", {}).get("tls", {}).get("client_cert_der")
     if not der:
         raise NotEntitled("a client certificate is required")
-    fingerprint, common_name = _cert_identity(der)
+    fingerprint, common_name, role = _cert_identity(der)
     info = runtime.registry.by_fingerprint(fingerprint)
     if info is None and runtime.registry.stale():
         runtime.reload_registry()
@@ -37,7 +33,7 @@ def sae_from_scope(scope: MutableMapping[str, Any], runtime: Runtime) -> SaeInfo
         raise NotEntitled("the client certificate does not belong to a registered SAE")
     if info.sae_id != common_name:
         raise NotEntitled("the client certificate's CN does not match its registered SAE ID")
-    if _cert_role(der) not in (None, info.role):
+    if role not in (None, info.role):
         raise NotEntitled("the client certificate's role does not match its registration")
     return info
 
