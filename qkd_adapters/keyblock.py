@@ -78,6 +78,9 @@ class KeyBlock:
     material: bytes
     bit_length: int
     provenance: Provenance
+    # What the far end's adapter needs to obtain its copy of this block from its own device (an
+    # upstream ETSI 014 device's key_IDs, say). Metadata only: travels to the peer KME in clear.
+    sync: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.bit_length <= 0:
@@ -126,6 +129,30 @@ class KeySource(Protocol):
         ...
 
     def pull(self, max_events: int = 16, timeout: float = 0.0) -> Sequence[LinkEvent]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class FollowerKeySource(Protocol):
+    """The far end of a link whose device hands each block to the near end first.
+
+    Devices that speak ETSI GS QKD 014 upstream deliver a key to one end (``enc_keys``) and let the
+    other end fetch it by key_ID (``dec_keys``). The near end's KME announces each block to this KME
+    over the KME-to-KME protocol with the block's ``sync`` metadata; ``fetch_announced`` then obtains
+    this end's identical copy from this end's device. It raises ``KeySourceError`` when the device
+    cannot deliver (down, unknown key_IDs) and returns a ``LinkAlarm`` when the copy it got does not
+    match what was announced.
+    """
+
+    @property
+    def link_id(self) -> str: ...
+
+    def describe(self) -> Mapping[str, Any]: ...
+
+    def fetch_announced(
+        self, block_id: str, bit_length: int, sync: Mapping[str, Any]
+    ) -> KeyBlock | LinkAlarm: ...
 
     def close(self) -> None: ...
 
