@@ -90,7 +90,7 @@ class LinkSection(BaseModel):
 
     id: str = Field(min_length=1, max_length=64)
     peer_kme_id: str | None = None
-    source: Literal["random", "simulated"] = "simulated"
+    source: Literal["random", "simulated", "key-files", "etsi014"] = "simulated"
     options: dict[str, Any] = Field(default_factory=dict)
 
 
