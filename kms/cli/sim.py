@@ -158,6 +158,14 @@ device_app = typer.Typer(
     no_args_is_help=True,
 )
 sim_app.add_typer(device_app, name="device")
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    """Print a one-line error (no panel: scripts grep it) and exit 2."""
+    err_console.print(f"error: {message}", markup=False, highlight=False)
+    return typer.Exit(2)
+
 
 DeviceDirOpt = Annotated[
     Path, typer.Option("--dir", help="The device pair's directory (PKI and device.toml).")
@@ -180,7 +188,7 @@ def device_init(
     try:
         device = init_device_dir(directory, site_a_client, site_b_client)
     except DeviceSetupError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise _fail(str(exc)) from exc
     console.print(f"device CA: {device.ca_cert}")
     for site, s in device.sites.items():
         console.print(
@@ -231,9 +239,9 @@ def device_serve(
 
     configure_logging(log_level)
     if port_a == port_b:
-        raise typer.BadParameter("--port-a and --port-b must differ")
+        raise _fail("--port-a and --port-b must differ")
     if block_seconds is not None and pulses_per_block is not None:
-        raise typer.BadParameter("give --block-seconds or --pulses-per-block, not both")
+        raise _fail("give --block-seconds or --pulses-per-block, not both")
     try:
         device = DeviceDir.load(directory)
         limits = PairLimits(
@@ -260,5 +268,5 @@ def device_serve(
             link_options["seconds_per_block"] = 1.0 if block_seconds is None else block_seconds
         pair = build_pair(device, link_options, limits)
     except (DeviceSetupError, ValueError, OSError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise _fail(str(exc)) from exc
     run_devices(device, pair, {"A": port_a, "B": port_b}, host=host)
