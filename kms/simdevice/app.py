@@ -104,10 +104,19 @@ class ClientAuthMiddleware:
             await error_response(401, "the client certificate is not this device's SAE")(scope, receive, send)
             return
         scope[CALLER] = cn
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, tracking_send)
         except Exception as exc:  # no traceback, which could carry request data, reaches a client
             log.error("unhandled_error", error=type(exc).__name__, path=scope.get("path"))
+            if started:
+                raise
             await error_response(503, "the device could not process the request; retry later")(
                 scope, receive, send
             )

@@ -61,3 +61,23 @@ def test_requests_outside_the_limits(pair: DevicePair) -> None:
     assert "other end" in refused(400, pair.get_keys, "A", "kme-a", "kme-x", 1, None)
     assert "not enough" in refused(503, pair.get_keys, "A", "kme-a", "kme-b", 128, 4096)
     assert "repeat" in refused(400, pair.get_keys_with_ids, "B", "kme-b", "kme-a", ["x", "x"])
+
+
+def test_an_eavesdropped_link_gives_alarms_and_no_keys() -> None:
+    link = SimulatedLink(
+        "pair-eve", "gys", distance_km=5, pulses_per_block=200_000_000, seed=4, max_queue=2,
+        attack="intercept-resend:1.0",
+    )  # fmt: skip
+    p = DevicePair(link, {"A": "kme-a", "B": "kme-b"})
+    p.start()
+    try:
+        deadline = time.monotonic() + 60
+        while p.alarms < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = p.status("A", "kme-a", "kme-b")
+        assert status["stored_key_count"] == 0 and status["status_extension"]["alarms"] >= 2
+        assert status["status_extension"]["attack"] == "intercept-resend:1"
+        assert status["status_extension"]["last_alarm"]
+        assert "not enough" in refused(503, p.get_keys, "A", "kme-a", "kme-b", 1, None)
+    finally:
+        p.close()
