@@ -141,6 +141,27 @@ class LinkHealthSection(BaseModel):
     )
 
 
+class PeeringSection(BaseModel):
+    """How this KME talks to other KMEs: its own client certificate (role ``kme``) and the limits of
+    the KME-to-KME protocol."""
+
+    client_cert: Path = Path("pki/kme-client.pem")
+    client_key: Path = Path("pki/kme-client.key")
+    timeout_seconds: float = Field(default=3.0, gt=0)
+    max_clock_skew_seconds: float = Field(default=30.0, gt=0)
+    sync_seconds: float = Field(default=0.5, gt=0)
+
+
+class PeerSection(BaseModel):
+    """Another KME of the network. ``bundle`` is its ``qkms peer export`` (CA certificate, client
+    certificate fingerprint, ML-DSA/ML-KEM public keys, SAEs); ``url`` is set for KMEs this one shares
+    a link with, and left out for KMEs reached only through trusted-node relay."""
+
+    kme_id: str = Field(min_length=1, max_length=64)
+    bundle: Path
+    url: str | None = Field(default=None, pattern=r"^https://")
+
+
 class LoggingSection(BaseModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_logs: bool = False
@@ -160,6 +181,8 @@ class KmsSettings(BaseSettings):
     policy: PolicySection = PolicySection()
     audit: AuditSection = AuditSection()
     link_health: LinkHealthSection = LinkHealthSection()
+    peering: PeeringSection = PeeringSection()
+    peers: list[PeerSection] = Field(default_factory=list)
     logging: LoggingSection = LoggingSection()
     config_dir: Path = Path()
 
@@ -189,6 +212,16 @@ class KmsSettings(BaseSettings):
                 update={"wrapped_kek_file": _under(base, self.kek.pkcs11.wrapped_kek_file)}
             )
             self.kek = self.kek.model_copy(update={"pkcs11": p11})
+        self.peering = self.peering.model_copy(
+            update={
+                "client_cert": _under(base, self.peering.client_cert),
+                "client_key": _under(base, self.peering.client_key),
+            }
+        )
+        self.peers = [peer.model_copy(update={"bundle": _under(base, peer.bundle)}) for peer in self.peers]
+        peer_ids = [peer.kme_id for peer in self.peers]
+        if len(peer_ids) != len(set(peer_ids)) or self.kme.id in peer_ids:
+            raise ValueError("peer KME IDs must be unique and differ from this KME's ID")
         self.database = self.database.model_copy(update={"url": _resolve_sqlite(base, self.database.url)})
         ids = [s.id for s in self.saes] + [a.id for a in self.auditors]
         if len(ids) != len(set(ids)):

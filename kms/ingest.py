@@ -26,15 +26,33 @@ from qkd_adapters.keyblock import KeyBlock, KeySource, LinkAlarm
 log = structlog.get_logger(__name__)
 
 
-def split_block(block: KeyBlock, storage_bits: int, min_bits: int) -> list[pool.StoragePiece]:
-    """Cut an adapter block into byte-aligned storage pieces; a tail shorter than ``min_bits`` is dropped."""
+def split_block(
+    block: KeyBlock,
+    storage_bits: int,
+    min_bits: int,
+    kme_id: str | None = None,
+    peer_kme_id: str | None = None,
+) -> list[pool.StoragePiece]:
+    """Cut an adapter block into byte-aligned storage pieces; a tail shorter than ``min_bits`` is dropped.
+
+    For a block shared with another KME, pieces alternate between the two ends so that each cuts keys
+    from its own pieces only and no bit can be reserved by both: even pieces belong to the KME whose
+    ID sorts first, odd pieces to the other. Both ends split identically (same ``storage_block_bits``,
+    checked when they confirm blocks), so they agree on every piece's owner.
+    """
     usable_bytes = block.bit_length // 8
     step = storage_bits // 8
+    shared = kme_id is not None and peer_kme_id is not None and peer_kme_id != kme_id
     pieces = []
-    for start in range(0, usable_bytes, step):
+    for index, start in enumerate(range(0, usable_bytes, step)):
         chunk = block.material[start : min(start + step, usable_bytes)]
         if len(chunk) * 8 >= min_bits:
-            pieces.append(pool.StoragePiece(block.block_id, start * 8, chunk))
+            owner = None
+            if shared:
+                assert kme_id is not None and peer_kme_id is not None
+                cutter = sorted((kme_id, peer_kme_id))[index % 2]
+                owner = None if cutter == kme_id else peer_kme_id
+            pieces.append(pool.StoragePiece(block.block_id, start * 8, chunk, owner))
     return pieces
 
 
@@ -87,35 +105,7 @@ class PoolFiller:
         if isinstance(event, LinkAlarm):
             self.handle_alarm(event)
             return 0
-        events = pool.EventBatch(datetime.now(UTC))
-        actor = f"adapter:{event.link_id}"
-        pieces = split_block(event, self.cfg.storage_block_bits, self.cfg.min_key_size)
-        with self.db.write() as conn:
-            suspended = links.link_state(conn, event.link_id) == "suspended"
-            if suspended:
-                state = KeyState.SUSPENDED
-            else:
-                state = KeyState.ACTIVE if peer_kme_id == self.kme_id else KeyState.PRE_ACTIVE
-            n = pool.store_block_pieces(
-                conn, self.envelope, event.link_id, pieces, event.provenance.to_json(), state, events, actor
-            )
-            events.flush(conn)
-            prov = event.provenance
-            record = {
-                "block_id": event.block_id,
-                "bits": event.bit_length,
-                "storage_blocks": n,
-                "state": state.value,
-                "protocol": prov.protocol,
-                "is_qkd": prov.is_qkd,
-                "simulated": prov.simulated,
-                "qber": prov.qber,
-            }
-            audit.append(conn, events.at, [(actor, "block.received", event.link_id, record)])
-        log.debug(
-            "block_stored", link_id=event.link_id, block_id=event.block_id, pieces=n, bits=event.bit_length
-        )
-        return n
+        return store_block(self.db, self.envelope, self.cfg, self.kme_id, event, peer_kme_id)
 
     def handle_alarm(self, alarm: LinkAlarm) -> bool:
         """Record an alarm; suspend the link if its code calls for it. Returns True if suspended."""
@@ -166,3 +156,52 @@ class PoolFiller:
             source.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def store_block(
+    db: Database,
+    envelope: Envelope,
+    cfg: PoolSection,
+    kme_id: str,
+    block: KeyBlock,
+    peer_kme_id: str,
+    confirmed: bool = False,
+) -> int:
+    """Store one adapter block in the encrypted pool; returns the pieces stored.
+
+    A local link's block is ``active`` at once; a block shared with another KME stays ``pre_active``
+    until the peer confirms it holds the same block (``confirmed``: it already has). The block's
+    ``sync`` metadata is kept with its provenance, for the peer's adapter.
+    """
+    events = pool.EventBatch(datetime.now(UTC))
+    actor = f"adapter:{block.link_id}"
+    pieces = split_block(block, cfg.storage_block_bits, cfg.min_key_size, kme_id, peer_kme_id)
+    provenance = block.provenance.to_json()
+    if block.sync:
+        provenance["sync"] = dict(block.sync)
+    with db.write() as conn:
+        if links.link_state(conn, block.link_id) == "suspended":
+            state = KeyState.SUSPENDED
+        elif peer_kme_id == kme_id or confirmed:
+            state = KeyState.ACTIVE
+        else:
+            state = KeyState.PRE_ACTIVE
+        reason = "peer already holds it" if confirmed else "local link"
+        n = pool.store_block_pieces(
+            conn, envelope, block.link_id, pieces, provenance, state, events, actor, reason
+        )
+        events.flush(conn)
+        prov = block.provenance
+        record = {
+            "block_id": block.block_id,
+            "bits": block.bit_length,
+            "storage_blocks": n,
+            "state": state.value,
+            "protocol": prov.protocol,
+            "is_qkd": prov.is_qkd,
+            "simulated": prov.simulated,
+            "qber": prov.qber,
+        }
+        audit.append(conn, events.at, [(actor, "block.received", block.link_id, record)])
+    log.debug("block_stored", link_id=block.link_id, block_id=block.block_id, pieces=n, bits=block.bit_length)
+    return n

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kms.config import KmsSettings
+from kms.config import ConfigError, KmsSettings, LinkSection
 from kms.crypto.envelope import Envelope, load_kek_env, load_kek_file
 from kms.crypto.identity import KmeIdentity
 from kms.crypto.pqc.base import KemAlgorithm
@@ -16,6 +17,10 @@ from kms.ingest import PoolFiller
 from kms.sources import build_source
 from kms.storage import registry_repository as registry_repo
 from kms.storage.database import Database
+from qkd_adapters.keyblock import FollowerKeySource
+
+if TYPE_CHECKING:
+    from kms.peer.network import PeerNetwork
 
 
 @dataclass
@@ -26,14 +31,20 @@ class Runtime:
     registry: SaeRegistry
     identity: KmeIdentity
     service: KeyDeliveryService
+    network: PeerNetwork | None = None
 
     def reload_registry(self) -> None:
         with self.db.read() as conn:
-            self.registry.replace(registry_repo.load_saes(conn))
+            entries = registry_repo.load_saes(conn)
+        if self.network is not None:
+            entries += self.network.directory.registry_entries()
+        self.registry.replace(entries)
 
     def make_filler(self) -> PoolFiller:
         sources = [
-            (build_source(link), link.peer_kme_id or self.settings.kme.id) for link in self.settings.links
+            (build_source(link), link.peer_kme_id or self.settings.kme.id)
+            for link in self.settings.links
+            if not _is_follower(link)
         ]
         return PoolFiller(
             self.settings.kme.id,
@@ -45,7 +56,47 @@ class Runtime:
         )
 
     def close(self) -> None:
+        if self.network is not None:
+            self.network.close()
         self.db.dispose()
+
+
+def _is_follower(link: LinkSection) -> bool:
+    """A link end whose blocks arrive only when the peer KME announces them (ETSI 014 upstream follower)."""
+    return link.source == "etsi014" and link.options.get("role") == "follower"
+
+
+def build_network(settings: KmsSettings, runtime: Runtime) -> PeerNetwork | None:
+    if not settings.peers:
+        return None
+    from kms.peer.directory import PeerDirectory
+    from kms.peer.network import PeerNetwork
+
+    followers: dict[str, FollowerKeySource] = {}
+    for link in settings.links:
+        if _is_follower(link):
+            source = build_source(link)
+            if not isinstance(source, FollowerKeySource):
+                raise ConfigError(f"link {link.id}: the follower end's adapter cannot fetch announced blocks")
+            followers[link.id] = source
+    try:
+        directory = PeerDirectory.from_settings(settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    network = PeerNetwork(
+        settings.kme.id,
+        settings.pool,
+        settings.peering,
+        runtime.db,
+        runtime.envelope,
+        runtime.identity,
+        runtime.registry,
+        directory,
+        followers,
+    )
+    network.service = runtime.service
+    runtime.service.remote = network
+    return network
 
 
 def load_envelope(settings: KmsSettings) -> Envelope:
@@ -105,5 +156,6 @@ def build_runtime(settings: KmsSettings, sync_registry: bool = True, server: boo
         settings.kme.id, settings.pool, db, envelope, registry, policy_book(settings), identity
     )
     runtime = Runtime(settings, db, envelope, registry, identity, service)
+    runtime.network = build_network(settings, runtime)
     runtime.reload_registry()
     return runtime

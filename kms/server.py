@@ -11,8 +11,10 @@ import os
 import ssl
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from kms.config import KmsSettings
 from kms.ingest import PoolFiller
 from kms.logs import configure_logging
 from kms.runtime import Runtime, build_runtime
+from kms.storage.peer_repository import prune_messages
 
 log = structlog.get_logger(__name__)
 CONFIG_ENV = "QKMS_CONFIG"
@@ -39,6 +42,11 @@ def server_ssl_context(settings: KmsSettings) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(settings.tls.server_cert), str(settings.tls.server_key))
     ctx.load_verify_locations(cafile=str(settings.tls.ca_cert))
+    # Peer KMEs present client certificates from their own site's CA (pinned by fingerprint too).
+    for peer in settings.peers:
+        from kms.peer.bundle import load_bundle
+
+        ctx.load_verify_locations(cadata=load_bundle(peer.bundle).ca_cert_pem)
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
@@ -60,6 +68,8 @@ class Background:
         ]
         if self.runtime.db.is_sqlite:
             self._threads.append(threading.Thread(target=self._wal_checkpoint, name="qkms-wal", daemon=True))
+        if self.runtime.network is not None:
+            self._threads.append(threading.Thread(target=self._peer_sync, name="qkms-peer-sync", daemon=True))
         if self.fill and self.runtime.settings.links:
             self._threads.append(
                 threading.Thread(target=self._lead_and_fill, name="qkms-filler", daemon=True)
@@ -95,6 +105,23 @@ class Background:
                 log.error("audit_checkpoint_failed", error=type(exc).__name__)
             if stopping:
                 return
+
+    def _peer_sync(self) -> None:
+        """Confirm shared blocks with adjacent KMEs and forget peer nonces past the freshness window."""
+        network = self.runtime.network
+        assert network is not None
+        interval = self.runtime.settings.peering.sync_seconds
+        window = timedelta(seconds=2 * self.runtime.settings.peering.max_clock_skew_seconds)
+        last_prune = 0.0
+        while not self._stop.wait(interval):
+            try:
+                network.sync_once()
+                if time.monotonic() - last_prune > 30:
+                    with self.runtime.db.write() as conn:
+                        prune_messages(conn, datetime.now(UTC) - window)
+                    last_prune = time.monotonic()
+            except Exception as exc:
+                log.error("peer_sync_failed", error=type(exc).__name__, detail=str(exc)[:200])
 
     def _wal_checkpoint(self) -> None:
         """SQLite: fold the WAL into the database file off the request path, once a second."""

@@ -5,6 +5,7 @@ Layout::
     DIR/qkms.toml          the configuration
     DIR/pki/ca.pem, ca.key the CA that signs the KME's and the SAEs' certificates
     DIR/pki/kme.pem, .key  the KME's TLS server certificate
+    DIR/pki/kme-client.pem, .key   the KME's client certificate for other KMEs (role "kme")
     DIR/pki/sae/<SAE>.pem, <SAE>.key   one client certificate per SAE, named after the SAE ID
     DIR/kek.bin            the key-encryption key, mode 0600
     DIR/qkms.db            the SQLite database (unless a database URL is given)
@@ -108,6 +109,11 @@ def init_workdir(
     pki.write_credential(ca, directory / "pki" / "ca.pem", directory / "pki" / "ca.key")
     server = pki.issue_server_cert(ca, kme_id)
     pki.write_credential(server, directory / "pki" / "kme.pem", directory / "pki" / "kme.key")
+    # The KME's own client certificate for calling other KMEs (role "kme", CN = KME ID).
+    peer_client = pki.issue_client_cert(ca, kme_id, role="kme")
+    pki.write_credential(
+        peer_client, directory / "pki" / "kme-client.pem", directory / "pki" / "kme-client.key"
+    )
     saes = []
     creds: dict[str, tuple[Path, Path]] = {}
     for sae_id in sae_ids:

@@ -75,6 +75,15 @@ def create_app(
             return fn(*args)
         return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
+    # A key for a slave at another KME waits on that KME: in a thread, never on the event loop.
+    remote_limiter = anyio.CapacityLimiter(32)
+
+    async def run_keys(slave_id: str, fn: Callable[..., T], *args: Any) -> T:
+        slave = runtime.registry.get(slave_id)
+        if slave is not None and slave.kme_id != runtime.settings.kme.id:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=remote_limiter)
+        return await run(fn, *args)
+
     @app.get(
         "/api/v1/keys/{slave_SAE_ID}/status",
         response_model=Status,
@@ -84,7 +93,7 @@ def create_app(
     )
     async def get_status(request: Request, slave_SAE_ID: SaeIdPath) -> Response:
         master = current_sae(request.scope)
-        view = await run(service.status, master, slave_SAE_ID)
+        view = await run_keys(slave_SAE_ID, service.status, master, slave_SAE_ID)
         return json_response(
             {
                 "source_KME_ID": view.source_kme_id,
@@ -119,7 +128,7 @@ def create_app(
         post_only = POST_ONLY_QUERY.intersection(request.query_params)
         if post_only:
             raise InvalidRequest(f"{', '.join(sorted(post_only))} must be sent in a POST body")
-        keys = await run(service.get_keys, master, slave_SAE_ID, number, size)
+        keys = await run_keys(slave_SAE_ID, service.get_keys, master, slave_SAE_ID, number, size)
         return _container(keys)
 
     @app.post(
@@ -134,7 +143,8 @@ def create_app(
     ) -> Response:
         master = current_sae(request.scope)
         req = body or KeyRequest()
-        keys = await run(
+        keys = await run_keys(
+            slave_SAE_ID,
             service.get_keys,
             master,
             slave_SAE_ID,
@@ -180,6 +190,10 @@ def create_app(
         return _container(keys)
 
     app.include_router(audit_router(AuditService(runtime.db, runtime.identity, runtime.settings.kme.id), run))
+    if runtime.network is not None:
+        from kms.api.peer_routes import peer_router
+
+        app.include_router(peer_router(runtime.network))
     _document_only_etsi_status_codes(app)
     return app
 

@@ -66,6 +66,8 @@ def _check_role(path: str, info: SaeInfo) -> None:
         raise NotEntitled("the audit API is for auditor certificates only")
     if path.startswith("/api/v1/keys") and info.role != "sae":
         raise NotEntitled("key delivery is for SAE certificates only; auditors never receive key material")
+    if path.startswith("/peer/") and info.role != "kme":
+        raise NotEntitled("the KME-to-KME protocol is for KME certificates only")
 
 
 def current_sae(scope: MutableMapping[str, Any]) -> SaeInfo:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from kms.cli.admin import audit_app, keys_app, link_app
 from kms.cli.doctor import doctor
+from kms.cli.peer import peer_app
 from kms.cli.sim import sim_app
 from kms.config import ConfigError, KmsSettings
 
@@ -195,3 +196,4 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(link_app, name="link")
 app.command(help="Report the PQC backends found, their versions and self-tests.")(doctor)
 app.add_typer(sim_app, name="sim")
+app.add_typer(peer_app, name="peer")

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection
 
@@ -71,6 +71,7 @@ class KeyDeliveryService:
         registry: SaeRegistry,
         policies: PolicyBook,
         identity: KmeIdentity,
+        remote: RemoteDelivery | None = None,
     ) -> None:
         self.kme_id = kme_id
         self.cfg = pool_cfg
@@ -79,6 +80,7 @@ class KeyDeliveryService:
         self.registry = registry
         self.policies = policies
         self.identity = identity
+        self.remote = remote
 
     # -- lookups -------------------------------------------------------------------------------
     def _known_sae(self, sae_id: str, role: str) -> SaeInfo:
@@ -97,8 +99,11 @@ class KeyDeliveryService:
     def status(self, master: SaeInfo, slave_sae_id: str) -> StatusView:
         slave = self._pair(master, slave_sae_id, "slave")
         policy = self.policies.for_pair(master.sae_id, slave.sae_id)
-        with self.db.read() as conn:
-            stored = pool.count_available_keys(conn, slave.kme_id, self.cfg.key_size)
+        if slave.kme_id != self.kme_id and self.remote is not None:
+            stored = self.remote.available_keys(slave.kme_id, self.cfg.key_size)
+        else:
+            with self.db.read() as conn:
+                stored = pool.count_available_keys(conn, slave.kme_id, self.cfg.key_size)
         return StatusView(
             source_kme_id=self.kme_id,
             target_kme_id=slave.kme_id,
@@ -138,6 +143,10 @@ class KeyDeliveryService:
             raise InvalidRequest(errors.MSG_EXT_MANDATORY_UNSUPPORTED, [{"extension_mandatory": names}])
         recipients = [slave.sae_id, *self._additional_slaves(master, slave, additional_slave_sae_ids)]
         policy = self.policies.for_pair(master.sae_id, slave.sae_id)
+        if slave.kme_id != self.kme_id:
+            if self.remote is None:
+                raise ServiceUnavailable(f"the slave's KME {slave.kme_id} is not a configured peer")
+            return self.remote.get_keys(master, slave, recipients, number, size, policy)
         events = pool.EventBatch(datetime.now(UTC))
         actor = f"sae:{master.sae_id}"
         with self.db.write() as conn:
@@ -166,7 +175,7 @@ class KeyDeliveryService:
             delivered = [
                 DeliveredKey(
                     c.key_id,
-                    self._derive(c.material, exchange, suite, c.key_id, master.sae_id, slave, size)
+                    self.derive_key(c.material, exchange, suite, c.key_id, master.sae_id, slave, size)
                     if exchange and suite
                     else c.material or b"",
                 )
@@ -226,7 +235,7 @@ class KeyDeliveryService:
 
     def _encapsulate(
         self, conn: Connection, policy: PairPolicy, target_kme_id: str, at: datetime
-    ) -> _Exchange:
+    ) -> KemExchange:
         if target_kme_id != self.kme_id:
             raise ServiceUnavailable(f"no ML-KEM public key is known for KME {target_kme_id}")
         info = self.identity.active_public("kem")
@@ -244,22 +253,24 @@ class KeyDeliveryService:
             ciphertext,
             at,
         )
-        return _Exchange(exchange_id, info.version, info.public_key, ciphertext, secret)
+        return KemExchange(exchange_id, info.version, info.public_key, ciphertext, secret)
 
-    def _derive(
+    def derive_key(
         self,
         qkd: bytes | None,
-        exchange: _Exchange,
+        exchange: KemExchange,
         suite: str,
         key_id: str,
         master_sae_id: str,
         slave: SaeInfo,
         size: int,
+        master_kme_id: str | None = None,
     ) -> bytes:
+        """The delivered key: QKD bits and the ML-KEM secret combined (DESIGN.md #4), or ML-KEM alone."""
         ctx = HybridContext(
             suite=suite,
             key_id=key_id,
-            master_kme_id=self.kme_id,
+            master_kme_id=master_kme_id or self.kme_id,
             slave_kme_id=slave.kme_id,
             master_sae_id=master_sae_id,
             slave_sae_id=slave.sae_id,
@@ -360,16 +371,16 @@ class KeyDeliveryService:
             )
         return delivered
 
-    def _decapsulated(self, exchange: pool.StoredExchange) -> _Exchange:
+    def _decapsulated(self, exchange: pool.StoredExchange) -> KemExchange:
         public = self.identity.public_key("kem", exchange.kem_key_version)
         secret = self.identity.decapsulate(exchange.kem_key_version, exchange.ciphertext)
-        return _Exchange(0, exchange.kem_key_version, public.public_key, exchange.ciphertext, secret)
+        return KemExchange(0, exchange.kem_key_version, public.public_key, exchange.ciphertext, secret)
 
     def _recover(
         self,
         key: pool.StoredKey,
         exchanges: Mapping[int, pool.StoredExchange],
-        secrets: Mapping[int, _Exchange],
+        secrets: Mapping[int, KemExchange],
     ) -> DeliveredKey:
         qkd = self.envelope.open(key.material, pool.key_aad(key.key_id)) if key.material is not None else None
         if key.kem_exchange_id is None or key.suite is None:
@@ -379,7 +390,16 @@ class KeyDeliveryService:
         exchange = secrets[key.kem_exchange_id]
         return DeliveredKey(
             key.key_id,
-            self._derive(qkd, exchange, key.suite, key.key_id, key.master_sae_id, slave, key.size_bits),
+            self.derive_key(
+                qkd,
+                exchange,
+                key.suite,
+                key.key_id,
+                key.master_sae_id,
+                slave,
+                key.size_bits,
+                key.source_kme_id,
+            ),
         )
 
     def _audit_denied(self, slave: SaeInfo, master_sae_id: str, key_ids: list[str]) -> None:
@@ -409,12 +429,30 @@ class KeyDeliveryService:
 
 
 @dataclass(frozen=True, repr=False)
-class _Exchange:
+class KemExchange:
+    """One ML-KEM encapsulation: its row, the public key and ciphertext, and the shared secret."""
+
     exchange_id: int
     key_version: int
     public_key: bytes
     ciphertext: bytes
     secret: bytes
+
+
+class RemoteDelivery(Protocol):
+    """Keys for slaves at other KMEs (``kms.peer``): the domain core only knows this interface."""
+
+    def get_keys(
+        self,
+        master: SaeInfo,
+        slave: SaeInfo,
+        recipients: list[str],
+        number: int,
+        size: int,
+        policy: PairPolicy,
+    ) -> list[DeliveredKey]: ...
+
+    def available_keys(self, target_kme_id: str, key_size: int) -> int: ...
 
 
 class _PoolShort(Exception):

@@ -1,7 +1,7 @@
 """Key and block lifecycle states and the transitions allowed between them (NIST SP 800-57, DESIGN.md #3).
 
 Keys are cut from *active* pool blocks straight into ``reserved`` (the bits' ``active`` phase is the
-block's), and end ``consumed`` (every slave served), ``expired`` (TTL passed unfetched),
+block's) — or, for a slave at another KME, into ``pre_active`` until that KME records them — and end ``consumed`` (every slave served), ``expired`` (TTL passed unfetched),
 ``compromised`` or ``destroyed``. Terminal states hold no material.
 """
 
@@ -24,12 +24,25 @@ class KeyState(StrEnum):
 
 ALLOWED: dict[KeyState | None, frozenset[KeyState]] = {
     None: frozenset({KeyState.PRE_ACTIVE}),
-    KeyState.PRE_ACTIVE: frozenset({KeyState.ACTIVE, KeyState.DESTROYED, KeyState.SUSPENDED}),
+    # Blocks: pre_active until the peer KME confirms it holds the same block. Keys for a slave at
+    # another KME: pre_active until that KME has recorded them, then consumed here (this KME serves
+    # them to no one else), or destroyed (bits discarded) if it did not.
+    KeyState.PRE_ACTIVE: frozenset(
+        {KeyState.ACTIVE, KeyState.DESTROYED, KeyState.SUSPENDED, KeyState.CONSUMED}
+    ),
     KeyState.ACTIVE: frozenset(
         {KeyState.RESERVED, KeyState.SUSPENDED, KeyState.COMPROMISED, KeyState.EXHAUSTED, KeyState.DESTROYED}
     ),
+    # reserved -> destroyed: the master's KME withdrew a key recorded here that it never delivered.
     KeyState.RESERVED: frozenset(
-        {KeyState.RESERVED, KeyState.CONSUMED, KeyState.EXPIRED, KeyState.COMPROMISED, KeyState.SUSPENDED}
+        {
+            KeyState.RESERVED,
+            KeyState.CONSUMED,
+            KeyState.EXPIRED,
+            KeyState.COMPROMISED,
+            KeyState.SUSPENDED,
+            KeyState.DESTROYED,
+        }
     ),
     KeyState.SUSPENDED: frozenset(
         {KeyState.ACTIVE, KeyState.RESERVED, KeyState.COMPROMISED, KeyState.DESTROYED, KeyState.EXPIRED}

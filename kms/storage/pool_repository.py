@@ -30,6 +30,10 @@ class CutKey:
     material: bytes | None
     block_id: int | None = None
     bit_offset: int | None = None
+    # Where the bits sit in the adapter block both ends of the link hold (for the peer's ledger).
+    link_id: str | None = None
+    source_block_id: str | None = None
+    source_bit: int | None = None
 
 
 @dataclass
@@ -103,6 +107,7 @@ class StoragePiece:
     source_block_id: str
     source_offset_bits: int
     material: bytes
+    owner_kme_id: str | None = None  # None: this KME cuts it; else the peer KME that does
 
 
 def store_block_pieces(
@@ -114,6 +119,7 @@ def store_block_pieces(
     state: KeyState,
     events: EventBatch,
     actor: str,
+    reason: str = "local link",
 ) -> int:
     """Insert pool blocks in ``state``: ``active`` for a local link, ``pre_active`` until a peer
     confirms, ``suspended`` while the link is suspended."""
@@ -134,12 +140,14 @@ def store_block_pieces(
                 "kek_id": envelope.kek_id,
                 "provenance": provenance,
                 "received_at": events.at,
+                "owner_kme_id": piece.owner_kme_id,
+                "taken": "[]" if piece.owner_kme_id else None,
             }
         )
         subject = f"{link_id}/{piece.source_block_id}@{piece.source_offset_bits}"
         events.add("block", subject, None, KeyState.PRE_ACTIVE, actor, "received from adapter")
         if state is not KeyState.PRE_ACTIVE:
-            events.add("block", subject, KeyState.PRE_ACTIVE, state, actor, "local link")
+            events.add("block", subject, KeyState.PRE_ACTIVE, state, actor, reason)
     if rows:
         conn.execute(insert(key_blocks), rows)
     return len(rows)
@@ -166,6 +174,7 @@ def count_available_keys(conn: Connection, target_kme_id: str, key_size: int) ->
             links.c.peer_kme_id == target_kme_id,
             links.c.state == "active",
             key_blocks.c.state == KeyState.ACTIVE.value,
+            key_blocks.c.owner_kme_id.is_(None),
         )
     )
     return int(conn.execute(stmt).scalar_one())
@@ -175,7 +184,7 @@ def _candidate_block(raw: Raw, target_kme_id: str, size_bits: int, skip_locked: 
     return raw.one(
         "SELECT b.id, b.link_id, b.source_block_id, b.source_offset_bits, b.bit_length, b.next_bit, b.material"
         " FROM key_blocks b"
-        " WHERE b.state = 'active' AND b.bit_length - b.next_bit >= ?"
+        " WHERE b.state = 'active' AND b.owner_kme_id IS NULL AND b.bit_length - b.next_bit >= ?"
         " AND b.link_id IN (SELECT l.id FROM links l WHERE l.peer_kme_id = ? AND l.state = 'active')"
         " ORDER BY b.id LIMIT 1" + raw.for_update(of="b", skip_locked=skip_locked),
         (size_bits, target_kme_id),
@@ -217,6 +226,9 @@ def cut_keys(
                     remainder[i * size_bytes : (i + 1) * size_bytes],
                     block.id,
                     block.next_bit + i * size_bits,
+                    block.link_id,
+                    block.source_block_id,
+                    block.source_offset_bits + block.next_bit + i * size_bits,
                 )
                 for i in range(take)
             )
@@ -263,8 +275,16 @@ def insert_reserved_keys(
     suite: str | None,
     kem_exchange_id: int | None,
     at: datetime,
+    state: KeyState = KeyState.RESERVED,
+    keep_material: bool = True,
+    source_kme_id: str | None = None,
+    route: str | None = None,
 ) -> None:
     """Record freshly cut keys as ``reserved`` for their slaves; QKD material is sealed per key.
+
+    Keys for a slave at another KME are recorded ``pre_active`` without material until that KME has
+    recorded them (``state``, ``keep_material``); keys recorded from a peer's ledger name the master's
+    KME (``source_kme_id``) and, when relayed, the route (JSON text).
 
     The transition itself is recorded on the row (``created_at``, the master as actor) and in the
     request's audit record, not as one event row per key: this is the hot path.
@@ -281,24 +301,27 @@ def insert_reserved_keys(
             c.block_id,
             c.bit_offset,
             size_bits,
-            "reserved",
+            state.value,
             master_sae_id,
             slave,
             target_kme_id,
             policy,
             suite,
             kem_exchange_id,
-            seal(c.material, key_aad(c.key_id)) if c.material is not None else None,
+            seal(c.material, key_aad(c.key_id)) if c.material is not None and keep_material else None,
             kek_id,
             now,
             expires,
             multicast,
+            source_kme_id,
+            route,
         )
         for c in cut
     ]
     columns = (
         "key_id, block_id, bit_offset, size_bits, state, master_sae_id, slave_sae_id, target_kme_id,"
-        " policy, suite, kem_exchange_id, material, kek_id, created_at, expires_at, multicast"
+        " policy, suite, kem_exchange_id, material, kek_id, created_at, expires_at, multicast,"
+        " source_kme_id, route"
     )
     if raw.pg:
         # One statement over column arrays: PostgreSQL runs the executor once instead of per row.
@@ -306,11 +329,11 @@ def insert_reserved_keys(
             f"INSERT INTO keys ({columns}) SELECT * FROM unnest("
             "?::varchar[], ?::bigint[], ?::int[], ?::int[], ?::varchar[], ?::varchar[], ?::varchar[],"
             " ?::varchar[], ?::varchar[], ?::varchar[], ?::bigint[], ?::bytea[], ?::varchar[],"
-            " ?::timestamptz[], ?::timestamptz[], ?::boolean[])",
+            " ?::timestamptz[], ?::timestamptz[], ?::boolean[], ?::varchar[], ?::json[])",
             [list(col) for col in zip(*rows, strict=True)],
         )
     else:
-        raw.executemany(f"INSERT INTO keys ({columns}) VALUES ({', '.join('?' * 16)})", rows)
+        raw.executemany(f"INSERT INTO keys ({columns}) VALUES ({', '.join('?' * 18)})", rows)
     if additional:
         raw.executemany(
             "INSERT INTO key_recipients (key_id, sae_id) VALUES (?, ?)",
@@ -373,6 +396,7 @@ class StoredKey:
     expires_at: datetime
     material: bytes | None
     recipients: dict[str, datetime | None]  # the named slave first, then any additional slaves
+    source_kme_id: str | None = None  # the master's KME, when it is another one
 
 
 def load_keys_for_update(conn: Connection, key_ids: Sequence[str]) -> dict[str, StoredKey]:
@@ -381,7 +405,8 @@ def load_keys_for_update(conn: Connection, key_ids: Sequence[str]) -> dict[str, 
     where, params = raw.in_list("key_id", key_ids)
     rows = raw.all(
         "SELECT key_id, master_sae_id, slave_sae_id, target_kme_id, state, policy, suite, kem_exchange_id,"
-        f" size_bits, expires_at, material, served_at, multicast FROM keys WHERE {where}" + raw.for_update(),
+        f" size_bits, expires_at, material, served_at, multicast, source_kme_id FROM keys WHERE {where}"
+        + raw.for_update(),
         params,
     )
     recipients: dict[str, dict[str, datetime | None]] = {r[0]: {r[2]: raw.read_ts(r[11])} for r in rows}
@@ -393,7 +418,22 @@ def load_keys_for_update(conn: Connection, key_ids: Sequence[str]) -> dict[str, 
         ):
             recipients[key_id][sae_id] = raw.read_ts(served_at)
     out = {}
-    for key_id, master, slave, target, state, policy, suite, exchange, size, expires, material, _, _ in rows:
+    for (
+        key_id,
+        master,
+        slave,
+        target,
+        state,
+        policy,
+        suite,
+        exchange,
+        size,
+        expires,
+        material,
+        _,
+        _,
+        src,
+    ) in rows:
         expires_at = raw.read_ts(expires)
         assert expires_at is not None
         out[key_id] = StoredKey(
@@ -409,6 +449,7 @@ def load_keys_for_update(conn: Connection, key_ids: Sequence[str]) -> dict[str, 
             expires_at,
             bytes(material) if material is not None else None,
             recipients[key_id],
+            src,
         )
     return out
 

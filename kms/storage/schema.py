@@ -96,6 +96,10 @@ class KeyBlockRow(Base):
     kek_id: Mapped[str] = mapped_column(String(64), nullable=False)
     provenance: Mapped[dict[str, object]] = mapped_column(JSON, nullable=False)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # NULL: this KME cuts keys from the piece. Otherwise the peer KME that does; this KME holds a
+    # mirror and records the ranges the peer's ledger takes (``taken``, JSON [[start, end], ...]).
+    owner_kme_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    taken: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class KeyRow(Base):
@@ -141,6 +145,10 @@ class KeyRow(Base):
     served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     multicast: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default="0")
+    # The master's KME when it is another one (keys recorded from a peer's ledger), and for a relayed
+    # key the KMEs and links it crossed.
+    source_kme_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    route: Mapped[list[dict[str, object]] | None] = mapped_column(JSON, nullable=True)
 
 
 class KemExchange(Base):
@@ -239,6 +247,23 @@ class LifecycleEvent(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
 
 
+class PeerMessage(Base):
+    """An accepted KME-to-KME message: a nonce or a (session, seq) seen twice is a replay."""
+
+    __tablename__ = "peer_messages"
+    __table_args__ = (
+        UniqueConstraint("sender", "session", "seq", name="uq_peer_messages_sequence"),
+        Index("ix_peer_messages_received_at", "received_at"),
+    )
+
+    sender: Mapped[str] = mapped_column(String(64), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session: Mapped[str] = mapped_column(String(64), nullable=False)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    msg_type: Mapped[str] = mapped_column(String(32), nullable=False)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 links = cast(Table, Link.__table__)
 saes = cast(Table, Sae.__table__)
 key_blocks = cast(Table, KeyBlockRow.__table__)
@@ -250,3 +275,4 @@ kme_keys = cast(Table, KmeKey.__table__)
 audit_records = cast(Table, AuditRecordRow.__table__)
 audit_head = cast(Table, AuditHead.__table__)
 audit_checkpoints = cast(Table, AuditCheckpoint.__table__)
+peer_messages = cast(Table, PeerMessage.__table__)

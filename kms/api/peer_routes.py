@@ -1,0 +1,53 @@
+"""The KME-to-KME endpoint: one POST that carries every signed peer message (not part of ETSI 014,
+so it stays out of the published OpenAPI document). Only ``kme`` certificates reach it."""
+
+from __future__ import annotations
+
+import anyio
+import structlog
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from kms.api.errors import error_response
+from kms.api.identity import current_sae
+from kms.peer.messages import SIGNATURE_HEADER, MessageRejected, MessageSealer, open_message
+from kms.peer.network import PeerNetwork
+
+log = structlog.get_logger(__name__)
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+def peer_router(network: PeerNetwork) -> APIRouter:
+    router = APIRouter(include_in_schema=False)
+    sealer = MessageSealer(network.kme_id, network.identity)
+    # Peer messages may wait on the next hop or a device: run them off the event loop, a few at a time.
+    limiter = anyio.CapacityLimiter(16)
+
+    @router.post("/peer/v1/messages")
+    async def messages(request: Request) -> Response:
+        sender = current_sae(request.scope).sae_id
+        raw = await request.body()
+        if len(raw) > MAX_MESSAGE_BYTES:
+            return error_response(413, "peer message too large")
+        try:
+            message = open_message(
+                raw,
+                request.headers.get(SIGNATURE_HEADER),
+                network.directory,
+                network.identity,
+                network.peering.max_clock_skew_seconds,
+                authenticated_sender=sender,
+            )
+        except MessageRejected as exc:
+            log.warning("peer_message_rejected", peer=sender, reason=exc.reason)
+            return error_response(401, exc.reason)
+        try:
+            body = await anyio.to_thread.run_sync(network.handle, message, limiter=limiter)
+            reply_type = f"{message.type}.ok"
+        except MessageRejected as exc:
+            log.warning("peer_message_refused", peer=sender, type=message.type, reason=exc.reason)
+            body, reply_type = {"message": exc.reason}, "error"
+        _, reply_raw, header = sealer.seal(sender, reply_type, body, reply_to=message.nonce)
+        return Response(reply_raw, media_type="application/json", headers={SIGNATURE_HEADER: header})
+
+    return router

@@ -1,0 +1,133 @@
+"""Calls to other KMEs: mTLS with this KME's ``kme`` client certificate, signed requests, verified replies.
+
+Failures are classified because they decide what happens to the key bits at stake:
+``PeerUnavailable`` — the request never reached the peer (connection refused, or the peer failed a
+moment ago and is not retried yet); ``PeerUncertain`` — the peer may have acted (timeout or
+server error after sending); ``PeerRefused`` — the peer answered that it did not act.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from typing import Any
+
+import httpx
+import structlog
+
+from kms.config import PeeringSection
+from kms.crypto.identity import KmeIdentity
+from kms.peer.directory import PeerDirectory
+from kms.peer.messages import SIGNATURE_HEADER, MessageRejected, MessageSealer, PeerMessage, open_message
+
+log = structlog.get_logger(__name__)
+MESSAGES_PATH = "/peer/v1/messages"
+RETRY_AFTER_FAILURE = 1.0
+
+
+class PeerError(Exception):
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"KME {peer}: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+class PeerUnavailable(PeerError):
+    """The peer did not receive the request."""
+
+
+class PeerUncertain(PeerError):
+    """The peer may or may not have acted on the request."""
+
+
+class PeerRefused(PeerError):
+    """The peer received the request and did not act on it."""
+
+
+class PeerClient:
+    def __init__(
+        self, kme_id: str, cfg: PeeringSection, directory: PeerDirectory, identity: KmeIdentity
+    ) -> None:
+        self.cfg = cfg
+        self.directory = directory
+        self.identity = identity
+        self.sealer = MessageSealer(kme_id, identity)
+        self._clients: dict[str, httpx.Client] = {}
+        self._down_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _client(self, peer_id: str) -> tuple[httpx.Client, str]:
+        peer = self.directory.get(peer_id)
+        if peer is None or not peer.url:
+            raise PeerUnavailable(peer_id, "no URL is configured for this KME (not an adjacent peer)")
+        with self._lock:
+            client = self._clients.get(peer_id)
+            if client is None:
+                ctx = ssl.create_default_context(cadata=peer.bundle.ca_cert_pem)
+                ctx.load_cert_chain(str(self.cfg.client_cert), str(self.cfg.client_key))
+                client = httpx.Client(
+                    base_url=peer.url,
+                    verify=ctx,
+                    timeout=httpx.Timeout(self.cfg.timeout_seconds),
+                    limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+                )
+                self._clients[peer_id] = client
+        return client, peer.url
+
+    def call(self, peer_id: str, msg_type: str, body: dict[str, Any]) -> PeerMessage:
+        """Send one signed message and return the peer's verified reply (never an ``error`` reply)."""
+        client, _ = self._client(peer_id)
+        request, raw, header = self.sealer.seal(peer_id, msg_type, body)
+        try:
+            response = client.post(
+                MESSAGES_PATH,
+                content=raw,
+                headers={SIGNATURE_HEADER: header, "content-type": "application/json"},
+            )
+        except httpx.ConnectError as exc:
+            self._down_until[peer_id] = time.monotonic() + RETRY_AFTER_FAILURE
+            raise PeerUnavailable(peer_id, f"unreachable ({type(exc).__name__}: {str(exc)[:120]})") from exc
+        except httpx.TimeoutException as exc:
+            raise PeerUncertain(peer_id, f"no answer within {self.cfg.timeout_seconds:g} s") from exc
+        except httpx.HTTPError as exc:
+            raise PeerUncertain(peer_id, f"connection failed mid-request ({type(exc).__name__})") from exc
+        self._down_until.pop(peer_id, None)
+        if response.status_code >= 500:
+            raise PeerUncertain(peer_id, f"answered {response.status_code}")
+        if response.status_code != 200:
+            raise PeerRefused(peer_id, f"answered {response.status_code}: {_message(response)}")
+        try:
+            reply = open_message(
+                response.content,
+                response.headers.get(SIGNATURE_HEADER),
+                self.directory,
+                self.identity,
+                self.cfg.max_clock_skew_seconds,
+                authenticated_sender=peer_id,
+            )
+        except MessageRejected as exc:
+            raise PeerUncertain(peer_id, f"its reply was rejected: {exc.reason}") from exc
+        if reply.reply_to != request.nonce:
+            raise PeerUncertain(peer_id, "its reply answers another request")
+        if reply.type == "error":
+            raise PeerRefused(peer_id, str(reply.body.get("message", "refused"))[:300])
+        return reply
+
+    def recently_unreachable(self, peer_id: str) -> bool:
+        """True for a moment after a connection to the peer failed: callers about to spend key bits on
+        a request check this first and answer 503 without cutting anything."""
+        return time.monotonic() < self._down_until.get(peer_id, 0.0)
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("message", ""))[:300]
+    except ValueError:
+        return response.text[:200]

@@ -1,0 +1,648 @@
+"""This KME in the network: keys for slaves at other KMEs, the ledger it records for peers, relay,
+block confirmation and link-state exchange.
+
+Master side (``get_keys``): cut the keys from this KME's pieces of the link toward the first hop and
+record them ``pre_active`` without material (transaction 1); send the signed ledger entry and wait
+for the peer's signed receipt; then, in transaction 2, the keys become ``consumed`` here (the master
+gets them; the slave fetches them at its own KME) — or, if the peer did not record them,
+``destroyed``: their bits are discarded, never served, and the master gets a 503. No key reaches the
+master before the peer has recorded it, and a lost answer can never leave bits that two KMEs use.
+
+Peer side (``handle``): a ledger entry names, for each key_ID, bits of a piece the sender cuts; this
+KME takes exactly those bits from its mirror of the piece (refusing any range already taken) and
+records the keys for its slaves. At a trusted node the entry is not for a local slave: the node
+one-time-pad encrypts the key with as many bits of its link to the next hop and forwards it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from kms.config import PeeringSection, PoolSection
+from kms.crypto.envelope import Envelope
+from kms.crypto.identity import KmeIdentity
+from kms.crypto.pqc.base import KemAlgorithm
+from kms.domain.delivery import DeliveredKey, KemExchange, KeyDeliveryService
+from kms.domain.errors import ServiceUnavailable
+from kms.domain.lifecycle import KeyState
+from kms.domain.policy import PairPolicy
+from kms.domain.saes import SaeInfo, SaeRegistry
+from kms.ingest import store_block
+from kms.peer.client import PeerClient, PeerError, PeerUncertain
+from kms.peer.directory import PeerDirectory
+from kms.peer.messages import MessageRejected, PeerMessage
+from kms.peer.routing import Edge, Topology
+from kms.storage import audit_repository as audit
+from kms.storage import peer_repository as peers
+from kms.storage import pool_repository as pool
+from kms.storage.database import Database
+from kms.storage.peer_repository import BitRange, LedgerConflict
+from qkd_adapters.keyblock import FollowerKeySource, KeyBlock, KeySourceError
+
+log = structlog.get_logger(__name__)
+
+
+class PeerNetwork:
+    def __init__(
+        self,
+        kme_id: str,
+        pool_cfg: PoolSection,
+        peering: PeeringSection,
+        db: Database,
+        envelope: Envelope,
+        identity: KmeIdentity,
+        registry: SaeRegistry,
+        directory: PeerDirectory,
+        followers: Mapping[str, FollowerKeySource] | None = None,
+    ) -> None:
+        self.kme_id = kme_id
+        self.cfg = pool_cfg
+        self.peering = peering
+        self.db = db
+        self.envelope = envelope
+        self.identity = identity
+        self.registry = registry
+        self.directory = directory
+        self.followers = dict(followers or {})
+        self.client = PeerClient(kme_id, peering, directory, identity)
+        self.topology = Topology(kme_id)
+        self.service: KeyDeliveryService | None = None
+
+    # -- routing -------------------------------------------------------------------------------
+    def own_edges(self) -> list[Edge]:
+        with self.db.read() as conn:
+            levels = peers.link_levels(conn)
+        now = datetime.now(UTC).timestamp()
+        return [
+            Edge(self.kme_id, lv.peer_kme_id, lv.link_id, lv.state, lv.own_bits, now)
+            for lv in levels
+            if lv.peer_kme_id != self.kme_id
+        ]
+
+    def refresh_topology(self) -> None:
+        """Ask every adjacent KME for the links it knows (its own and what it learned)."""
+        for peer in self.directory.adjacent():
+            try:
+                reply = self.client.call(peer.kme_id, "topology", {})
+                self.topology.learn(Edge.from_json(e) for e in reply.body.get("edges", []))
+            except (PeerError, KeyError, TypeError, ValueError) as exc:
+                log.info("topology_refresh_failed", peer=peer.kme_id, error=str(exc)[:200])
+        self.topology.mark_refreshed()
+
+    def route_to(self, target_kme_id: str, needed_bits: int) -> list[str] | None:
+        own = self.own_edges()
+        if any(e.dst == target_kme_id and e.state == "active" and e.bits >= needed_bits for e in own):
+            return [self.kme_id, target_kme_id]
+        return self.topology.route(own, target_kme_id, needed_bits, refresh=self.refresh_topology)
+
+    def available_keys(self, target_kme_id: str, key_size: int) -> int:
+        """Keys of ``key_size`` the network could deliver to ``target_kme_id`` now (the route's narrowest hop)."""
+        route = self.route_to(target_kme_id, key_size)
+        if route is None:
+            return 0
+        edges = {(e.src, e.dst): e for e in [*self.topology.learned(), *self.own_edges()]}
+        hops = [edges.get((a, b)) for a, b in itertools.pairwise(route)]
+        return min((e.bits if e else 0) for e in hops) // key_size
+
+    # -- master side ---------------------------------------------------------------------------
+    def get_keys(
+        self,
+        master: SaeInfo,
+        slave: SaeInfo,
+        recipients: list[str],
+        number: int,
+        size: int,
+        policy: PairPolicy,
+    ) -> list[DeliveredKey]:
+        assert self.service is not None
+        target = slave.kme_id
+        route = self.route_to(target, number * size)
+        if route is None:
+            raise ServiceUnavailable(
+                f"no route to KME {target} with {number * size} bits of key on every hop; retry later",
+                [{"target_KME_ID": target}],
+            )
+        if self.client.recently_unreachable(route[1]):
+            raise ServiceUnavailable(
+                f"KME {route[1]} is unreachable; no key bits were used, retry later",
+                [{"peer_KME_ID": route[1]}],
+            )
+        suite = policy.suite(False)
+        at = datetime.now(UTC)
+        actor = f"sae:{master.sae_id}"
+        events = pool.EventBatch(at)
+        with self.db.write() as conn:
+            cut = pool.cut_keys(
+                conn,
+                self.envelope,
+                target_kme_id=route[1],
+                number=number,
+                size_bits=size,
+                min_key_size=self.cfg.min_key_size,
+                events=events,
+                actor=actor,
+            )
+            if cut is None:
+                raise ServiceUnavailable(
+                    f"not enough key material on the link to KME {route[1]} for this request; retry later",
+                    [{"requested_bits": number * size}],
+                )
+            exchange = self._encapsulate_to(conn, policy, target, at) if suite else None
+            hops = [{"from": self.kme_id, "to": route[1], "links": sorted({c.link_id or "" for c in cut})}]
+            pool.insert_reserved_keys(
+                conn,
+                self.envelope,
+                cut,
+                size_bits=size,
+                master_sae_id=master.sae_id,
+                slave_sae_ids=recipients,
+                target_kme_id=target,
+                ttl=timedelta(seconds=self.cfg.reserved_ttl_seconds),
+                policy=policy.mode.value,
+                suite=suite,
+                kem_exchange_id=exchange.exchange_id if exchange else None,
+                at=at,
+                state=KeyState.PRE_ACTIVE,
+                keep_material=False,
+                route=json.dumps(hops) if len(route) > 2 else None,
+            )
+            events.flush(conn)
+        body: dict[str, Any] = {
+            "route": route,
+            "hops": hops,
+            "size": size,
+            "keys": [
+                {
+                    "key_ID": c.key_id,
+                    "link_id": c.link_id,
+                    "block_id": c.source_block_id,
+                    "offset": c.source_bit,
+                }
+                for c in cut
+            ],
+            "ciphertext": None,
+            "master_SAE_ID": master.sae_id,
+            "slave_SAE_IDs": recipients,
+            "policy": policy.mode.value,
+            "suite": suite,
+            "kem": _kem_json(exchange, policy.kem) if exchange else None,
+        }
+        key_ids = [c.key_id for c in cut]
+        self._send_and_settle(route[1], body, key_ids, actor, f"{master.sae_id}->{slave.sae_id}")
+        return [
+            DeliveredKey(
+                c.key_id,
+                self.service.derive_key(c.material, exchange, suite, c.key_id, master.sae_id, slave, size)
+                if exchange and suite
+                else c.material or b"",
+            )
+            for c in cut
+        ]
+
+    def _send_and_settle(
+        self, peer_id: str, body: dict[str, Any], key_ids: list[str], actor: str, subject: str
+    ) -> None:
+        """Send a ledger entry; settle the pending keys as the peer's answer says. Raises 503 on failure."""
+        try:
+            reply = self.client.call(peer_id, "keys.record", body)
+        except PeerError as exc:
+            self._settle(key_ids, KeyState.DESTROYED, actor, subject, {"peer": peer_id, "reason": exc.reason})
+            if isinstance(exc, PeerUncertain):
+                self._cancel_later(peer_id, body["route"][0], key_ids)
+            raise ServiceUnavailable(
+                f"KME {peer_id} did not record the keys ({exc.reason}); no key was delivered and their bits"
+                " were discarded; retry later",
+                [{"peer_KME_ID": peer_id}],
+            ) from None
+        self._settle(
+            key_ids,
+            KeyState.CONSUMED,
+            actor,
+            subject,
+            {
+                "peer": peer_id,
+                "receipt_nonce": reply.nonce,
+                "route": body["route"],
+                "size": body["size"],
+                "slaves": body["slave_SAE_IDs"],
+                "policy": body["policy"],
+                "suite": body["suite"],
+            },
+        )
+
+    def _settle(
+        self, key_ids: list[str], target: KeyState, actor: str, subject: str, record: dict[str, Any]
+    ) -> None:
+        at = datetime.now(UTC)
+        action = "keys.reserved" if target is KeyState.CONSUMED else "keys.discarded"
+        reason = (
+            "recorded by the slave's KME"
+            if target is KeyState.CONSUMED
+            else f"peer failed: {record.get('reason')}"
+        )
+        with self.db.write() as conn:
+            peers.close_pending_keys(conn, key_ids, target, actor, reason, at)
+            audit.append(conn, at, [(actor, action, subject, {"key_IDs": key_ids, **record})])
+
+    def _cancel_later(self, peer_id: str, origin: str, key_ids: list[str]) -> None:
+        """The peer may have recorded keys we discarded: ask it to withdraw them (best effort; its
+        reserved-key TTL zeroises them anyway)."""
+
+        def cancel() -> None:
+            for delay in (0.0, 1.0, 2.0, 4.0, 8.0, 16.0):
+                time.sleep(delay)
+                try:
+                    self.client.call(peer_id, "keys.cancel", {"origin": origin, "key_IDs": key_ids})
+                    return
+                except PeerError as exc:
+                    log.info("peer_cancel_failed", peer=peer_id, error=exc.reason)
+
+        threading.Thread(target=cancel, name="qkms-peer-cancel", daemon=True).start()
+
+    def _encapsulate_to(self, conn: Any, policy: PairPolicy, target: str, at: datetime) -> KemExchange:
+        key = self.directory.kem_key(target)
+        if key is None:
+            raise ServiceUnavailable(
+                f"no ML-KEM public key is known for KME {target}; import its peer bundle"
+            )
+        if key.algorithm != policy.kem:
+            raise ServiceUnavailable(
+                f"KME {target}'s ML-KEM key is {key.algorithm}, the policy asks for {policy.kem}"
+            )
+        ciphertext, secret = self.identity.kem.encapsulate(KemAlgorithm(key.algorithm), key.public_key)
+        exchange_id = pool.insert_kem_exchange(
+            conn,
+            key.algorithm,
+            target,
+            key.version,
+            hashlib.sha384(key.public_key).hexdigest(),
+            ciphertext,
+            at,
+        )
+        return KemExchange(exchange_id, key.version, key.public_key, ciphertext, secret)
+
+    # -- peer side -----------------------------------------------------------------------------
+    def handle(self, message: PeerMessage) -> dict[str, Any]:
+        """Act on a verified message; the reply body. Raises ``MessageRejected`` (answered as a signed
+        error) when it must not be acted on."""
+        handlers = {
+            "keys.record": self._on_record,
+            "keys.cancel": self._on_cancel,
+            "blocks.announce": self._on_announce,
+            "topology": self._on_topology,
+        }
+        handler = handlers.get(message.type)
+        if handler is None:
+            raise MessageRejected(f"unknown message type {message.type!r}")
+        try:
+            return handler(message)
+        except (LedgerConflict, ValueError, KeyError, TypeError) as exc:
+            raise MessageRejected(f"cannot act on {message.type}: {exc}"[:300]) from exc
+
+    def _remember(self, conn: Any, message: PeerMessage) -> None:
+        if not peers.remember_message(
+            conn, message.sender, message.nonce, message.session, message.seq, message.type, datetime.now(UTC)
+        ):
+            raise MessageRejected("replayed message (nonce or sequence number seen before)")
+
+    def _on_topology(self, message: PeerMessage) -> dict[str, Any]:
+        with self.db.write() as conn:
+            self._remember(conn, message)
+        return {"edges": [e.to_json() for e in [*self.own_edges(), *self.topology.learned()]]}
+
+    def _on_cancel(self, message: PeerMessage) -> dict[str, Any]:
+        key_ids = [str(uuid.UUID(str(k))) for k in message.body["key_IDs"]][: self.cfg.max_key_per_request]
+        with self.db.write() as conn:
+            self._remember(conn, message)
+            gone = peers.destroy_recorded(
+                conn,
+                str(message.body["origin"]),
+                message.sender,
+                key_ids,
+                f"kme:{message.sender}",
+                datetime.now(UTC),
+            )
+            if gone:
+                audit.append(
+                    conn,
+                    datetime.now(UTC),
+                    [(f"kme:{message.sender}", "keys.withdrawn", "peer", {"key_IDs": gone})],
+                )
+        return {"withdrawn": len(gone)}
+
+    def _on_record(self, message: PeerMessage) -> dict[str, Any]:
+        b = message.body
+        route = [str(k) for k in b["route"]]
+        if self.kme_id not in route[1:] or route[route.index(self.kme_id) - 1] != message.sender:
+            raise MessageRejected("this KME is not the next hop after the sender on the message's route")
+        here = route.index(self.kme_id)
+        origin, target = route[0], route[-1]
+        size = int(b["size"])
+        if size <= 0 or size % 8 or size > 65536:
+            raise MessageRejected("key size must be a positive multiple of 8 bits")
+        master_id = str(b["master_SAE_ID"])
+        slaves = [str(s) for s in b["slave_SAE_IDs"]]
+        master = self.registry.get(master_id)
+        if master is None or master.kme_id != origin:
+            raise MessageRejected(f"SAE {master_id} is not served by the route's origin {origin}")
+        for sae_id in slaves:
+            info = self.registry.get(sae_id)
+            if info is None or info.kme_id != target or info.role != "sae":
+                raise MessageRejected(f"SAE {sae_id} is not served by the route's target {target}")
+        entries = b["keys"]
+        if not entries or len(entries) > self.cfg.max_key_per_request:
+            raise MessageRejected("a ledger entry names 1 to max_key_per_request keys")
+        key_ids = [str(uuid.UUID(str(e["key_ID"]))) for e in entries]
+        ciphertexts = b.get("ciphertext")
+        if ciphertexts is not None and len(ciphertexts) != len(entries):
+            raise MessageRejected("one ciphertext per key is required on a relayed hop")
+        at = datetime.now(UTC)
+        actor = f"kme:{message.sender}"
+        events = pool.EventBatch(at)
+        hops = list(b.get("hops") or [])
+        final = here == len(route) - 1
+        with self.db.write() as conn:
+            self._remember(conn, message)
+            bits = self._take(conn, message.sender, entries, size, events, actor)
+            if ciphertexts is not None:
+                bits = [_xor(k, base64.b64decode(c)) for k, c in zip(bits, ciphertexts, strict=True)]
+            if final:
+                self._record_final(conn, b, key_ids, bits, size, origin, slaves, hops, at)
+                events.flush(conn)
+                audit.append(
+                    conn,
+                    at,
+                    [
+                        (
+                            actor,
+                            "keys.recorded",
+                            f"{master_id}->{slaves[0]}",
+                            {"key_IDs": key_ids, "origin": origin, "route": route, "slaves": slaves},
+                        )
+                    ],
+                )
+                return {"recorded": len(key_ids)}
+            nxt = route[here + 1]
+            cut = pool.cut_keys(
+                conn,
+                self.envelope,
+                target_kme_id=nxt,
+                number=len(key_ids),
+                size_bits=size,
+                min_key_size=self.cfg.min_key_size,
+                events=events,
+                actor=actor,
+            )
+            if cut is None:
+                raise MessageRejected(f"not enough key on the link from {self.kme_id} to {nxt} to relay")
+            hops.append({"from": self.kme_id, "to": nxt, "links": sorted({c.link_id or "" for c in cut})})
+            pool.insert_reserved_keys(
+                conn,
+                self.envelope,
+                [pool.CutKey(k, None, c.block_id, c.bit_offset) for k, c in zip(key_ids, cut, strict=True)],
+                size_bits=size,
+                master_sae_id=master_id,
+                slave_sae_ids=slaves,
+                target_kme_id=target,
+                ttl=timedelta(seconds=self.cfg.reserved_ttl_seconds),
+                policy=str(b["policy"]),
+                suite=b.get("suite"),
+                kem_exchange_id=None,
+                at=at,
+                state=KeyState.PRE_ACTIVE,
+                keep_material=False,
+                source_kme_id=origin,
+                route=json.dumps(hops),
+            )
+            events.flush(conn)
+            forward = {
+                **b,
+                "hops": hops,
+                "keys": [
+                    {"key_ID": k, "link_id": c.link_id, "block_id": c.source_block_id, "offset": c.source_bit}
+                    for k, c in zip(key_ids, cut, strict=True)
+                ],
+                "ciphertext": [
+                    base64.b64encode(_xor(k_bits, c.material or b"")).decode()
+                    for k_bits, c in zip(bits, cut, strict=True)
+                ],
+            }
+        try:
+            self._send_and_settle(nxt, forward, key_ids, actor, f"relay {origin}->{target}")
+        except ServiceUnavailable as exc:
+            raise MessageRejected(f"relay to {nxt} failed: {exc.message}") from None
+        return {"recorded": len(key_ids), "relayed_to": nxt}
+
+    def _take(
+        self,
+        conn: Any,
+        sender: str,
+        entries: list[dict[str, Any]],
+        size: int,
+        events: pool.EventBatch,
+        actor: str,
+    ) -> list[bytes]:
+        by_link: dict[str, list[int]] = {}
+        for i, e in enumerate(entries):
+            by_link.setdefault(str(e["link_id"]), []).append(i)
+        out: list[bytes] = [b""] * len(entries)
+        for link_id, idx in by_link.items():
+            link = peers.peer_link(conn, link_id)
+            if link is None or link[0] != sender:
+                raise MessageRejected(f"link {link_id} is not a link with {sender}")
+            if link[1] != "active":
+                raise MessageRejected(f"link {link_id} is {link[1]} here")
+            got = peers.take_mirrored(
+                conn,
+                self.envelope,
+                link_id,
+                sender,
+                [BitRange(str(entries[i]["block_id"]), int(entries[i]["offset"]), size) for i in idx],
+                self.cfg.min_key_size,
+                events,
+                actor,
+            )
+            for i, (bits, _, _) in zip(idx, got, strict=True):
+                out[i] = bits
+        return out
+
+    def _record_final(
+        self,
+        conn: Any,
+        b: dict[str, Any],
+        key_ids: list[str],
+        bits: list[bytes],
+        size: int,
+        origin: str,
+        slaves: list[str],
+        hops: list[Any],
+        at: datetime,
+    ) -> None:
+        exchange_id = None
+        kem = b.get("kem")
+        if kem:
+            own = self.identity.public_key("kem", int(kem["key_version"]))
+            if hashlib.sha384(own.public_key).hexdigest() != kem["public_key_sha384"]:
+                raise MessageRejected("the ML-KEM ciphertext was made for another public key of this KME")
+            exchange_id = pool.insert_kem_exchange(
+                conn,
+                own.algorithm,
+                self.kme_id,
+                own.version,
+                kem["public_key_sha384"],
+                base64.b64decode(kem["ciphertext"]),
+                at,
+            )
+        pool.insert_reserved_keys(
+            conn,
+            self.envelope,
+            [pool.CutKey(k, m) for k, m in zip(key_ids, bits, strict=True)],
+            size_bits=size,
+            master_sae_id=str(b["master_SAE_ID"]),
+            slave_sae_ids=slaves,
+            target_kme_id=self.kme_id,
+            ttl=timedelta(seconds=self.cfg.reserved_ttl_seconds),
+            policy=str(b["policy"]),
+            suite=b.get("suite"),
+            kem_exchange_id=exchange_id,
+            at=at,
+            source_kme_id=origin,
+            route=json.dumps(hops) if len(hops) > 1 else None,
+        )
+
+    # -- block confirmation ---------------------------------------------------------------------
+    def sync_once(self) -> int:
+        """Announce this KME's unconfirmed blocks to each adjacent peer; activate what it confirms."""
+        confirmed_total = 0
+        with self.db.read() as conn:
+            levels = [lv for lv in peers.link_levels(conn) if lv.peer_kme_id != self.kme_id]
+        for lv in levels:
+            peer = self.directory.get(lv.peer_kme_id)
+            if peer is None or not peer.url or lv.state != "active":
+                continue
+            with self.db.read() as conn:
+                pending = peers.pending_blocks(conn, lv.link_id)
+            if not pending:
+                continue
+            body = {
+                "link_id": lv.link_id,
+                "storage_block_bits": self.cfg.storage_block_bits,
+                "blocks": [
+                    {"block_id": p.block_id, "pieces": p.pieces, "sync": dict(p.sync)} for p in pending
+                ],
+            }
+            try:
+                reply = self.client.call(peer.kme_id, "blocks.announce", body)
+            except PeerError as exc:
+                log.info("block_announce_failed", peer=peer.kme_id, error=exc.reason)
+                continue
+            confirmed = [str(x) for x in reply.body.get("confirmed", [])]
+            at = datetime.now(UTC)
+            events = pool.EventBatch(at)
+            with self.db.write() as conn:
+                n = peers.activate_blocks(conn, lv.link_id, confirmed, f"kme:{peer.kme_id}", events)
+                events.flush(conn)
+                entries: list[tuple[str, str, str, dict[str, Any]]] = []
+                if n:
+                    entries.append(
+                        (f"kme:{peer.kme_id}", "blocks.confirmed", lv.link_id, {"block_ids": confirmed})
+                    )
+                if reply.body.get("mismatched"):
+                    entries.append(
+                        (
+                            f"kme:{peer.kme_id}",
+                            "blocks.mismatched",
+                            lv.link_id,
+                            {"block_ids": reply.body["mismatched"]},
+                        )
+                    )
+                if entries:
+                    audit.append(conn, at, entries)
+            confirmed_total += len(confirmed)
+        return confirmed_total
+
+    def _on_announce(self, message: PeerMessage) -> dict[str, Any]:
+        b = message.body
+        link_id = str(b["link_id"])
+        if int(b["storage_block_bits"]) != self.cfg.storage_block_bits:
+            raise MessageRejected(
+                f"pool.storage_block_bits differs ({message.sender}: {b['storage_block_bits']}, "
+                f"{self.kme_id}: {self.cfg.storage_block_bits}); both ends must split blocks alike"
+            )
+        announced = {str(x["block_id"]): x for x in b["blocks"]}
+        with self.db.write() as conn:
+            self._remember(conn, message)
+            link = peers.peer_link(conn, link_id)
+            if link is None or link[0] != message.sender:
+                raise MessageRejected(f"link {link_id} is not a link with {message.sender}")
+            mine = peers.blocks_by_id(conn, link_id, list(announced))
+        follower = self.followers.get(link_id)
+        if follower is not None:
+            for block_id in [k for k in announced if k not in mine]:
+                self._fetch_from_device(follower, message.sender, announced[block_id])
+            with self.db.read() as conn:
+                mine = peers.blocks_by_id(conn, link_id, list(announced))
+        confirmed, pending, mismatched = [], [], []
+        for block_id, entry in announced.items():
+            held = mine.get(block_id)
+            if held is None:
+                pending.append(block_id)
+            elif [list(p) for p in held.pieces] == [list(p) for p in entry["pieces"]]:
+                confirmed.append(block_id)
+            else:
+                mismatched.append(block_id)
+        at = datetime.now(UTC)
+        events = pool.EventBatch(at)
+        with self.db.write() as conn:
+            peers.activate_blocks(conn, link_id, confirmed, f"kme:{message.sender}", events)
+            events.flush(conn)
+            if mismatched:
+                audit.append(
+                    conn,
+                    at,
+                    [(f"kme:{message.sender}", "blocks.mismatched", link_id, {"block_ids": mismatched})],
+                )
+        return {"confirmed": confirmed, "pending": pending, "mismatched": mismatched}
+
+    def _fetch_from_device(
+        self, follower: FollowerKeySource, peer_kme_id: str, entry: dict[str, Any]
+    ) -> None:
+        bit_length = sum(int(p[1]) for p in entry["pieces"])
+        try:
+            got = follower.fetch_announced(str(entry["block_id"]), bit_length, dict(entry.get("sync") or {}))
+        except KeySourceError as exc:
+            log.warning("follower_fetch_failed", link_id=follower.link_id, error=str(exc)[:200])
+            return
+        if isinstance(got, KeyBlock):
+            store_block(self.db, self.envelope, self.cfg, self.kme_id, got, peer_kme_id, confirmed=True)
+        else:
+            log.warning("follower_fetch_alarm", link_id=got.link_id, reason=got.reason[:200])
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _kem_json(exchange: KemExchange, algorithm: str) -> dict[str, Any]:
+    return {
+        "algorithm": algorithm,
+        "key_version": exchange.key_version,
+        "public_key_sha384": hashlib.sha384(exchange.public_key).hexdigest(),
+        "ciphertext": base64.b64encode(exchange.ciphertext).decode(),
+    }
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    if len(a) != len(b):
+        raise MessageRejected("one-time pad and key differ in length")
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")

@@ -1,0 +1,322 @@
+"""SQL for the KME-to-KME protocol: the replay guard, block confirmation, mirrored pieces, pending keys.
+
+A block shared with a peer KME is split piece by piece between the two ends (``owner_kme_id``): each
+KME cuts keys only from its own pieces and holds a *mirror* of the peer's, from which it takes
+exactly the bit ranges the peer's ledger names. A mirror zeroises the ranges it has handed out and
+remembers them (``taken``), so a range can never be recorded twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from kms.crypto.envelope import Envelope
+from kms.domain.lifecycle import KeyState
+from kms.storage.pool_repository import EventBatch, block_aad
+from kms.storage.rawsql import Raw
+
+
+class LedgerConflict(ValueError):
+    """A ledger entry names bits this KME cannot hand out (unknown, not the peer's, or taken)."""
+
+
+def remember_message(
+    conn: Connection, sender: str, nonce: str, session: str, seq: int, msg_type: str, at: datetime
+) -> bool:
+    """Record an accepted message; False if its nonce or (session, seq) was seen before (a replay)."""
+    raw = Raw(conn)
+    seen = raw.one(
+        "SELECT 1 FROM peer_messages WHERE sender = ? AND (nonce = ? OR (session = ? AND seq = ?))",
+        (sender, nonce, session, seq),
+    )
+    if seen is not None:
+        return False
+    raw.execute(
+        "INSERT INTO peer_messages (sender, nonce, session, seq, msg_type, received_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (sender, nonce, session, seq, msg_type, raw.ts(at)),
+    )
+    return True
+
+
+def prune_messages(conn: Connection, before: datetime) -> int:
+    """Forget messages older than the freshness window: their timestamps alone now reject replays."""
+    raw = Raw(conn)
+    return int(raw.execute("DELETE FROM peer_messages WHERE received_at < ?", (raw.ts(before),)).rowcount)
+
+
+@dataclass
+class SharedBlock:
+    block_id: str
+    pieces: list[tuple[int, int]] = field(default_factory=list)  # (source offset, bits)
+    states: set[str] = field(default_factory=set)
+    sync: Mapping[str, Any] = field(default_factory=dict)
+
+
+def pending_blocks(conn: Connection, link_id: str, limit: int = 64) -> list[SharedBlock]:
+    """Blocks of a peer link still ``pre_active`` here (not yet confirmed by the peer), oldest first."""
+    raw = Raw(conn)
+    ids = [
+        r[0]
+        for r in raw.all(
+            "SELECT source_block_id, MIN(id) FROM key_blocks WHERE link_id = ? AND state = 'pre_active'"
+            " GROUP BY source_block_id ORDER BY MIN(id) LIMIT ?",
+            (link_id, limit),
+        )
+    ]
+    return list(blocks_by_id(conn, link_id, ids).values())
+
+
+def blocks_by_id(conn: Connection, link_id: str, block_ids: Sequence[str]) -> dict[str, SharedBlock]:
+    if not block_ids:
+        return {}
+    raw = Raw(conn)
+    where, params = raw.in_list("source_block_id", block_ids)
+    out: dict[str, SharedBlock] = {}
+    for block_id, offset, bits, state, provenance in raw.all(
+        "SELECT source_block_id, source_offset_bits, bit_length, state, provenance FROM key_blocks"
+        f" WHERE link_id = ? AND {where} ORDER BY source_offset_bits",
+        [link_id, *params],
+    ):
+        block = out.setdefault(block_id, SharedBlock(block_id))
+        block.pieces.append((int(offset), int(bits)))
+        block.states.add(state)
+        if not block.sync:
+            prov = provenance if isinstance(provenance, dict) else json.loads(provenance)
+            block.sync = prov.get("sync") or {}
+    return out
+
+
+def activate_blocks(
+    conn: Connection, link_id: str, block_ids: Sequence[str], actor: str, events: EventBatch
+) -> int:
+    """``pre_active`` -> ``active`` for the pieces of blocks the peer has confirmed it holds."""
+    if not block_ids:
+        return 0
+    raw = Raw(conn)
+    where, params = raw.in_list("source_block_id", block_ids)
+    rows = raw.all(
+        f"SELECT id, source_block_id, source_offset_bits FROM key_blocks WHERE link_id = ? AND {where}"
+        " AND state = 'pre_active'" + raw.for_update(),
+        [link_id, *params],
+    )
+    for _, block_id, offset in rows:
+        events.add(
+            "block",
+            f"{link_id}/{block_id}@{offset}",
+            KeyState.PRE_ACTIVE,
+            KeyState.ACTIVE,
+            actor,
+            "peer confirmed",
+        )
+    if rows:
+        iwhere, iparams = raw.in_list("id", [r[0] for r in rows])
+        raw.execute(f"UPDATE key_blocks SET state = 'active' WHERE {iwhere}", iparams)
+    return len(rows)
+
+
+@dataclass(frozen=True)
+class BitRange:
+    block_id: str
+    offset: int  # bit offset in the source block
+    size: int
+
+
+def take_mirrored(
+    conn: Connection,
+    envelope: Envelope,
+    link_id: str,
+    owner_kme_id: str,
+    wanted: Sequence[BitRange],
+    min_key_size: int,
+    events: EventBatch,
+    actor: str,
+) -> list[tuple[bytes, int, int]]:
+    """Hand out the named ranges of the peer's pieces: (bits, piece row id, offset in the piece) each.
+
+    Raises ``LedgerConflict`` if a range is not inside an active piece that ``owner_kme_id`` cuts,
+    is not byte-aligned, or overlaps a range already handed out. The caller rolls back on error.
+    """
+    raw = Raw(conn)
+    pieces: dict[int, _Mirror] = {}
+    located: list[tuple[_Mirror, int, int]] = []
+    for r in wanted:
+        if r.offset % 8 or r.size % 8 or r.size <= 0:
+            raise LedgerConflict(f"range {r.block_id}@{r.offset}+{r.size} is not byte-aligned")
+        row = raw.one(
+            "SELECT id, source_offset_bits, bit_length, state, owner_kme_id, taken, material FROM key_blocks"
+            " WHERE link_id = ? AND source_block_id = ? AND source_offset_bits <= ?"
+            " AND source_offset_bits + bit_length >= ?" + raw.for_update(),
+            (link_id, r.block_id, r.offset, r.offset + r.size),
+        )
+        if row is None:
+            raise LedgerConflict(f"no piece of block {r.block_id} holds bits {r.offset}..{r.offset + r.size}")
+        piece = pieces.get(row[0])
+        if piece is None:
+            piece = _Mirror(int(row[0]), r.block_id, int(row[1]), int(row[2]), row[3], row[4], row[5], row[6])
+            if piece.owner != owner_kme_id:
+                raise LedgerConflict(f"block {r.block_id}@{piece.offset} is not cut by {owner_kme_id}")
+            if piece.state != KeyState.ACTIVE.value or piece.sealed is None:
+                raise LedgerConflict(f"block {r.block_id}@{piece.offset} is {piece.state}, not active")
+            piece.open(envelope, link_id)
+            pieces[piece.id] = piece
+        located.append((piece, r.offset - piece.offset, r.size))
+    out = [(piece.take(rel, size), piece.id, rel) for piece, rel, size in located]
+    for piece in pieces.values():
+        piece.store(raw, envelope, link_id, min_key_size, events, actor)
+    return out
+
+
+@dataclass
+class _Mirror:
+    id: int
+    block_id: str
+    offset: int
+    bits: int
+    state: str
+    owner: str | None
+    taken_json: str | None
+    sealed: bytes | None
+    material: bytearray = field(default_factory=bytearray)
+    taken: list[list[int]] = field(default_factory=list)
+
+    def open(self, envelope: Envelope, link_id: str) -> None:
+        assert self.sealed is not None
+        self.material = bytearray(
+            envelope.open(bytes(self.sealed), block_aad(link_id, self.block_id, self.offset, 0))
+        )
+        self.taken = json.loads(self.taken_json or "[]")
+
+    def take(self, rel: int, size: int) -> bytes:
+        start, end = rel, rel + size
+        if any(start < t_end and t_start < end for t_start, t_end in self.taken):
+            raise LedgerConflict(
+                f"bits {self.offset + start}..{self.offset + end} of {self.block_id} were already used"
+            )
+        self.taken.append([start, end])
+        bits = bytes(self.material[start // 8 : end // 8])
+        self.material[start // 8 : end // 8] = bytes(size // 8)  # zeroise what is handed out
+        return bits
+
+    def store(
+        self, raw: Raw, envelope: Envelope, link_id: str, min_key_size: int, events: EventBatch, actor: str
+    ) -> None:
+        merged = _merge(self.taken)
+        free = self.bits - sum(e - s for s, e in merged)
+        if free < min_key_size:
+            events.add(
+                "block",
+                f"{link_id}/{self.block_id}@{self.offset}",
+                KeyState.ACTIVE,
+                KeyState.EXHAUSTED,
+                actor,
+                "peer cut every usable range",
+            )
+            raw.execute(
+                "UPDATE key_blocks SET state = 'exhausted', material = NULL, taken = ? WHERE id = ?",
+                (json.dumps(merged), self.id),
+            )
+        else:
+            sealed = envelope.seal(bytes(self.material), block_aad(link_id, self.block_id, self.offset, 0))
+            raw.execute(
+                "UPDATE key_blocks SET material = ?, taken = ? WHERE id = ?",
+                (sealed, json.dumps(merged), self.id),
+            )
+
+
+def _merge(ranges: list[list[int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return out
+
+
+def close_pending_keys(
+    conn: Connection, key_ids: Sequence[str], target: KeyState, actor: str, reason: str, at: datetime
+) -> int:
+    """Settle keys cut for a slave at another KME: ``consumed`` once that KME recorded them,
+    ``destroyed`` (bits discarded, never served) when it did not."""
+    raw = Raw(conn)
+    where, params = raw.in_list("key_id", key_ids)
+    count = raw.execute(
+        f"UPDATE keys SET state = ?, closed_at = ? WHERE state = 'pre_active' AND {where}",
+        [target.value, raw.ts(at), *params],
+    ).rowcount
+    if target is KeyState.DESTROYED:
+        events = EventBatch(at)
+        for key_id in key_ids:
+            events.add("key", key_id, KeyState.PRE_ACTIVE, target, actor, reason[:500])
+        events.flush(conn)
+    return int(count)
+
+
+def destroy_recorded(
+    conn: Connection, origin: str, canceller: str, key_ids: Sequence[str], actor: str, at: datetime
+) -> list[str]:
+    """The master's KME (or a trusted node on the key's route) withdrew keys recorded here because it
+    could not confirm delivery: zeroise those still reserved."""
+    raw = Raw(conn)
+    where, params = raw.in_list("key_id", key_ids)
+    rows = [
+        r[0]
+        for r in raw.all(
+            f"SELECT key_id, route FROM keys WHERE source_kme_id = ? AND state = 'reserved' AND {where}"
+            + raw.for_update(),
+            [origin, *params],
+        )
+        if canceller == origin or canceller in _route_nodes(r[1])
+    ]
+    if rows:
+        rwhere, rparams = raw.in_list("key_id", rows)
+        raw.execute(
+            f"UPDATE keys SET state = 'destroyed', material = NULL, closed_at = ? WHERE {rwhere}",
+            [raw.ts(at), *rparams],
+        )
+        events = EventBatch(at)
+        for key_id in rows:
+            events.add(
+                "key", key_id, KeyState.RESERVED, KeyState.DESTROYED, actor, "withdrawn by the master's KME"
+            )
+        events.flush(conn)
+    return rows
+
+
+def _route_nodes(route: Any) -> set[str]:
+    hops = json.loads(route) if isinstance(route, str) else route or []
+    return {str(h.get("from")) for h in hops if isinstance(h, dict)}
+
+
+@dataclass(frozen=True)
+class LinkLevel:
+    link_id: str
+    peer_kme_id: str
+    state: str
+    own_bits: int  # unserved bits in active pieces this KME cuts
+
+
+def link_levels(conn: Connection) -> list[LinkLevel]:
+    raw = Raw(conn)
+    own = dict(
+        raw.all(
+            "SELECT link_id, SUM(bit_length - next_bit) FROM key_blocks"
+            " WHERE state = 'active' AND owner_kme_id IS NULL GROUP BY link_id"
+        )
+    )
+    return [
+        LinkLevel(r[0], r[1], r[2], int(own.get(r[0]) or 0))
+        for r in raw.all("SELECT id, peer_kme_id, state FROM links")
+    ]
+
+
+def peer_link(conn: Connection, link_id: str) -> tuple[str, str] | None:
+    """(peer KME, state) of a link."""
+    row = Raw(conn).one("SELECT peer_kme_id, state FROM links WHERE id = ?", (link_id,))
+    return (row[0], row[1]) if row else None
