@@ -39,6 +39,7 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from qkd_adapters.keyblock import KeyBlock, KeySourceError, LinkAlarm, LinkEvent, Provenance
@@ -48,6 +49,7 @@ KEY_SUFFIX = ".key"
 SIDECAR_SUFFIX = ".json"
 BLOCK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ALARM_CODE = "key-file-rejected"
+MAX_SIDECAR_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +158,23 @@ class KeyFileSource:
         block_id = key_path.name[: -len(KEY_SUFFIX)]
         sidecar = key_path.with_name(block_id + SIDECAR_SUFFIX)
         try:
-            stat = key_path.stat()
+            stat = key_path.lstat()
         except FileNotFoundError:
             return None  # taken away between listing and reading
+        if not S_ISREG(stat.st_mode):
+            # A symlink or device node: never read through it, and never zeroise what it points to.
+            log.warning(
+                "key file rejected: link=%s file=%s is not a regular file", self._link_id, key_path.name
+            )
+            key_path.unlink(missing_ok=True)
+            sidecar.unlink(missing_ok=True)
+            return LinkAlarm(
+                link_id=self._link_id,
+                block_id=None,
+                reason=f"{ALARM_CODE}: {key_path.name}: not a regular file",
+                severity="warning",
+                details={"code": ALARM_CODE, "file": key_path.name, "problem": "not a regular file"},
+            )
         if self._settle and now - stat.st_mtime < self._settle:
             return None
         if self._settle and sidecar.exists() and now - sidecar.stat().st_mtime < self._settle:
@@ -193,7 +209,9 @@ class KeyFileSource:
             raise _Rejected(f"key file holds {size} bytes, more than max_block_bytes {self._max_bytes}")
         meta = self._sidecar(sidecar)
         try:
-            material = key_path.read_bytes()
+            fd = os.open(key_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as fh:
+                material = fh.read(self._max_bytes + 1)
         except OSError as exc:
             raise _Rejected(f"key file cannot be read ({type(exc).__name__})") from exc
         if len(material) != size:
@@ -220,7 +238,11 @@ class KeyFileSource:
 
     def _sidecar(self, sidecar: Path) -> dict[str, Any] | None:
         try:
-            text = sidecar.read_text(encoding="utf-8")
+            with sidecar.open("rb") as fh:
+                raw = fh.read(MAX_SIDECAR_BYTES + 1)
+            if len(raw) > MAX_SIDECAR_BYTES:
+                raise _Rejected(f"sidecar is larger than {MAX_SIDECAR_BYTES} bytes")
+            text = raw.decode("utf-8")
         except FileNotFoundError:
             if self._require_sidecar:
                 raise _Rejected("sidecar file is missing and require_sidecar is set") from None
@@ -294,8 +316,9 @@ class KeyFileSource:
 
 
 def zeroise_file(path: Path) -> None:
-    """Overwrite ``path`` with zeros in place, fsync, then unlink it."""
-    with path.open("r+b") as fh:
+    """Overwrite ``path`` with zeros in place, fsync, then unlink it (never through a symlink)."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "r+b") as fh:
         size = os.fstat(fh.fileno()).st_size
         chunk = b"\0" * min(size, 1 << 20)
         written = 0

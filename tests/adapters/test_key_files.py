@@ -199,3 +199,23 @@ def test_pull_waits_up_to_timeout_for_a_file(tmp_path: Path) -> None:
     started = time.monotonic()
     assert source.pull(timeout=0.3) == []
     assert 0.25 <= time.monotonic() - started < 2
+
+
+def test_a_symlink_is_rejected_and_its_target_left_intact(tmp_path: Path) -> None:
+    target = tmp_path / "precious.bin"
+    target.write_bytes(b"\x42" * 32)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "blk-0001.key").symlink_to(target)
+    [alarm] = KeyFileSource("lk", tmp_path / "in").pull()
+    assert isinstance(alarm, LinkAlarm) and "not a regular file" in alarm.reason
+    assert target.read_bytes() == b"\x42" * 32
+    assert list((tmp_path / "in").iterdir()) == []
+
+
+def test_oversized_sidecar_and_key_file_are_rejected(tmp_path: Path) -> None:
+    write_block(tmp_path, "blk-0001", b"\x01" * 64)
+    (tmp_path / "blk-0002.json").write_text(json.dumps({"pad": "x" * (1 << 20)}))
+    write_block(tmp_path, "blk-0002", b"\x02" * 8)
+    big, sidecar = KeyFileSource("lk", tmp_path, max_block_bytes=32).pull()
+    assert isinstance(big, LinkAlarm) and "more than max_block_bytes" in big.reason
+    assert isinstance(sidecar, LinkAlarm) and "sidecar is larger" in sidecar.reason
