@@ -259,7 +259,7 @@ class Etsi014Master(_DeviceClient):
         number = min(self.keys_per_pull, _int_field(status, "max_key_per_request", self.keys_per_pull))
         stored = _int_field(status, "stored_key_count", number)
         if stored < number:
-            log.info("etsi014 device has %d keys, waiting for %d: link=%s", stored, number, self._link_id)
+            log.debug("etsi014 device has %d keys, waiting for %d: link=%s", stored, number, self._link_id)
             return None
         lo, hi = _int_field(status, "min_key_size", 0), _int_field(status, "max_key_size", 1 << 30)
         if not lo <= self.key_size <= hi:
