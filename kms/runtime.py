@@ -42,7 +42,7 @@ class Runtime:
 
     def make_filler(self) -> PoolFiller:
         sources = [
-            (build_source(link), link.peer_kme_id or self.settings.kme.id)
+            (build_source(link, base_dir=self.settings.config_dir), link.peer_kme_id or self.settings.kme.id)
             for link in self.settings.links
             if not _is_follower(link)
         ]
@@ -75,7 +75,7 @@ def build_network(settings: KmsSettings, runtime: Runtime) -> PeerNetwork | None
     followers: dict[str, FollowerKeySource] = {}
     for link in settings.links:
         if _is_follower(link):
-            source = build_source(link)
+            source = build_source(link, base_dir=settings.config_dir)
             if not isinstance(source, FollowerKeySource):
                 raise ConfigError(f"link {link.id}: the follower end's adapter cannot fetch announced blocks")
             followers[link.id] = source

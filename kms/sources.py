@@ -29,7 +29,10 @@ def build_source(link: LinkSection, base_dir: Path | None = None) -> KeySource:
     options = resolve_paths(link, base_dir)
     if link.source == "random":
         return RandomTestSource(
-            link.id, block_bits=int(options.get("block_bits", 65536)), rate_bps=options.get("rate_bps")
+            link.id,
+            block_bits=int(options.get("block_bits", 65536)),
+            rate_bps=options.get("rate_bps"),
+            shared_seed=options.get("shared_seed"),
         )
     if link.source == "key-files":
         from qkd_adapters.key_files import KeyFileSource

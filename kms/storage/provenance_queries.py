@@ -37,6 +37,8 @@ def key_provenance(conn: Connection, key_id: str, kme_id: str) -> dict[str, Any]
             keys.c.expires_at,
             keys.c.served_at,
             keys.c.closed_at,
+            keys.c.source_kme_id,
+            keys.c.route,
         ).where(keys.c.key_id == key_id)
     ).first()
     if key is None:
@@ -47,8 +49,13 @@ def key_provenance(conn: Connection, key_id: str, kme_id: str) -> dict[str, Any]
         "size_bits": key.size_bits,
         "policy": key.policy,
         "suite": key.suite,
-        "source_KME_ID": kme_id,
+        "source_KME_ID": key.source_kme_id or kme_id,
         "target_KME_ID": key.target_kme_id,
+        "recorded_by_KME_ID": kme_id,
+        # Relayed keys: every hop (KME to KME, over which links); the intermediate KMEs are the
+        # trusted nodes that saw the key.
+        "route": key.route,
+        "trusted_nodes": [hop["to"] for hop in (key.route or [])[:-1]],
         "master_SAE_ID": key.master_sae_id,
         "slave_SAE_ID": key.slave_sae_id,
         "created_at": _iso(key.created_at),

@@ -1,0 +1,119 @@
+"""Trusted-node relay over three sites A-B-C (links A-B and B-C, none A-C): real processes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kms.pilot import LinkSpec, SiteSpec, prepare_network, running_network
+from tests.peer.conftest import POOL, Network, wait_for_remote_keys
+
+POLICY = {"mode": "qkd", "kem": "ML-KEM-768", "rules": [{"master": "SAE-A2", "slave": "*", "mode": "hybrid"}]}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+    sites = prepare_network(
+        tmp_path_factory.mktemp("relay"),
+        [SiteSpec("KME-A", ("SAE-A1", "SAE-A2")), SiteSpec("KME-B", ("SAE-B1",)), SiteSpec("KME-C", ("SAE-C1",))],
+        [
+            LinkSpec("link-ab", "KME-A", "KME-B", options={"block_bits": 131072}),
+            LinkSpec("link-bc", "KME-B", "KME-C", options={"block_bits": 131072}),
+        ],
+        pool=POOL,
+        policy=POLICY,
+    )
+    net = Network(sites, {})
+    with running_network(sites):
+        try:
+            wait_for_remote_keys(net, "KME-A", "SAE-A1", "SAE-B1")
+            wait_for_remote_keys(net, "KME-B", "SAE-B1", "SAE-C1")
+            wait_for_remote_keys(net, "KME-A", "SAE-A1", "SAE-C1", minimum=8)
+            yield net
+        finally:
+            net.close()
+
+
+def cut_bits(site_dir: Path, link_id: str) -> tuple[int, int]:
+    """(bits this KME cut on the link, bits it handed out from its mirror of the peer's pieces)."""
+    with sqlite3.connect(site_dir / "qkms.db") as db:
+        own = db.execute(
+            "SELECT COALESCE(SUM(next_bit), 0) FROM key_blocks WHERE link_id = ? AND owner_kme_id IS NULL",
+            (link_id,),
+        ).fetchone()[0]
+        taken = 0
+        for (ranges,) in db.execute(
+            "SELECT taken FROM key_blocks WHERE link_id = ? AND owner_kme_id IS NOT NULL", (link_id,)
+        ):
+            taken += sum(end - start for start, end in json.loads(ranges or "[]"))
+        return int(own), taken
+
+
+def test_relayed_key_is_identical_at_a_and_c_and_consumes_each_hop(chain: Network) -> None:
+    a, b, c = (chain.sites[k].workdir for k in ("KME-A", "KME-B", "KME-C"))
+    before = {"a": cut_bits(a, "link-ab"), "b_ab": cut_bits(b, "link-ab"), "b_bc": cut_bits(b, "link-bc"),
+              "c": cut_bits(c, "link-bc")}
+    r = chain.sae("KME-A", "SAE-A1").post("/api/v1/keys/SAE-C1/enc_keys", json={"number": 3, "size": 512})
+    assert r.status_code == 200, r.text
+    keys = r.json()["keys"]
+    got = chain.sae("KME-C", "SAE-C1").post(
+        "/api/v1/keys/SAE-A1/dec_keys", json={"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]}
+    )
+    assert got.status_code == 200, got.text
+    assert [k["key"] for k in got.json()["keys"]] == [k["key"] for k in keys]
+    used = 3 * 512
+    assert cut_bits(a, "link-ab")[0] - before["a"][0] == used  # hop A-B: the key itself
+    assert cut_bits(b, "link-ab")[1] - before["b_ab"][1] == used  # B took the same bits from its mirror
+    assert cut_bits(b, "link-bc")[0] - before["b_bc"][0] == used  # hop B-C: the one-time pad
+    assert cut_bits(c, "link-bc")[1] - before["c"][1] == used
+    # Provenance at C names the trusted node; the trusted node keeps no material.
+    with sqlite3.connect(c / "qkms.db") as db:
+        route, source = db.execute(
+            "SELECT route, source_kme_id FROM keys WHERE key_id = ?", (keys[0]["key_ID"],)
+        ).fetchone()
+    hops = json.loads(route)
+    assert source == "KME-A"
+    assert [(h["from"], h["to"]) for h in hops] == [("KME-A", "KME-B"), ("KME-B", "KME-C")]
+    with sqlite3.connect(b / "qkms.db") as db:
+        rows = db.execute(
+            "SELECT state, material FROM keys WHERE key_id = ?", (keys[0]["key_ID"],)
+        ).fetchall()
+    assert rows == [("consumed", None)]
+
+
+def test_relay_honours_the_hybrid_policy(chain: Network) -> None:
+    r = chain.sae("KME-A", "SAE-A2").post("/api/v1/keys/SAE-C1/enc_keys", json={"number": 2})
+    assert r.status_code == 200, r.text
+    keys = r.json()["keys"]
+    got = chain.sae("KME-C", "SAE-C1").post(
+        "/api/v1/keys/SAE-A2/dec_keys", json={"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]}
+    )
+    assert got.status_code == 200, got.text
+    assert [k["key"] for k in got.json()["keys"]] == [k["key"] for k in keys]
+    with sqlite3.connect(chain.sites["KME-C"].workdir / "qkms.db") as db:
+        policy, suite, exchange = db.execute(
+            "SELECT policy, suite, kem_exchange_id FROM keys WHERE key_id = ?", (keys[0]["key_ID"],)
+        ).fetchone()
+    assert policy == "hybrid" and suite and exchange is not None
+
+
+def test_suspended_hop_leaves_no_route(chain: Network) -> None:
+    """Routing skips unhealthy links: with B-C suspended at B there is no route from A to C."""
+    import subprocess
+    import sys
+    import time
+
+    b_config = str(chain.sites["KME-B"].config_path)
+    qkms = [sys.executable, "-m", "kms"]
+    subprocess.run([*qkms, "link", "suspend", "--config", b_config, "link-bc"], check=True, capture_output=True)
+    try:
+        time.sleep(2.5)  # A's view of B's links is at most 2 s old
+        r = chain.sae("KME-A", "SAE-A1").post("/api/v1/keys/SAE-C1/enc_keys", json={"number": 1})
+        assert r.status_code == 503
+        assert "no route to KME KME-C" in r.json()["message"]
+    finally:
+        subprocess.run([*qkms, "link", "resume", "--config", b_config, "link-bc"], check=True, capture_output=True)
