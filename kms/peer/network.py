@@ -34,11 +34,12 @@ from kms.crypto.envelope import Envelope
 from kms.crypto.identity import KmeIdentity
 from kms.crypto.pqc.base import KemAlgorithm
 from kms.domain.delivery import DeliveredKey, KemExchange, KeyDeliveryService
-from kms.domain.errors import ServiceUnavailable
+from kms.domain.errors import DeliveryError, ServiceUnavailable
 from kms.domain.lifecycle import KeyState
 from kms.domain.policy import PairPolicy
 from kms.domain.saes import SaeInfo, SaeRegistry
 from kms.ingest import store_block
+from kms.peer.batching import KeyRequest, LedgerBatcher
 from kms.peer.client import PeerClient, PeerError, PeerUncertain
 from kms.peer.directory import PeerDirectory
 from kms.peer.messages import MessageRejected, PeerMessage
@@ -46,7 +47,7 @@ from kms.peer.routing import Edge, Topology
 from kms.storage import audit_repository as audit
 from kms.storage import peer_repository as peers
 from kms.storage import pool_repository as pool
-from kms.storage.database import Database
+from kms.storage.database import Database, savepoint
 from kms.storage.peer_repository import BitRange, LedgerConflict
 from qkd_adapters.keyblock import FollowerKeySource, KeyBlock, KeySourceError
 
@@ -78,6 +79,179 @@ class PeerNetwork:
         self.client = PeerClient(kme_id, peering, directory, identity)
         self.topology = Topology(kme_id)
         self.service: KeyDeliveryService | None = None
+        self._batchers: dict[str, LedgerBatcher] = {}
+        self._batchers_lock = threading.Lock()
+
+    def _batcher(self, peer_id: str) -> LedgerBatcher:
+        with self._batchers_lock:
+            batcher = self._batchers.get(peer_id)
+            if batcher is None:
+                batcher = self._batchers[peer_id] = LedgerBatcher(self, peer_id)
+            return batcher
+
+    def deliver_batch(self, peer_id: str, batch: list[KeyRequest]) -> None:
+        """Cut, record at ``peer_id`` and settle a batch of requests (see ``kms.peer.batching``)."""
+        assert self.service is not None
+        at = datetime.now(UTC)
+        events = pool.EventBatch(at)
+        prepared: list[tuple[KeyRequest, list[pool.CutKey], KemExchange | None, str | None]] = []
+        with self.db.write() as conn:
+            for req in batch:
+                mark = len(events.rows)
+                try:
+                    with savepoint(conn):
+                        prepared.append((req, *self._prepare(conn, req, peer_id, events, at)))
+                except DeliveryError as exc:
+                    del events.rows[mark:]
+                    req.future.set_exception(exc)
+            events.flush(conn)
+        if not prepared:
+            return
+        entries = [
+            self._entry_body([self.kme_id, peer_id], req, cut, exchange, suite)
+            for req, cut, exchange, suite in prepared
+        ]
+        try:
+            reply = self.client.call(peer_id, "keys.record.batch", {"entries": entries})
+            results = list(reply.body["results"])
+            if len(results) != len(prepared):
+                raise PeerUncertain(peer_id, "its receipt does not cover every entry")
+        except PeerError as exc:
+            self._settle_many(
+                [
+                    (
+                        f"sae:{r.master.sae_id}",
+                        f"{r.master.sae_id}->{r.slave.sae_id}",
+                        [c.key_id for c in cut],
+                        False,
+                        {"peer": peer_id, "reason": exc.reason},
+                    )
+                    for r, cut, _, _ in prepared
+                ]
+            )
+            if isinstance(exc, PeerUncertain):
+                self._cancel_later(peer_id, self.kme_id, [c.key_id for _, cut, _, _ in prepared for c in cut])
+            failure = ServiceUnavailable(
+                f"KME {peer_id} did not record the keys ({exc.reason}); no key was delivered and their bits"
+                " were discarded; retry later",
+                [{"peer_KME_ID": peer_id}],
+            )
+            for req, _, _, _ in prepared:
+                req.future.set_exception(failure)
+            return
+        settle = []
+        for (r, cut, _, suite), res in zip(prepared, results, strict=True):
+            ok = bool(res.get("ok"))
+            record: dict[str, Any] = (
+                {
+                    "peer": peer_id,
+                    "receipt_nonce": reply.nonce,
+                    "size": r.size,
+                    "slaves": r.recipients,
+                    "policy": r.policy.mode.value,
+                    "suite": suite,
+                }
+                if ok
+                else {"peer": peer_id, "reason": str(res.get("error"))[:300]}
+            )
+            settle.append(
+                (
+                    f"sae:{r.master.sae_id}",
+                    f"{r.master.sae_id}->{r.slave.sae_id}",
+                    [c.key_id for c in cut],
+                    ok,
+                    record,
+                )
+            )
+        self._settle_many(settle)
+        for (req, cut, exchange, suite), res in zip(prepared, results, strict=True):
+            if not res.get("ok"):
+                req.future.set_exception(
+                    ServiceUnavailable(
+                        f"KME {peer_id} refused the keys: {str(res.get('error'))[:200]}; retry later"
+                    )
+                )
+                continue
+            req.future.set_result(self._delivered(req, cut, exchange, suite))
+
+    def _prepare(
+        self, conn: Any, req: KeyRequest, peer_id: str, events: pool.EventBatch, at: datetime
+    ) -> tuple[list[pool.CutKey], KemExchange | None, str | None]:
+        suite = req.policy.suite(False)
+        cut = pool.cut_keys(
+            conn,
+            self.envelope,
+            target_kme_id=peer_id,
+            number=req.number,
+            size_bits=req.size,
+            min_key_size=self.cfg.min_key_size,
+            events=events,
+            actor=f"sae:{req.master.sae_id}",
+        )
+        if cut is None:
+            raise ServiceUnavailable(
+                f"not enough key material on the link to KME {peer_id} for this request; retry later",
+                [{"requested_bits": req.number * req.size}],
+            )
+        exchange = self._encapsulate_to(conn, req.policy, req.slave.kme_id, at) if suite else None
+        pool.insert_reserved_keys(
+            conn,
+            self.envelope,
+            cut,
+            size_bits=req.size,
+            master_sae_id=req.master.sae_id,
+            slave_sae_ids=req.recipients,
+            target_kme_id=req.slave.kme_id,
+            ttl=timedelta(seconds=self.cfg.reserved_ttl_seconds),
+            policy=req.policy.mode.value,
+            suite=suite,
+            kem_exchange_id=exchange.exchange_id if exchange else None,
+            at=at,
+            state=KeyState.PRE_ACTIVE,
+            keep_material=False,
+        )
+        return cut, exchange, suite
+
+    def _entry_body(
+        self,
+        route: list[str],
+        req: KeyRequest,
+        cut: list[pool.CutKey],
+        exchange: KemExchange | None,
+        suite: str | None,
+    ) -> dict[str, Any]:
+        return {
+            "route": route,
+            "hops": [{"from": route[0], "to": route[1], "links": sorted({c.link_id or "" for c in cut})}],
+            "size": req.size,
+            "keys": [
+                {
+                    "key_ID": c.key_id,
+                    "link_id": c.link_id,
+                    "block_id": c.source_block_id,
+                    "offset": c.source_bit,
+                }
+                for c in cut
+            ],
+            "ciphertext": None,
+            "master_SAE_ID": req.master.sae_id,
+            "slave_SAE_IDs": req.recipients,
+            "policy": req.policy.mode.value,
+            "suite": suite,
+            "kem": _kem_json(exchange, req.policy.kem) if exchange else None,
+        }
+
+    def _settle_many(self, items: list[tuple[str, str, list[str], bool, dict[str, Any]]]) -> None:
+        at = datetime.now(UTC)
+        with self.db.write() as conn:
+            entries: list[tuple[str, str, str, dict[str, Any]]] = []
+            for actor, subject, key_ids, ok, record in items:
+                target = KeyState.CONSUMED if ok else KeyState.DESTROYED
+                reason = "recorded by the slave's KME" if ok else f"peer failed: {record.get('reason')}"
+                peers.close_pending_keys(conn, key_ids, target, actor, reason, at)
+                action = "keys.reserved" if ok else "keys.discarded"
+                entries.append((actor, action, subject, {"key_IDs": key_ids, **record}))
+            audit.append(conn, at, entries)
 
     # -- routing -------------------------------------------------------------------------------
     def own_edges(self) -> list[Edge]:
@@ -138,72 +312,36 @@ class PeerNetwork:
                 f"KME {route[1]} is unreachable; no key bits were used, retry later",
                 [{"peer_KME_ID": route[1]}],
             )
-        suite = policy.suite(False)
+        if len(route) == 2:
+            return self._batcher(target).submit(KeyRequest(master, slave, recipients, number, size, policy))
+        # Relayed: one request at a time through the trusted nodes (each hop waits on the next).
+        request = KeyRequest(master, slave, recipients, number, size, policy)
         at = datetime.now(UTC)
-        actor = f"sae:{master.sae_id}"
         events = pool.EventBatch(at)
         with self.db.write() as conn:
-            cut = pool.cut_keys(
-                conn,
-                self.envelope,
-                target_kme_id=route[1],
-                number=number,
-                size_bits=size,
-                min_key_size=self.cfg.min_key_size,
-                events=events,
-                actor=actor,
-            )
-            if cut is None:
-                raise ServiceUnavailable(
-                    f"not enough key material on the link to KME {route[1]} for this request; retry later",
-                    [{"requested_bits": number * size}],
-                )
-            exchange = self._encapsulate_to(conn, policy, target, at) if suite else None
-            hops = [{"from": self.kme_id, "to": route[1], "links": sorted({c.link_id or "" for c in cut})}]
-            pool.insert_reserved_keys(
-                conn,
-                self.envelope,
-                cut,
-                size_bits=size,
-                master_sae_id=master.sae_id,
-                slave_sae_ids=recipients,
-                target_kme_id=target,
-                ttl=timedelta(seconds=self.cfg.reserved_ttl_seconds),
-                policy=policy.mode.value,
-                suite=suite,
-                kem_exchange_id=exchange.exchange_id if exchange else None,
-                at=at,
-                state=KeyState.PRE_ACTIVE,
-                keep_material=False,
-                route=json.dumps(hops) if len(route) > 2 else None,
-            )
+            cut, exchange, suite = self._prepare(conn, request, route[1], events, at)
             events.flush(conn)
-        body: dict[str, Any] = {
-            "route": route,
-            "hops": hops,
-            "size": size,
-            "keys": [
-                {
-                    "key_ID": c.key_id,
-                    "link_id": c.link_id,
-                    "block_id": c.source_block_id,
-                    "offset": c.source_bit,
-                }
-                for c in cut
-            ],
-            "ciphertext": None,
-            "master_SAE_ID": master.sae_id,
-            "slave_SAE_IDs": recipients,
-            "policy": policy.mode.value,
-            "suite": suite,
-            "kem": _kem_json(exchange, policy.kem) if exchange else None,
-        }
-        key_ids = [c.key_id for c in cut]
-        self._send_and_settle(route[1], body, key_ids, actor, f"{master.sae_id}->{slave.sae_id}")
+        body = self._entry_body(route, request, cut, exchange, suite)
+        self._send_and_settle(
+            route[1],
+            body,
+            [c.key_id for c in cut],
+            f"sae:{master.sae_id}",
+            f"{master.sae_id}->{slave.sae_id}",
+        )
+        return self._delivered(request, cut, exchange, suite)
+
+    def _delivered(
+        self, req: KeyRequest, cut: list[pool.CutKey], exchange: KemExchange | None, suite: str | None
+    ) -> list[DeliveredKey]:
+        """What the master receives: the QKD bits, or the hybrid keys derived from them."""
+        assert self.service is not None
         return [
             DeliveredKey(
                 c.key_id,
-                self.service.derive_key(c.material, exchange, suite, c.key_id, master.sae_id, slave, size)
+                self.service.derive_key(
+                    c.material, exchange, suite, c.key_id, req.master.sae_id, req.slave, req.size
+                )
                 if exchange and suite
                 else c.material or b"",
             )
@@ -298,6 +436,7 @@ class PeerNetwork:
         error) when it must not be acted on."""
         handlers = {
             "keys.record": self._on_record,
+            "keys.record.batch": self._on_record_batch,
             "keys.cancel": self._on_cancel,
             "blocks.announce": self._on_announce,
             "topology": self._on_topology,
@@ -348,22 +487,9 @@ class PeerNetwork:
             raise MessageRejected("this KME is not the next hop after the sender on the message's route")
         here = route.index(self.kme_id)
         origin, target = route[0], route[-1]
-        size = int(b["size"])
-        if size <= 0 or size % 8 or size > 65536:
-            raise MessageRejected("key size must be a positive multiple of 8 bits")
+        key_ids, slaves, size = self._check_entry(b)
         master_id = str(b["master_SAE_ID"])
-        slaves = [str(s) for s in b["slave_SAE_IDs"]]
-        master = self.registry.get(master_id)
-        if master is None or master.kme_id != origin:
-            raise MessageRejected(f"SAE {master_id} is not served by the route's origin {origin}")
-        for sae_id in slaves:
-            info = self.registry.get(sae_id)
-            if info is None or info.kme_id != target or info.role != "sae":
-                raise MessageRejected(f"SAE {sae_id} is not served by the route's target {target}")
         entries = b["keys"]
-        if not entries or len(entries) > self.cfg.max_key_per_request:
-            raise MessageRejected("a ledger entry names 1 to max_key_per_request keys")
-        key_ids = [str(uuid.UUID(str(e["key_ID"]))) for e in entries]
         ciphertexts = b.get("ciphertext")
         if ciphertexts is not None and len(ciphertexts) != len(entries):
             raise MessageRejected("one ciphertext per key is required on a relayed hop")
@@ -443,6 +569,67 @@ class PeerNetwork:
         except ServiceUnavailable as exc:
             raise MessageRejected(f"relay to {nxt} failed: {exc.message}") from None
         return {"recorded": len(key_ids), "relayed_to": nxt}
+
+    def _on_record_batch(self, message: PeerMessage) -> dict[str, Any]:
+        """Entries for slaves here, from the adjacent master KME: one transaction, each entry on its own
+        savepoint so that one refused entry does not refuse the others."""
+        entries = list(message.body["entries"])
+        if not entries or len(entries) > 256:
+            raise MessageRejected("a batch holds 1 to 256 entries")
+        at = datetime.now(UTC)
+        actor = f"kme:{message.sender}"
+        events = pool.EventBatch(at)
+        results: list[dict[str, Any]] = []
+        records: list[tuple[str, str, str, dict[str, Any]]] = []
+        with self.db.write() as conn:
+            self._remember(conn, message)
+            for b in entries:
+                mark = len(events.rows)
+                try:
+                    with savepoint(conn):
+                        if [str(k) for k in b["route"]] != [message.sender, self.kme_id]:
+                            raise MessageRejected(
+                                "a batched entry must go from the sender straight to this KME"
+                            )
+                        key_ids, slaves, size = self._check_entry(b)
+                        bits = self._take(conn, message.sender, list(b["keys"]), size, events, actor)
+                        self._record_final(conn, b, key_ids, bits, size, message.sender, slaves, [], at)
+                    results.append({"ok": True})
+                    subject = f"{b['master_SAE_ID']}->{slaves[0]}"
+                    records.append(
+                        (actor, "keys.recorded", subject, {"key_IDs": key_ids, "origin": message.sender})
+                    )
+                except (MessageRejected, LedgerConflict, ValueError, KeyError, TypeError) as exc:
+                    del events.rows[mark:]
+                    reason = exc.reason if isinstance(exc, MessageRejected) else str(exc)
+                    results.append({"ok": False, "error": reason[:300]})
+            events.flush(conn)
+            if records:
+                audit.append(conn, at, records)
+        return {"results": results}
+
+    def _check_entry(self, b: dict[str, Any]) -> tuple[list[str], list[str], int]:
+        """Validate a ledger entry's SAEs and keys: (key_IDs, slaves, size)."""
+        route = [str(k) for k in b["route"]]
+        origin, target = route[0], route[-1]
+        size = int(b["size"])
+        if size <= 0 or size % 8 or size > 65536:
+            raise MessageRejected("key size must be a positive multiple of 8 bits")
+        master_id = str(b["master_SAE_ID"])
+        slaves = [str(s) for s in b["slave_SAE_IDs"]]
+        master = self.registry.get(master_id)
+        if master is None or master.kme_id != origin:
+            raise MessageRejected(f"SAE {master_id} is not served by the route's origin {origin}")
+        if not slaves:
+            raise MessageRejected("a ledger entry names at least one slave")
+        for sae_id in slaves:
+            info = self.registry.get(sae_id)
+            if info is None or info.kme_id != target or info.role != "sae":
+                raise MessageRejected(f"SAE {sae_id} is not served by the route's target {target}")
+        entries = b["keys"]
+        if not entries or len(entries) > self.cfg.max_key_per_request:
+            raise MessageRejected("a ledger entry names 1 to max_key_per_request keys")
+        return [str(uuid.UUID(str(e["key_ID"]))) for e in entries], slaves, size
 
     def _take(
         self,
