@@ -30,7 +30,8 @@ from kms.config import KmsSettings
 from kms.ingest import PoolFiller
 from kms.logs import configure_logging
 from kms.runtime import Runtime, build_runtime
-from kms.storage.peer_repository import prune_messages
+from kms.storage import audit_repository
+from kms.storage.peer_repository import destroy_stale_pending, prune_messages
 
 log = structlog.get_logger(__name__)
 CONFIG_ENV = "QKMS_CONFIG"
@@ -117,8 +118,16 @@ class Background:
             try:
                 network.sync_once()
                 if time.monotonic() - last_prune > 30:
+                    now = datetime.now(UTC)
+                    stale = now - timedelta(seconds=10 * self.runtime.settings.peering.timeout_seconds)
+                    actor = f"kme:{self.runtime.settings.kme.id}/peer-sync"
                     with self.runtime.db.write() as conn:
-                        prune_messages(conn, datetime.now(UTC) - window)
+                        prune_messages(conn, now - window)
+                        gone = destroy_stale_pending(conn, stale, actor)
+                        if gone:
+                            audit_repository.append(
+                                conn, now, [(actor, "keys.discarded", "pending", {"key_IDs": gone})]
+                            )
                     last_prune = time.monotonic()
             except Exception as exc:
                 log.error("peer_sync_failed", error=type(exc).__name__, detail=str(exc)[:200])

@@ -320,3 +320,27 @@ def peer_link(conn: Connection, link_id: str) -> tuple[str, str] | None:
     """(peer KME, state) of a link."""
     row = Raw(conn).one("SELECT peer_kme_id, state FROM links WHERE id = ?", (link_id,))
     return (row[0], row[1]) if row else None
+
+
+def destroy_stale_pending(conn: Connection, before: datetime, actor: str) -> list[str]:
+    """Keys still ``pre_active`` long after their request (the process died between cutting them and
+    hearing from the peer): destroyed, so their bits are accounted for and never served."""
+    raw = Raw(conn)
+    rows = [
+        r[0]
+        for r in raw.all(
+            "SELECT key_id FROM keys WHERE state = 'pre_active' AND created_at < ? LIMIT 1000"
+            + raw.for_update(skip_locked=True),
+            (raw.ts(before),),
+        )
+    ]
+    if rows:
+        close_pending_keys(
+            conn,
+            rows,
+            KeyState.DESTROYED,
+            actor,
+            "no answer from the peer before the process stopped",
+            before,
+        )
+    return rows
