@@ -316,10 +316,29 @@ class Etsi014Follower(_DeviceClient):
     ``peer_sae_id`` is the near KME's SAE ID at the near device (the master of the announced keys).
     ``pull`` returns nothing, so a pool filler can hold this object harmlessly; blocks come only
     through ``fetch_announced``.
+
+    Provenance is ``simulated`` when the option says so or when this end's device says so in its Get
+    status ``status_extension``, as at the master; the device is asked once, before the first fetch.
     """
+
+    _extension: dict[str, Any] | None = None  # the device's status_extension, once asked ({}: none)
 
     def describe(self) -> Mapping[str, Any]:
         return self._describe("follower")
+
+    def _status_extension(self) -> dict[str, Any]:
+        """The device's Get status ``status_extension``; ``DeviceError`` if it does not answer (the
+        keys are then left at the device for the next announcement)."""
+        if self._extension is None:
+            try:
+                status = self._call("GET", self._path(self.peer_sae_id, "status"))
+            except DeviceError as exc:
+                if exc.status in (None, 503):
+                    raise
+                status = None  # it refuses Get status in this direction (400, 401): no claim
+            extension = status.get("status_extension") if isinstance(status, dict) else None
+            self._extension = dict(extension) if isinstance(extension, dict) else {}
+        return self._extension
 
     def pull(self, max_events: int = 16, timeout: float = 0.0) -> Sequence[LinkEvent]:
         return []
@@ -340,6 +359,7 @@ class Etsi014Follower(_DeviceClient):
             return self._alarm(block_id, f"announcement does not match its sync metadata: {problem}", details)
         assert isinstance(key_ids, list) and isinstance(key_size, int)
         try:
+            extension = self._status_extension()
             container = self._call(
                 "POST",
                 self._path(self.peer_sae_id, "dec_keys"),
@@ -353,12 +373,14 @@ class Etsi014Follower(_DeviceClient):
         except DeviceError as exc:
             return self._alarm(block_id, str(exc), details)
         details.update({"keys": len(got_ids), "key_size": key_size})
+        if extension:
+            details["device_status_extension"] = extension
         return KeyBlock(
             link_id=self._link_id,
             block_id=block_id,
             material=material,
             bit_length=bit_length,
-            provenance=self._provenance(details, self.simulated),
+            provenance=self._provenance(details, self.simulated or extension.get("simulated") is True),
             sync={"key_IDs": list(key_ids), "key_size": key_size},
         )
 

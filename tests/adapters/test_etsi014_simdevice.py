@@ -68,6 +68,8 @@ def test_master_block_is_fetched_identically_by_the_follower(device: SimDevice) 
         assert copy.material == block.material  # Bob's end of the simulated link, after Cascade and PA
         assert (copy.block_id, copy.bit_length, dict(copy.sync)) == (block.block_id, block.bit_length, sync)
         assert copy.provenance.details["role"] == "follower"
+        assert copy.provenance.simulated is True  # device B says so too (its status_extension)
+        assert copy.provenance.details["device_status_extension"]["simulated"] is True
 
         # Each key_ID is delivered once: a second fetch finds nothing at the device.
         with pytest.raises(KeySourceError, match="400"):
