@@ -206,5 +206,6 @@ def serve(config_path: Path, host: str | None = None, port: int | None = None, w
         access_log=False,
         log_config=None,
         timeout_keep_alive=30,
+        timeout_graceful_shutdown=3,
         server_header=False,
     )

@@ -195,6 +195,7 @@ def run_devices(device: DeviceDir, pair: DevicePair, ports: dict[Site, int], hos
             log_config=None,
             server_header=False,
             timeout_keep_alive=30,
+            timeout_graceful_shutdown=3,
         )
         servers.append(_Server(config))
 
