@@ -8,13 +8,23 @@ bash scripts/bootstrap.sh
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing+=(postgresql)
 { [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null; } || missing+=(softhsm2)
-if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "installing ${missing[*]} (Debian packages) for the tests"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+# docker-compose (Debian's Compose v1) validates docker/compose.two-site.yml; the tests need no Docker
+# engine, so its recommended docker.io is left out.
+missing_norec=()
+command -v docker-compose >/dev/null 2>&1 || missing_norec+=(docker-compose)
+if [ $((${#missing[@]} + ${#missing_norec[@]})) -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing ${missing[*]} ${missing_norec[*]} (Debian packages) for the tests"
+  apt-get update -qq
+  if [ ${#missing[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if [ ${#missing_norec[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing_norec[@]}" >/dev/null
+  fi
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-# The suite must exercise a real PostgreSQL: fail rather than skip if it cannot start one.
-export QKMS_REQUIRE_POSTGRES=1 QKMS_REQUIRE_SOFTHSM=1
+# The suite must exercise a real PostgreSQL (and check the compose pilot): fail rather than skip.
+export QKMS_REQUIRE_POSTGRES=1 QKMS_REQUIRE_SOFTHSM=1 QKMS_REQUIRE_DOCKER_COMPOSE=1
 exec .venv/bin/python -m pytest "$@"

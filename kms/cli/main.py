@@ -12,6 +12,7 @@ from rich.table import Table
 from kms.cli.admin import audit_app, keys_app, link_app
 from kms.cli.doctor import doctor
 from kms.cli.peer import peer_app
+from kms.cli.pilot import pilot_app
 from kms.cli.sim import sim_app
 from kms.config import ConfigError, KmsSettings
 
@@ -48,7 +49,10 @@ def init(
     ] = None,
     link_source: Annotated[
         str,
-        typer.Option("--link-source", help="'simulated' (full-physics BB84 link) or 'random' (test source)."),
+        typer.Option(
+            "--link-source",
+            help="'simulated' (full-physics BB84 link), 'random' (test source) or 'none' (peer links only).",
+        ),
     ] = "simulated",
     auditor: Annotated[
         list[str] | None, typer.Option("--auditor", help="A security-team client of the audit API (repeat).")
@@ -72,8 +76,8 @@ def init(
     from kms.crypto.envelope import KekError
     from kms.workdir import InitError, init_workdir
 
-    if link_source not in ("simulated", "random"):
-        raise typer.BadParameter("--link-source must be 'simulated' or 'random'")
+    if link_source not in ("simulated", "random", "none"):
+        raise typer.BadParameter("--link-source must be 'simulated', 'random' or 'none'")
     if policy not in ("qkd", "hybrid"):
         raise typer.BadParameter("--policy must be 'qkd' or 'hybrid'")
     if (pkcs11_module is None) != (pkcs11_token is None):
@@ -85,7 +89,7 @@ def init(
             sae,
             port=port,
             database_url=database_url,
-            link_source=link_source,
+            link_source=None if link_source == "none" else link_source,
             auditor_ids=auditor or [],
             policy={"mode": policy, "pqc_fallback": pqc_fallback, "kem": "ML-KEM-768"},
             pkcs11=(
@@ -197,3 +201,4 @@ app.add_typer(link_app, name="link")
 app.command(help="Report the PQC backends found, their versions and self-tests.")(doctor)
 app.add_typer(sim_app, name="sim")
 app.add_typer(peer_app, name="peer")
+app.add_typer(pilot_app, name="pilot")
