@@ -19,7 +19,11 @@ POLICY = {"mode": "qkd", "kem": "ML-KEM-768", "rules": [{"master": "SAE-A2", "sl
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
     sites = prepare_network(
         tmp_path_factory.mktemp("relay"),
-        [SiteSpec("KME-A", ("SAE-A1", "SAE-A2")), SiteSpec("KME-B", ("SAE-B1",)), SiteSpec("KME-C", ("SAE-C1",))],
+        [
+            SiteSpec("KME-A", ("SAE-A1", "SAE-A2")),
+            SiteSpec("KME-B", ("SAE-B1",)),
+            SiteSpec("KME-C", ("SAE-C1",)),
+        ],
         [
             LinkSpec("link-ab", "KME-A", "KME-B", options={"block_bits": 131072}),
             LinkSpec("link-bc", "KME-B", "KME-C", options={"block_bits": 131072}),
@@ -55,8 +59,12 @@ def cut_bits(site_dir: Path, link_id: str) -> tuple[int, int]:
 
 def test_relayed_key_is_identical_at_a_and_c_and_consumes_each_hop(chain: Network) -> None:
     a, b, c = (chain.sites[k].workdir for k in ("KME-A", "KME-B", "KME-C"))
-    before = {"a": cut_bits(a, "link-ab"), "b_ab": cut_bits(b, "link-ab"), "b_bc": cut_bits(b, "link-bc"),
-              "c": cut_bits(c, "link-bc")}
+    before = {
+        "a": cut_bits(a, "link-ab"),
+        "b_ab": cut_bits(b, "link-ab"),
+        "b_bc": cut_bits(b, "link-bc"),
+        "c": cut_bits(c, "link-bc"),
+    }
     r = chain.sae("KME-A", "SAE-A1").post("/api/v1/keys/SAE-C1/enc_keys", json={"number": 3, "size": 512})
     assert r.status_code == 200, r.text
     keys = r.json()["keys"]
@@ -109,11 +117,15 @@ def test_suspended_hop_leaves_no_route(chain: Network) -> None:
 
     b_config = str(chain.sites["KME-B"].config_path)
     qkms = [sys.executable, "-m", "kms"]
-    subprocess.run([*qkms, "link", "suspend", "--config", b_config, "link-bc"], check=True, capture_output=True)
+    subprocess.run(
+        [*qkms, "link", "suspend", "--config", b_config, "link-bc"], check=True, capture_output=True
+    )
     try:
         time.sleep(2.5)  # A's view of B's links is at most 2 s old
         r = chain.sae("KME-A", "SAE-A1").post("/api/v1/keys/SAE-C1/enc_keys", json={"number": 1})
         assert r.status_code == 503
         assert "no route to KME KME-C" in r.json()["message"]
     finally:
-        subprocess.run([*qkms, "link", "resume", "--config", b_config, "link-bc"], check=True, capture_output=True)
+        subprocess.run(
+            [*qkms, "link", "resume", "--config", b_config, "link-bc"], check=True, capture_output=True
+        )
