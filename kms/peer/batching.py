@@ -1,9 +1,9 @@
 """Group commit for keys to an adjacent KME: concurrent requests share one ledger message.
 
-Each request for a slave at an adjacent KME is queued; one thread per peer takes whatever is queued
+Each request for a slave at an adjacent KME is queued; a sender thread per peer takes whatever is queued
 (up to ``MAX_ENTRIES``), cuts every request's keys in one transaction, sends them as one ML-DSA-signed
 ledger message, and settles them in one transaction when the peer's signed receipt (one result per
-entry) comes back. Signatures and transactions are paid per batch, not per request, while every
+entry) comes back. ``IN_FLIGHT`` sender threads keep that many batches going at once. Signatures and transactions are paid per batch, not per request, while every
 request still gets its keys only after the peer has recorded them — or its own 503.
 """
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 MAX_ENTRIES = 64
+IN_FLIGHT = 1
 
 
 @dataclass
@@ -44,8 +45,13 @@ class LedgerBatcher:
         self.network = network
         self.peer_id = peer_id
         self._queue: queue.Queue[KeyRequest] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=f"qkms-ledger-{peer_id}", daemon=True)
-        self._thread.start()
+        # Two batches in flight: one is being cut and settled here while the other waits on the peer.
+        self._threads = [
+            threading.Thread(target=self._run, name=f"qkms-ledger-{peer_id}-{i}", daemon=True)
+            for i in range(IN_FLIGHT)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, request: KeyRequest) -> list[DeliveredKey]:
         self._queue.put(request)

@@ -52,6 +52,7 @@ from kms.storage.peer_repository import BitRange, LedgerConflict
 from qkd_adapters.keyblock import FollowerKeySource, KeyBlock, KeySourceError
 
 log = structlog.get_logger(__name__)
+OWN_EDGES_MAX_AGE = 0.5
 
 
 class PeerNetwork:
@@ -81,6 +82,7 @@ class PeerNetwork:
         self.service: KeyDeliveryService | None = None
         self._batchers: dict[str, LedgerBatcher] = {}
         self._batchers_lock = threading.Lock()
+        self._own_edges_cache: tuple[float, list[Edge]] | None = None
 
     def _batcher(self, peer_id: str) -> LedgerBatcher:
         with self._batchers_lock:
@@ -274,8 +276,21 @@ class PeerNetwork:
                 log.info("topology_refresh_failed", peer=peer.kme_id, error=str(exc)[:200])
         self.topology.mark_refreshed()
 
+    def _cached_own_edges(self) -> list[Edge]:
+        """Own link levels, re-read at most every ``OWN_EDGES_MAX_AGE`` s: routing runs per request, and
+        a stale stock figure only makes the cut itself answer 503."""
+        now = time.monotonic()
+        with self._batchers_lock:
+            cached = self._own_edges_cache
+        if cached is not None and now - cached[0] < OWN_EDGES_MAX_AGE:
+            return cached[1]
+        edges = self.own_edges()
+        with self._batchers_lock:
+            self._own_edges_cache = (now, edges)
+        return edges
+
     def route_to(self, target_kme_id: str, needed_bits: int) -> list[str] | None:
-        own = self.own_edges()
+        own = self._cached_own_edges()
         if any(e.dst == target_kme_id and e.state == "active" and e.bits >= needed_bits for e in own):
             return [self.kme_id, target_kme_id]
         return self.topology.route(own, target_kme_id, needed_bits, refresh=self.refresh_topology)
