@@ -3,7 +3,8 @@
 Each request for a slave at an adjacent KME is queued; a sender thread per peer takes whatever is queued
 (up to ``MAX_ENTRIES``), cuts every request's keys in one transaction, sends them as one ML-DSA-signed
 ledger message, and settles them in one transaction when the peer's signed receipt (one result per
-entry) comes back. ``IN_FLIGHT`` sender threads keep that many batches going at once. Signatures and transactions are paid per batch, not per request, while every
+entry) comes back; ``IN_FLIGHT`` sender threads keep that many batches going at once. Signatures and
+transactions are paid per batch, not per request, while every
 request still gets its keys only after the peer has recorded them — or its own 503.
 """
 
@@ -45,7 +46,8 @@ class LedgerBatcher:
         self.network = network
         self.peer_id = peer_id
         self._queue: queue.Queue[KeyRequest] = queue.Queue()
-        # Two batches in flight: one is being cut and settled here while the other waits on the peer.
+        # One batch in flight per peer: on a small machine larger batches beat overlap (fewer ML-DSA
+        # signatures per key); raise IN_FLIGHT where cores are plenty and the peer link is slow.
         self._threads = [
             threading.Thread(target=self._run, name=f"qkms-ledger-{peer_id}-{i}", daemon=True)
             for i in range(IN_FLIGHT)
