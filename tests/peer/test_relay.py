@@ -129,3 +129,21 @@ def test_suspended_hop_leaves_no_route(chain: Network) -> None:
         subprocess.run(
             [*qkms, "link", "resume", "--config", b_config, "link-bc"], check=True, capture_output=True
         )
+
+
+def test_direct_hybrid_key_to_the_adjacent_site(chain: Network) -> None:
+    """SAE-A2's pairs are hybrid: the keys to B go through the batched ledger with an ML-KEM
+    ciphertext for B, and B derives the same hybrid keys."""
+    r = chain.sae("KME-A", "SAE-A2").post("/api/v1/keys/SAE-B1/enc_keys", json={"number": 3})
+    assert r.status_code == 200, r.text
+    keys = r.json()["keys"]
+    got = chain.sae("KME-B", "SAE-B1").post(
+        "/api/v1/keys/SAE-A2/dec_keys", json={"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]}
+    )
+    assert got.status_code == 200, got.text
+    assert [k["key"] for k in got.json()["keys"]] == [k["key"] for k in keys]
+    with sqlite3.connect(chain.sites["KME-B"].workdir / "qkms.db") as db:
+        policy, exchange = db.execute(
+            "SELECT policy, kem_exchange_id FROM keys WHERE key_id = ?", (keys[0]["key_ID"],)
+        ).fetchone()
+    assert policy == "hybrid" and exchange is not None
