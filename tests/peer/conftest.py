@@ -79,3 +79,17 @@ def two_sites(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
             yield net
         finally:
             net.close()
+
+
+def query(site: Site, sql: str, **params: object) -> list[tuple[object, ...]]:
+    """Read a site's database (SQLite or PostgreSQL) directly, as an auditor with DB access would."""
+    from sqlalchemy import create_engine, text
+
+    from kms.config import KmsSettings
+
+    engine = create_engine(KmsSettings.load(site.config_path).database.url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params)]
+    finally:
+        engine.dispose()

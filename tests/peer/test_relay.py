@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from kms.pilot import LinkSpec, SiteSpec, prepare_network, running_network
-from tests.peer.conftest import POOL, Network, wait_for_remote_keys
+from kms.pilot import LinkSpec, Site, SiteSpec, prepare_network, running_network
+from tests.conftest import database_url
+from tests.peer.conftest import POOL, Network, query, wait_for_remote_keys
 
 POLICY = {"mode": "qkd", "kem": "ML-KEM-768", "rules": [{"master": "SAE-A2", "slave": "*", "mode": "hybrid"}]}
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def chain(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+    urls = {kme: database_url(request.param, request) for kme in ("KME-A", "KME-B", "KME-C")}
     sites = prepare_network(
-        tmp_path_factory.mktemp("relay"),
+        tmp_path_factory.mktemp(f"relay-{request.param}"),
         [
-            SiteSpec("KME-A", ("SAE-A1", "SAE-A2")),
-            SiteSpec("KME-B", ("SAE-B1",)),
-            SiteSpec("KME-C", ("SAE-C1",)),
+            SiteSpec("KME-A", ("SAE-A1", "SAE-A2"), urls["KME-A"]),
+            SiteSpec("KME-B", ("SAE-B1",), urls["KME-B"]),
+            SiteSpec("KME-C", ("SAE-C1",), urls["KME-C"]),
         ],
         [
             LinkSpec("link-ab", "KME-A", "KME-B", options={"block_bits": 131072}),
@@ -42,23 +42,29 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
             net.close()
 
 
-def cut_bits(site_dir: Path, link_id: str) -> tuple[int, int]:
+def cut_bits(site: Site, link_id: str) -> tuple[int, int]:
     """(bits this KME cut on the link, bits it handed out from its mirror of the peer's pieces)."""
-    with sqlite3.connect(site_dir / "qkms.db") as db:
-        own = db.execute(
-            "SELECT COALESCE(SUM(next_bit), 0) FROM key_blocks WHERE link_id = ? AND owner_kme_id IS NULL",
-            (link_id,),
-        ).fetchone()[0]
-        taken = 0
-        for (ranges,) in db.execute(
-            "SELECT taken FROM key_blocks WHERE link_id = ? AND owner_kme_id IS NOT NULL", (link_id,)
-        ):
-            taken += sum(end - start for start, end in json.loads(ranges or "[]"))
-        return int(own), taken
+    own = query(
+        site,
+        "SELECT COALESCE(SUM(next_bit), 0) FROM key_blocks WHERE link_id = :l AND owner_kme_id IS NULL",
+        l=link_id,
+    )[0][0]
+    taken = 0
+    for (ranges,) in query(
+        site, "SELECT taken FROM key_blocks WHERE link_id = :l AND owner_kme_id IS NOT NULL", l=link_id
+    ):
+        taken += sum(end - start for start, end in json.loads(str(ranges or "[]")))
+    return int(str(own)), taken
+
+
+def key_row(site: Site, key_id: str, columns: str) -> tuple[object, ...]:
+    rows = query(site, f"SELECT {columns} FROM keys WHERE key_id = :k", k=key_id)
+    assert len(rows) == 1
+    return rows[0]
 
 
 def test_relayed_key_is_identical_at_a_and_c_and_consumes_each_hop(chain: Network) -> None:
-    a, b, c = (chain.sites[k].workdir for k in ("KME-A", "KME-B", "KME-C"))
+    a, b, c = (chain.sites[k] for k in ("KME-A", "KME-B", "KME-C"))
     before = {
         "a": cut_bits(a, "link-ab"),
         "b_ab": cut_bits(b, "link-ab"),
@@ -79,18 +85,12 @@ def test_relayed_key_is_identical_at_a_and_c_and_consumes_each_hop(chain: Networ
     assert cut_bits(b, "link-bc")[0] - before["b_bc"][0] == used  # hop B-C: the one-time pad
     assert cut_bits(c, "link-bc")[1] - before["c"][1] == used
     # Provenance at C names the trusted node; the trusted node keeps no material.
-    with sqlite3.connect(c / "qkms.db") as db:
-        route, source = db.execute(
-            "SELECT route, source_kme_id FROM keys WHERE key_id = ?", (keys[0]["key_ID"],)
-        ).fetchone()
-    hops = json.loads(route)
+    route, source = key_row(c, keys[0]["key_ID"], "route, source_kme_id")
+    hops = json.loads(route) if isinstance(route, str) else route
+    assert isinstance(hops, list)
     assert source == "KME-A"
     assert [(h["from"], h["to"]) for h in hops] == [("KME-A", "KME-B"), ("KME-B", "KME-C")]
-    with sqlite3.connect(b / "qkms.db") as db:
-        rows = db.execute(
-            "SELECT state, material FROM keys WHERE key_id = ?", (keys[0]["key_ID"],)
-        ).fetchall()
-    assert rows == [("consumed", None)]
+    assert key_row(b, keys[0]["key_ID"], "state, material") == ("consumed", None)
 
 
 def test_relay_honours_the_hybrid_policy(chain: Network) -> None:
@@ -102,10 +102,9 @@ def test_relay_honours_the_hybrid_policy(chain: Network) -> None:
     )
     assert got.status_code == 200, got.text
     assert [k["key"] for k in got.json()["keys"]] == [k["key"] for k in keys]
-    with sqlite3.connect(chain.sites["KME-C"].workdir / "qkms.db") as db:
-        policy, suite, exchange = db.execute(
-            "SELECT policy, suite, kem_exchange_id FROM keys WHERE key_id = ?", (keys[0]["key_ID"],)
-        ).fetchone()
+    policy, suite, exchange = key_row(
+        chain.sites["KME-C"], keys[0]["key_ID"], "policy, suite, kem_exchange_id"
+    )
     assert policy == "hybrid" and suite and exchange is not None
 
 
@@ -142,8 +141,5 @@ def test_direct_hybrid_key_to_the_adjacent_site(chain: Network) -> None:
     )
     assert got.status_code == 200, got.text
     assert [k["key"] for k in got.json()["keys"]] == [k["key"] for k in keys]
-    with sqlite3.connect(chain.sites["KME-B"].workdir / "qkms.db") as db:
-        policy, exchange = db.execute(
-            "SELECT policy, kem_exchange_id FROM keys WHERE key_id = ?", (keys[0]["key_ID"],)
-        ).fetchone()
+    policy, exchange = key_row(chain.sites["KME-B"], keys[0]["key_ID"], "policy, kem_exchange_id")
     assert policy == "hybrid" and exchange is not None
