@@ -69,9 +69,7 @@ class Background:
         ]
         if self.runtime.db.is_sqlite:
             self._threads.append(threading.Thread(target=self._wal_checkpoint, name="qkms-wal", daemon=True))
-        if self.runtime.network is not None:
-            self._threads.append(threading.Thread(target=self._peer_sync, name="qkms-peer-sync", daemon=True))
-        if self.fill and self.runtime.settings.links:
+        if (self.fill and self.runtime.settings.links) or self.runtime.network is not None:
             self._threads.append(
                 threading.Thread(target=self._lead_and_fill, name="qkms-filler", daemon=True)
             )
@@ -142,7 +140,8 @@ class Background:
         self.runtime.db.checkpoint()
 
     def _lead_and_fill(self) -> None:
-        """On PostgreSQL, fill only while holding the KME's filler lock; on SQLite, just fill."""
+        """On PostgreSQL, do the leader's work only while holding the KME's leader lock (one process of
+        several fills the pool and talks block confirmation with peers); on SQLite, just do it."""
         db = self.runtime.db
         if db.is_sqlite:
             self._fill_until_stopped()
@@ -163,9 +162,14 @@ class Background:
             self._stop.wait(2.0)
 
     def _fill_until_stopped(self) -> None:
-        self._filler = self.runtime.make_filler()
-        self._filler.start()
-        self._stop.wait()
+        """The leader's work: fill the pool and, with peers, confirm blocks and sweep peer state."""
+        if self.fill and self.runtime.settings.links:
+            self._filler = self.runtime.make_filler()
+            self._filler.start()
+        if self.runtime.network is not None:
+            self._peer_sync()
+        else:
+            self._stop.wait()
 
 
 def build_app(settings: KmsSettings, fill: bool = True) -> FastAPI:
