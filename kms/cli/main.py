@@ -160,6 +160,8 @@ def status(config: ConfigOpt) -> None:
         "active blocks",
         f"keys of {settings.pool.key_size} bits",
         "stored bits",
+        "peer's bits (mirror)",
+        "unconfirmed pieces",
     ):
         links.add_column(col)
     for link in report.links:
@@ -171,8 +173,17 @@ def status(config: ConfigOpt) -> None:
             str(link.active_blocks),
             str(link.stored_bits // settings.pool.key_size),
             str(link.stored_bits),
+            str(link.mirror_bits),
+            str(link.unconfirmed_blocks),
         )
     console.print(links)
+    if settings.peers:
+        peers = Table(title="peer KMEs")
+        for col in ("KME", "URL", "bundle"):
+            peers.add_column(col)
+        for peer in settings.peers:
+            peers.add_row(peer.kme_id, peer.url or "(not adjacent: relay only)", str(peer.bundle))
+        console.print(peers)
     keys = Table(title="keys by lifecycle state")
     keys.add_column("state")
     keys.add_column("count")

@@ -60,7 +60,7 @@ def open_network(
             SiteSpec("KME-A", ("SAE-A1", "SAE-A2"), db_urls.get("KME-A")),
             SiteSpec("KME-B", ("SAE-B1", "SAE-B2", "SAE-B3"), db_urls.get("KME-B")),
         ],
-        [LinkSpec("link-ab", "KME-A", "KME-B", options={"block_bits": 131072})],
+        [LinkSpec("link-ab", "KME-A", "KME-B", options={"block_bits": 65536})],
         pool=POOL,
         policy=policy,
     )

@@ -11,7 +11,7 @@ import pytest
 
 from kms.crypto.envelope import Envelope
 from kms.domain.lifecycle import KeyState
-from kms.ingest import split_block
+from kms.ingest import piece_parity, split_block
 from kms.storage import migrate
 from kms.storage import peer_repository as peers
 from kms.storage import pool_repository as pool
@@ -43,12 +43,28 @@ def block() -> KeyBlock:
     return KeyBlock("L-AB", "B1", MATERIAL, len(MATERIAL) * 8, Provenance("test", False, "test"))
 
 
-def test_pieces_alternate_between_the_two_ends_and_both_ends_agree() -> None:
+def test_each_piece_has_exactly_one_cutter_and_both_ends_agree() -> None:
     at_a = split_block(block(), 1024, 64, "KME-A", "KME-B")
     at_b = split_block(block(), 1024, 64, "KME-B", "KME-A")
-    assert [p.owner_kme_id for p in at_a] == [None, "KME-B", None, "KME-B"]
-    assert [p.owner_kme_id for p in at_b] == ["KME-A", None, "KME-A", None]
+    owners = [piece_parity("B1", p.source_offset_bits) for p in at_a]
+    assert [p.owner_kme_id for p in at_a] == [None if o == 0 else "KME-B" for o in owners]
+    assert [p.owner_kme_id for p in at_b] == ["KME-A" if o == 0 else None for o in owners]
     assert [p.material for p in at_a] == [p.material for p in at_b]
+
+
+def test_single_piece_blocks_are_shared_out_between_both_ends() -> None:
+    """Blocks no larger than a storage piece must not all go to one end."""
+    mine = [
+        split_block(
+            KeyBlock("L-AB", f"blk-{i}", MATERIAL[:128], 1024, Provenance("test", False, "test")),
+            1024,
+            64,
+            "KME-A",
+            "KME-B",
+        )[0].owner_kme_id
+        for i in range(200)
+    ]
+    assert 60 < mine.count(None) < 140
 
 
 def store_as_b(db: Database, env: Envelope) -> None:
@@ -67,27 +83,35 @@ def take(db: Database, env: Envelope, ranges: list[BitRange]) -> list[bytes]:
     return [bits for bits, _, _ in got]
 
 
+def a_piece(owner: int = 0) -> int:
+    """Offset of the first piece of B1 that KME-A (parity 0) or KME-B (parity 1) cuts."""
+    return next(o for o in range(0, 4096, 1024) if piece_parity("B1", o) == owner)
+
+
 def test_mirror_hands_out_the_named_bits_once(db: Database, env: Envelope) -> None:
     store_as_b(db, env)
-    first = take(db, env, [BitRange("B1", 0, 256), BitRange("B1", 2048 + 512, 256)])
-    assert first == [MATERIAL[0:32], MATERIAL[320:352]]
+    base = a_piece(0)
+    first = take(db, env, [BitRange("B1", base, 256), BitRange("B1", base + 512, 256)])
+    assert first == [MATERIAL[base // 8 : base // 8 + 32], MATERIAL[base // 8 + 64 : base // 8 + 96]]
     with pytest.raises(LedgerConflict, match="already used"):
-        take(db, env, [BitRange("B1", 128, 256)])  # overlaps the first range
+        take(db, env, [BitRange("B1", base + 128, 256)])  # overlaps the first range
     with pytest.raises(LedgerConflict, match="not cut by KME-A"):
-        take(db, env, [BitRange("B1", 1024, 256)])  # B's own piece
+        take(db, env, [BitRange("B1", a_piece(1), 256)])  # B's own piece
     with pytest.raises(LedgerConflict, match="byte-aligned"):
-        take(db, env, [BitRange("B1", 260, 256)])
-    assert take(db, env, [BitRange("B1", 256, 256)]) == [MATERIAL[32:64]]
+        take(db, env, [BitRange("B1", base + 260, 256)])
+    assert take(db, env, [BitRange("B1", base + 256, 256)]) == [MATERIAL[base // 8 + 32 : base // 8 + 64]]
 
 
 def test_a_mirror_is_retired_when_every_usable_range_is_taken(db: Database, env: Envelope) -> None:
     store_as_b(db, env)
-    take(db, env, [BitRange("B1", 0, 512), BitRange("B1", 512, 480)])  # 32 bits left < 64
+    base = a_piece(0)
+    take(db, env, [BitRange("B1", base, 512), BitRange("B1", base + 512, 480)])  # 32 bits left < 64
     with db.read() as conn:
         from kms.storage.rawsql import Raw
 
         state, material = Raw(conn).one(
-            "SELECT state, material FROM key_blocks WHERE source_offset_bits = 0 AND link_id = 'L-AB'"
+            "SELECT state, material FROM key_blocks WHERE source_offset_bits = ? AND link_id = 'L-AB'",
+            (base,),
         )
     assert state == "exhausted" and material is None
 
