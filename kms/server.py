@@ -115,6 +115,7 @@ class Background:
         while not self._stop.wait(interval):
             try:
                 network.sync_once()
+                network.rebalance_once()
                 if time.monotonic() - last_prune > 30:
                     now = datetime.now(UTC)
                     stale = now - timedelta(seconds=10 * self.runtime.settings.peering.timeout_seconds)

@@ -455,6 +455,7 @@ class PeerNetwork:
             "keys.cancel": self._on_cancel,
             "blocks.announce": self._on_announce,
             "topology": self._on_topology,
+            "pieces.claim": self._on_claim,
         }
         handler = handlers.get(message.type)
         if handler is None:
@@ -773,6 +774,86 @@ class PeerNetwork:
                     audit.append(conn, at, entries)
             confirmed_total += len(confirmed)
         return confirmed_total
+
+    def rebalance_once(self) -> int:
+        """Ask each adjacent peer for untouched pieces when this end runs short.
+
+        Shared blocks start split half and half; with traffic mostly one way, the busy end would run
+        dry while the other end's half sits idle (and the device's key would be wasted). When this
+        end's own stock on a link falls below a quarter of its mirror of the peer's pieces, it asks
+        for untouched pieces worth half the difference; the peer grants only pieces it has not cut
+        from, under a row lock, so no bit is ever cut by both. Returns the bits taken over.
+        """
+        gained = 0
+        with self.db.read() as conn:
+            levels = [lv for lv in peers.link_levels(conn) if lv.peer_kme_id != self.kme_id]
+        for lv in levels:
+            peer = self.directory.get(lv.peer_kme_id)
+            if peer is None or not peer.url or lv.state != "active" or lv.own_bits * 4 >= lv.mirror_bits:
+                continue
+            with self.db.read() as conn:
+                wanted = peers.claimable_pieces(
+                    conn, lv.link_id, peer.kme_id, (lv.mirror_bits - lv.own_bits) // 2
+                )
+            if not wanted:
+                continue
+            try:
+                reply = self.client.call(
+                    peer.kme_id, "pieces.claim", {"link_id": lv.link_id, "pieces": [list(w) for w in wanted]}
+                )
+            except PeerError as exc:
+                log.info("piece_claim_failed", peer=peer.kme_id, error=exc.reason)
+                continue
+            granted = [(str(b), int(o)) for b, o in reply.body.get("granted", [])]
+            at = datetime.now(UTC)
+            events = pool.EventBatch(at)
+            with self.db.write() as conn:
+                n = peers.take_over_pieces(
+                    conn, lv.link_id, peer.kme_id, granted, f"kme:{peer.kme_id}", events
+                )
+                events.flush(conn)
+                if n:
+                    audit.append(
+                        conn,
+                        at,
+                        [
+                            (
+                                f"kme:{peer.kme_id}",
+                                "pieces.granted",
+                                lv.link_id,
+                                {"pieces": n, "to": self.kme_id},
+                            )
+                        ],
+                    )
+            gained += n
+        return gained
+
+    def _on_claim(self, message: PeerMessage) -> dict[str, Any]:
+        link_id = str(message.body["link_id"])
+        wanted = [(str(b), int(o)) for b, o in message.body["pieces"]][:256]
+        at = datetime.now(UTC)
+        events = pool.EventBatch(at)
+        with self.db.write() as conn:
+            self._remember(conn, message)
+            link = peers.peer_link(conn, link_id)
+            if link is None or link[0] != message.sender:
+                raise MessageRejected(f"link {link_id} is not a link with {message.sender}")
+            granted = peers.grant_pieces(conn, link_id, message.sender, wanted, f"kme:{self.kme_id}", events)
+            events.flush(conn)
+            if granted:
+                audit.append(
+                    conn,
+                    at,
+                    [
+                        (
+                            f"kme:{message.sender}",
+                            "pieces.granted",
+                            link_id,
+                            {"pieces": len(granted), "to": message.sender},
+                        )
+                    ],
+                )
+        return {"granted": [list(g) for g in granted]}
 
     def _on_announce(self, message: PeerMessage) -> dict[str, Any]:
         b = message.body

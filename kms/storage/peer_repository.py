@@ -78,17 +78,22 @@ def blocks_by_id(conn: Connection, link_id: str, block_ids: Sequence[str]) -> di
     raw = Raw(conn)
     where, params = raw.in_list("source_block_id", block_ids)
     out: dict[str, SharedBlock] = {}
-    for block_id, offset, bits, state, provenance in raw.all(
-        "SELECT source_block_id, source_offset_bits, bit_length, state, provenance FROM key_blocks"
+    for block_id, offset, bits, state in raw.all(
+        "SELECT source_block_id, source_offset_bits, bit_length, state FROM key_blocks"
         f" WHERE link_id = ? AND {where} ORDER BY source_offset_bits",
         [link_id, *params],
     ):
         block = out.setdefault(block_id, SharedBlock(block_id))
         block.pieces.append((int(offset), int(bits)))
         block.states.add(state)
-        if not block.sync:
-            prov = provenance if isinstance(provenance, dict) else json.loads(provenance)
-            block.sync = prov.get("sync") or {}
+    # The sync metadata is the same on every piece of a block: read it from the first piece only.
+    for block_id, provenance in raw.all(
+        f"SELECT source_block_id, provenance FROM key_blocks WHERE link_id = ? AND {where}"
+        " AND source_offset_bits = 0",
+        [link_id, *params],
+    ):
+        prov = provenance if isinstance(provenance, dict) else json.loads(provenance)
+        out[block_id].sync = prov.get("sync") or {}
     return out
 
 
@@ -300,18 +305,20 @@ class LinkLevel:
     peer_kme_id: str
     state: str
     own_bits: int  # unserved bits in active pieces this KME cuts
+    mirror_bits: int = 0  # bits in active pieces the peer cuts (this KME's mirror)
 
 
 def link_levels(conn: Connection) -> list[LinkLevel]:
     raw = Raw(conn)
-    own = dict(
-        raw.all(
-            "SELECT link_id, SUM(bit_length - next_bit) FROM key_blocks"
-            " WHERE state = 'active' AND owner_kme_id IS NULL GROUP BY link_id"
-        )
-    )
+    own: dict[str, int] = {}
+    mirror: dict[str, int] = {}
+    for link_id, is_own, bits in raw.all(
+        "SELECT link_id, owner_kme_id IS NULL, SUM(bit_length - next_bit) FROM key_blocks"
+        " WHERE state = 'active' GROUP BY link_id, owner_kme_id IS NULL"
+    ):
+        (own if is_own else mirror)[link_id] = int(bits or 0)
     return [
-        LinkLevel(r[0], r[1], r[2], int(own.get(r[0]) or 0))
+        LinkLevel(r[0], r[1], r[2], own.get(r[0], 0), mirror.get(r[0], 0))
         for r in raw.all("SELECT id, peer_kme_id, state FROM links")
     ]
 
@@ -344,3 +351,85 @@ def destroy_stale_pending(conn: Connection, before: datetime, actor: str) -> lis
             before,
         )
     return rows
+
+
+def claimable_pieces(
+    conn: Connection, link_id: str, peer_kme_id: str, max_bits: int
+) -> list[tuple[str, int]]:
+    """Pieces of the peer's that this KME mirrors untouched (nothing recorded from them yet), oldest
+    first, up to ``max_bits``: candidates to ask the peer for when this end runs short."""
+    raw = Raw(conn)
+    out: list[tuple[str, int]] = []
+    total = 0
+    for block_id, offset, bits in raw.all(
+        "SELECT source_block_id, source_offset_bits, bit_length FROM key_blocks WHERE link_id = ?"
+        " AND owner_kme_id = ? AND state = 'active' AND taken = '[]' ORDER BY id LIMIT 256",
+        (link_id, peer_kme_id),
+    ):
+        if total + int(bits) > max_bits:
+            break
+        out.append((str(block_id), int(offset)))
+        total += int(bits)
+    return out
+
+
+def grant_pieces(
+    conn: Connection,
+    link_id: str,
+    claimer: str,
+    pieces: Sequence[tuple[str, int]],
+    actor: str,
+    events: EventBatch,
+) -> list[tuple[str, int]]:
+    """Hand untouched pieces of this KME's to ``claimer`` (it becomes their cutter; this KME keeps a
+    mirror). Only pieces this KME has not cut from are granted, under a row lock, so a bit can never
+    be cut by both."""
+    raw = Raw(conn)
+    granted: list[tuple[str, int]] = []
+    for block_id, offset in pieces:
+        row = raw.one(
+            "SELECT id FROM key_blocks WHERE link_id = ? AND source_block_id = ? AND source_offset_bits = ?"
+            " AND owner_kme_id IS NULL AND state = 'active' AND next_bit = 0" + raw.for_update(),
+            (link_id, block_id, offset),
+        )
+        if row is None:
+            continue
+        raw.execute("UPDATE key_blocks SET owner_kme_id = ?, taken = '[]' WHERE id = ?", (claimer, row[0]))
+        events.add(
+            "block",
+            f"{link_id}/{block_id}@{offset}",
+            KeyState.ACTIVE,
+            KeyState.ACTIVE,
+            actor,
+            f"granted to {claimer}",
+        )
+        granted.append((block_id, offset))
+    return granted
+
+
+def take_over_pieces(
+    conn: Connection,
+    link_id: str,
+    peer_kme_id: str,
+    pieces: Sequence[tuple[str, int]],
+    actor: str,
+    events: EventBatch,
+) -> int:
+    """The peer granted these mirrored pieces: this KME cuts them from now on."""
+    raw = Raw(conn)
+    n = 0
+    for block_id, offset in pieces:
+        n += raw.execute(
+            "UPDATE key_blocks SET owner_kme_id = NULL, taken = NULL WHERE link_id = ? AND source_block_id = ?"
+            " AND source_offset_bits = ? AND owner_kme_id = ? AND state = 'active' AND taken = '[]'",
+            (link_id, block_id, offset, peer_kme_id),
+        ).rowcount
+        events.add(
+            "block",
+            f"{link_id}/{block_id}@{offset}",
+            KeyState.ACTIVE,
+            KeyState.ACTIVE,
+            actor,
+            "granted by the peer",
+        )
+    return n

@@ -226,25 +226,37 @@ def test_device_stopped_a_serves_what_was_confirmed_then_503(device_network: Dev
     keys = enc(net)
     assert [k["key"] for k in dec(net, [k["key_ID"] for k in keys])] == [k["key"] for k in keys]
 
-    status = None
-    for _ in range(200):
-        left = stored_count(net, "KME-A", "SAE-A1", "SAE-B1")
-        number = max(1, min(left, 128))
+    def drain() -> int | None:
+        status = None
+        for _ in range(200):
+            left = stored_count(net, "KME-A", "SAE-A1", "SAE-B1")
+            number = max(1, min(left, 128))
+            r = net.sae("KME-A", "SAE-A1").post(
+                "/api/v1/keys/SAE-B1/enc_keys", json={"number": number, "size": KEY_SIZE}
+            )
+            status = r.status_code
+            if status != 200:
+                return status
+            got = r.json()["keys"]
+            assert [k["key"] for k in dec(net, [k["key_ID"] for k in got])] == [k["key"] for k in got]
+        return status
+
+    # A drains its confirmed pieces; B then grants A its untouched confirmed pieces (rebalancing), which
+    # A serves too; once both ends' confirmed stock is gone, A answers 503 and stays there: nothing
+    # refills without the device, and the pre_active blocks never become servable.
+    for _ in range(10):
+        assert drain() == 503
+        time.sleep(1.5)  # a rebalance may hand A more of B's untouched pieces
         r = net.sae("KME-A", "SAE-A1").post(
-            "/api/v1/keys/SAE-B1/enc_keys", json={"number": number, "size": KEY_SIZE}
+            "/api/v1/keys/SAE-B1/enc_keys", json={"number": 1, "size": KEY_SIZE}
         )
-        status = r.status_code
-        if status != 200:
+        if r.status_code == 503 and stored_count(net, "KME-A", "SAE-A1", "SAE-B1") == 0:
             break
-        got = r.json()["keys"]
-        assert [k["key"] for k in dec(net, [k["key_ID"] for k in got])] == [k["key"] for k in got]
-    assert status == 503, status
-    assert stored_count(net, "KME-A", "SAE-A1", "SAE-B1") == 0
-    # Still 503 a moment later: nothing refills A's pool without the device, and the pre_active
-    # blocks A pulled before the stop never become servable.
-    time.sleep(1.0)
-    r = net.sae("KME-A", "SAE-A1").post("/api/v1/keys/SAE-B1/enc_keys", json={"number": 1, "size": KEY_SIZE})
-    assert r.status_code == 503
+        if r.status_code == 200:
+            got = r.json()["keys"]
+            assert [k["key"] for k in dec(net, [k["key_ID"] for k in got])] == [k["key"] for k in got]
+    else:
+        raise AssertionError("A never ran dry after the device stopped")
     assert "message" in r.json()
     # What A still holds unconfirmed, B never got from its device: it stays pre_active, unserved.
     with device_network.db("KME-A") as conn:

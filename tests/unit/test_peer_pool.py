@@ -175,3 +175,60 @@ def test_a_replayed_nonce_or_sequence_is_refused(db: Database) -> None:
         assert not peers.remember_message(conn, "KME-A", "m" * 32, "s1", 1, "topology", now)
         assert peers.remember_message(conn, "KME-B", "n" * 32, "s1", 1, "topology", now)
         assert peers.prune_messages(conn, now + timedelta(seconds=1)) == 2
+
+
+def site_db(tmp_path: Path, name: str, me: str, peer: str, env: Envelope) -> Database:
+    url = f"sqlite:///{tmp_path / f'{name}.db'}"
+    migrate.upgrade(url)
+    database = Database(url)
+    events = pool.EventBatch(datetime.now(UTC))
+    with database.write() as conn:
+        registry.upsert_link(conn, "L-AB", peer, "test", {})
+        pieces = split_block(block(), 1024, 64, me, peer)
+        pool.store_block_pieces(conn, env, "L-AB", pieces, {}, KeyState.ACTIVE, events, "test")
+        events.flush(conn)
+    return database
+
+
+def test_untouched_pieces_move_to_the_end_that_runs_short(tmp_path: Path, env: Envelope) -> None:
+    db_a = site_db(tmp_path, "a", "KME-A", "KME-B", env)
+    db_b = site_db(tmp_path, "b", "KME-B", "KME-A", env)
+    b_pieces = [o for o in range(0, 4096, 1024) if piece_parity("B1", o) == 1]
+    # B has cut from its first piece: only the untouched ones may change hands.
+    events = pool.EventBatch(datetime.now(UTC))
+    with db_b.write() as conn:
+        cut = pool.cut_keys(
+            conn,
+            env,
+            target_kme_id="KME-A",
+            number=1,
+            size_bits=256,
+            min_key_size=64,
+            events=events,
+            actor="t",
+        )
+    assert cut is not None and cut[0].source_bit == b_pieces[0]
+    with db_a.read() as conn:
+        wanted = peers.claimable_pieces(conn, "L-AB", "KME-B", 1 << 20)
+    assert wanted == [("B1", o) for o in b_pieces]
+    with db_b.write() as conn:
+        granted = peers.grant_pieces(conn, "L-AB", "KME-A", wanted, "t", pool.EventBatch(datetime.now(UTC)))
+    assert granted == [("B1", o) for o in b_pieces[1:]]
+    with db_a.write() as conn:
+        assert peers.take_over_pieces(
+            conn, "L-AB", "KME-B", granted, "t", pool.EventBatch(datetime.now(UTC))
+        ) == len(granted)
+    with db_a.read() as conn:
+        levels = {lv.link_id: lv for lv in peers.link_levels(conn)}
+    assert levels["L-AB"].own_bits == 1024 * (4 - 1)  # A's own piece(s) plus the granted ones
+    # B now mirrors the granted pieces: it hands out their bits to A's ledger, and never cuts them.
+    if granted:
+        got = take_mirrored_as(db_b, env, "KME-A", [BitRange("B1", granted[0][1], 256)])
+        assert got == [MATERIAL[granted[0][1] // 8 : granted[0][1] // 8 + 32]]
+
+
+def take_mirrored_as(db: Database, env: Envelope, owner: str, ranges: list[BitRange]) -> list[bytes]:
+    events = pool.EventBatch(datetime.now(UTC))
+    with db.write() as conn:
+        got = peers.take_mirrored(conn, env, "L-AB", owner, ranges, 64, events, "t")
+    return [bits for bits, _, _ in got]
