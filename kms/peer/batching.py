@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from kms.domain.delivery import DeliveredKey
-from kms.domain.policy import PairPolicy
+from kms.domain.policy import POLICY_FALLBACK, PairPolicy
 from kms.domain.saes import SaeInfo
 
 if TYPE_CHECKING:
@@ -39,6 +39,11 @@ class KeyRequest:
     size: int
     policy: PairPolicy
     future: Future[list[DeliveredKey]] = field(default_factory=Future)
+    fallback: bool = False  # set when the link was short and the pair's policy allows PQC fallback
+
+    @property
+    def policy_name(self) -> str:
+        return POLICY_FALLBACK if self.fallback else self.policy.mode.value
 
 
 class LedgerBatcher:

@@ -23,7 +23,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,7 +36,7 @@ from kms.crypto.pqc.base import KemAlgorithm
 from kms.domain.delivery import DeliveredKey, KemExchange, KeyDeliveryService
 from kms.domain.errors import DeliveryError, ServiceUnavailable
 from kms.domain.lifecycle import KeyState
-from kms.domain.policy import PairPolicy
+from kms.domain.policy import POLICY_FALLBACK, PairPolicy
 from kms.domain.saes import SaeInfo, SaeRegistry
 from kms.ingest import store_block
 from kms.peer.batching import KeyRequest, LedgerBatcher
@@ -150,7 +150,7 @@ class PeerNetwork:
                     "receipt_nonce": reply.nonce,
                     "size": r.size,
                     "slaves": r.recipients,
-                    "policy": r.policy.mode.value,
+                    "policy": r.policy_name,
                     "suite": suite,
                 }
                 if ok
@@ -179,22 +179,34 @@ class PeerNetwork:
     def _prepare(
         self, conn: Any, req: KeyRequest, peer_id: str, events: pool.EventBatch, at: datetime
     ) -> tuple[list[pool.CutKey], KemExchange | None, str | None]:
-        suite = req.policy.suite(False)
-        cut = pool.cut_keys(
-            conn,
-            self.envelope,
-            target_kme_id=peer_id,
-            number=req.number,
-            size_bits=req.size,
-            min_key_size=self.cfg.min_key_size,
-            events=events,
-            actor=f"sae:{req.master.sae_id}",
-        )
-        if cut is None:
-            raise ServiceUnavailable(
-                f"not enough key material on the link to KME {peer_id} for this request; retry later",
-                [{"requested_bits": req.number * req.size}],
-            )
+        mark = len(events.rows)
+        cut: list[pool.CutKey] | None = None
+        try:
+            with savepoint(conn, "qkms_cut"):
+                cut = pool.cut_keys(
+                    conn,
+                    self.envelope,
+                    target_kme_id=peer_id,
+                    number=req.number,
+                    size_bits=req.size,
+                    min_key_size=self.cfg.min_key_size,
+                    events=events,
+                    actor=f"sae:{req.master.sae_id}",
+                )
+                if cut is None:
+                    raise _LinkShort
+        except _LinkShort:
+            del events.rows[mark:]
+            if not req.policy.pqc_fallback:
+                raise ServiceUnavailable(
+                    f"not enough key material on the link to KME {peer_id} for this request; retry later",
+                    [{"requested_bits": req.number * req.size}],
+                ) from None
+            # The link cannot serve (short or suspended) and the pair allows it: ML-KEM-only keys, made
+            # for the slave's KME (it decapsulates with its own key), recorded there like any other.
+            req.fallback = True
+            cut = pool.fallback_keys(req.number)
+        suite = req.policy.suite(req.fallback)
         exchange = self._encapsulate_to(conn, req.policy, req.slave.kme_id, at) if suite else None
         pool.insert_reserved_keys(
             conn,
@@ -205,7 +217,7 @@ class PeerNetwork:
             slave_sae_ids=req.recipients,
             target_kme_id=req.slave.kme_id,
             ttl=timedelta(seconds=self.cfg.reserved_ttl_seconds),
-            policy=req.policy.mode.value,
+            policy=req.policy_name,
             suite=suite,
             kem_exchange_id=exchange.exchange_id if exchange else None,
             at=at,
@@ -238,7 +250,7 @@ class PeerNetwork:
             "ciphertext": None,
             "master_SAE_ID": req.master.sae_id,
             "slave_SAE_IDs": req.recipients,
-            "policy": req.policy.mode.value,
+            "policy": req.policy_name,
             "suite": suite,
             "kem": _kem_json(exchange, req.policy.kem) if exchange else None,
         }
@@ -317,6 +329,9 @@ class PeerNetwork:
         assert self.service is not None
         target = slave.kme_id
         route = self.route_to(target, number * size)
+        peer = self.directory.get(target)
+        if route is None and policy.pqc_fallback and peer is not None and peer.url:
+            route = [self.kme_id, target]  # the link cannot carry it; PQC fallback to the adjacent KME may
         if route is None:
             raise ServiceUnavailable(
                 f"no route to KME {target} with {number * size} bits of key on every hop; retry later",
@@ -608,7 +623,14 @@ class PeerNetwork:
                                 "a batched entry must go from the sender straight to this KME"
                             )
                         key_ids, slaves, size = self._check_entry(b)
-                        bits = self._take(conn, message.sender, list(b["keys"]), size, events, actor)
+                        if b.get("policy") == POLICY_FALLBACK:
+                            if not b.get("kem"):
+                                raise MessageRejected("a PQC-fallback entry needs an ML-KEM ciphertext")
+                            bits: list[bytes | None] = [None] * len(key_ids)
+                        else:
+                            bits = list(
+                                self._take(conn, message.sender, list(b["keys"]), size, events, actor)
+                            )
                         self._record_final(conn, b, key_ids, bits, size, message.sender, slaves, [], at)
                     results.append({"ok": True})
                     subject = f"{b['master_SAE_ID']}->{slaves[0]}"
@@ -685,7 +707,7 @@ class PeerNetwork:
         conn: Any,
         b: dict[str, Any],
         key_ids: list[str],
-        bits: list[bytes],
+        bits: Sequence[bytes | None],
         size: int,
         origin: str,
         slaves: list[str],
@@ -914,6 +936,10 @@ class PeerNetwork:
 
     def close(self) -> None:
         self.client.close()
+
+
+class _LinkShort(Exception):
+    """Internal: unwinds the cut's savepoint when the link cannot serve a request."""
 
 
 def _kem_json(exchange: KemExchange, algorithm: str) -> dict[str, Any]:

@@ -11,7 +11,14 @@ from kms.pilot import LinkSpec, Site, SiteSpec, prepare_network, running_network
 from tests.conftest import database_url
 from tests.peer.conftest import POOL, Network, query, wait_for_remote_keys
 
-POLICY = {"mode": "qkd", "kem": "ML-KEM-768", "rules": [{"master": "SAE-A2", "slave": "*", "mode": "hybrid"}]}
+POLICY = {
+    "mode": "qkd",
+    "kem": "ML-KEM-768",
+    "rules": [
+        {"master": "SAE-A2", "slave": "*", "mode": "hybrid"},
+        {"master": "SAE-A1", "slave": "*", "mode": "qkd", "pqc_fallback": True},
+    ],
+}
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -143,3 +150,39 @@ def test_direct_hybrid_key_to_the_adjacent_site(chain: Network) -> None:
     assert [k["key"] for k in got.json()["keys"]] == [k["key"] for k in keys]
     policy, exchange = key_row(chain.sites["KME-B"], keys[0]["key_ID"], "policy, kem_exchange_id")
     assert policy == "hybrid" and exchange is not None
+
+
+def test_pqc_fallback_to_the_adjacent_site_while_the_link_is_suspended(chain: Network) -> None:
+    """SAE-A1's pairs allow PQC fallback: with link A-B suspended at A, A still delivers ML-KEM-only
+    keys to B's slave (encapsulated to B's key, recorded at B through the ledger), labelled so."""
+    import subprocess
+    import sys
+    import time
+
+    a_config = str(chain.sites["KME-A"].config_path)
+    qkms = [sys.executable, "-m", "kms"]
+    subprocess.run(
+        [*qkms, "link", "suspend", "--config", a_config, "link-ab"], check=True, capture_output=True
+    )
+    try:
+        time.sleep(1.0)  # routing's view of A's own links is at most 0.5 s old
+        r = chain.sae("KME-A", "SAE-A1").post("/api/v1/keys/SAE-B1/enc_keys", json={"number": 2})
+        assert r.status_code == 200, r.text
+        keys = r.json()["keys"]
+        got = chain.sae("KME-B", "SAE-B1").post(
+            "/api/v1/keys/SAE-A1/dec_keys", json={"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]}
+        )
+        assert got.status_code == 200, got.text
+        assert [k["key"] for k in got.json()["keys"]] == [k["key"] for k in keys]
+        assert key_row(chain.sites["KME-B"], keys[0]["key_ID"], "policy, block_id") == ("pqc_fallback", None)
+        assert key_row(chain.sites["KME-A"], keys[0]["key_ID"], "policy, state") == (
+            "pqc_fallback",
+            "consumed",
+        )
+        # A pair without fallback gets a clear 503 instead.
+        refused = chain.sae("KME-A", "SAE-A2").post("/api/v1/keys/SAE-B1/enc_keys", json={"number": 1})
+        assert refused.status_code == 503
+    finally:
+        subprocess.run(
+            [*qkms, "link", "resume", "--config", a_config, "link-ab"], check=True, capture_output=True
+        )
