@@ -64,6 +64,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _delivery(_: Request, exc: DeliveryError) -> JSONResponse:
         return error_response(_status_of(exc), exc.message, [dict(d) for d in exc.details or ()])
 
+    install_etsi_format_handlers(app)
+
+
+def install_etsi_format_handlers(app: FastAPI) -> None:
+    """Malformed requests, unknown paths and wrong methods answered 400 with an ETSI Error body (no 422,
+    no ``{"detail"}``); shared by the KME and the simulated device's ETSI 014 endpoints."""
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         details = _validation_details(exc)

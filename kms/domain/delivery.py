@@ -150,7 +150,7 @@ class KeyDeliveryService:
         events = pool.EventBatch(datetime.now(UTC))
         actor = f"sae:{master.sae_id}"
         with self.db.write() as conn:
-            cut = self._cut(conn, slave.kme_id, number, size, policy, events, actor)
+            cut = self.cut(conn, slave.kme_id, number, size, policy, events, actor)
             fallback = cut[0].material is None
             policy_name = POLICY_FALLBACK if fallback else policy.mode.value
             suite = policy.suite(fallback)
@@ -172,15 +172,7 @@ class KeyDeliveryService:
                 at=events.at,
             )
             events.flush(conn)
-            delivered = [
-                DeliveredKey(
-                    c.key_id,
-                    self.derive_key(c.material, exchange, suite, c.key_id, master.sae_id, slave, size)
-                    if exchange and suite
-                    else c.material or b"",
-                )
-                for c in cut
-            ]
+            delivered = self.delivered(cut, exchange, suite, master.sae_id, slave, size)
             record: dict[str, Any] = {
                 "key_IDs": [c.key_id for c in cut],
                 "size": size,
@@ -195,7 +187,7 @@ class KeyDeliveryService:
             )
         return delivered
 
-    def _cut(
+    def cut(
         self,
         conn: Connection,
         target: str,
@@ -205,7 +197,8 @@ class KeyDeliveryService:
         events: pool.EventBatch,
         actor: str,
     ) -> list[pool.CutKey]:
-        """QKD bits from the pool; PQC-fallback key IDs if the pool is short and the policy allows it."""
+        """QKD bits from the pool toward ``target``; PQC-fallback key IDs (no material) if the pool is
+        short and the policy allows it; else 503. Used for local slaves and by ``kms.peer``."""
         kwargs: dict[str, Any] = {
             "target_kme_id": target,
             "number": number,
@@ -219,7 +212,7 @@ class KeyDeliveryService:
         else:
             mark = len(events.rows)
             try:
-                with savepoint(conn):
+                with savepoint(conn, "qkms_cut"):
                     cut = pool.cut_keys(conn, self.envelope, **kwargs)
                     if cut is None:
                         raise _PoolShort
@@ -228,7 +221,7 @@ class KeyDeliveryService:
                 return pool.fallback_keys(number)
         if cut is None:
             raise ServiceUnavailable(
-                "not enough key material in the pool for this request; retry later",
+                f"not enough key material in the pool toward KME {target} for this request; retry later",
                 [{"requested_bits": number * size}],
             )
         return cut
@@ -239,21 +232,50 @@ class KeyDeliveryService:
         if target_kme_id != self.kme_id:
             raise ServiceUnavailable(f"no ML-KEM public key is known for KME {target_kme_id}")
         info = self.identity.active_public("kem")
-        if info.algorithm != policy.kem:
-            raise ServiceUnavailable(
-                f"the KME's ML-KEM key is {info.algorithm}, the policy asks for {policy.kem}"
-            )
-        ciphertext, secret = self.identity.kem.encapsulate(KemAlgorithm(info.algorithm), info.public_key)
-        exchange_id = pool.insert_kem_exchange(
-            conn,
-            info.algorithm,
-            target_kme_id,
-            info.version,
-            hashlib.sha384(info.public_key).hexdigest(),
-            ciphertext,
-            at,
+        return self.encapsulate_to(
+            conn, policy, target_kme_id, info.algorithm, info.version, info.public_key, at
         )
-        return KemExchange(exchange_id, info.version, info.public_key, ciphertext, secret)
+
+    def encapsulate_to(
+        self,
+        conn: Connection,
+        policy: PairPolicy,
+        target_kme_id: str,
+        algorithm: str,
+        version: int,
+        public_key: bytes,
+        at: datetime,
+    ) -> KemExchange:
+        """One ML-KEM encapsulation to ``target_kme_id``'s public key, recorded for the keys it protects."""
+        if algorithm != policy.kem:
+            raise ServiceUnavailable(
+                f"KME {target_kme_id}'s ML-KEM key is {algorithm}, the policy asks for {policy.kem}"
+            )
+        ciphertext, secret = self.identity.kem.encapsulate(KemAlgorithm(algorithm), public_key)
+        exchange_id = pool.insert_kem_exchange(
+            conn, algorithm, target_kme_id, version, hashlib.sha384(public_key).hexdigest(), ciphertext, at
+        )
+        return KemExchange(exchange_id, version, public_key, ciphertext, secret)
+
+    def delivered(
+        self,
+        cut: Sequence[pool.CutKey],
+        exchange: KemExchange | None,
+        suite: str | None,
+        master_sae_id: str,
+        slave: SaeInfo,
+        size: int,
+    ) -> list[DeliveredKey]:
+        """What the master receives: the QKD bits, or the hybrid / fallback keys derived with ML-KEM."""
+        return [
+            DeliveredKey(
+                c.key_id,
+                self.derive_key(c.material, exchange, suite, c.key_id, master_sae_id, slave, size)
+                if exchange and suite
+                else c.material or b"",
+            )
+            for c in cut
+        ]
 
     def derive_key(
         self,

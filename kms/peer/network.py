@@ -32,7 +32,6 @@ import structlog
 from kms.config import PeeringSection, PoolSection
 from kms.crypto.envelope import Envelope
 from kms.crypto.identity import KmeIdentity
-from kms.crypto.pqc.base import KemAlgorithm
 from kms.domain.delivery import DeliveredKey, KemExchange, KeyDeliveryService
 from kms.domain.errors import DeliveryError, ServiceUnavailable
 from kms.domain.lifecycle import KeyState
@@ -119,24 +118,18 @@ class PeerNetwork:
             if len(results) != len(prepared):
                 raise PeerUncertain(peer_id, "its receipt does not cover every entry")
         except PeerError as exc:
-            self._settle_many(
+            failure = self._peer_failed(
+                peer_id,
+                exc,
                 [
                     (
                         f"sae:{r.master.sae_id}",
                         f"{r.master.sae_id}->{r.slave.sae_id}",
                         [c.key_id for c in cut],
-                        False,
-                        {"peer": peer_id, "reason": exc.reason},
                     )
                     for r, cut, _, _ in prepared
-                ]
-            )
-            if isinstance(exc, PeerUncertain):
-                self._cancel_later(peer_id, self.kme_id, [c.key_id for _, cut, _, _ in prepared for c in cut])
-            failure = ServiceUnavailable(
-                f"KME {peer_id} did not record the keys ({exc.reason}); no key was delivered and their bits"
-                " were discarded; retry later",
-                [{"peer_KME_ID": peer_id}],
+                ],
+                self.kme_id,
             )
             for req, _, _, _ in prepared:
                 req.future.set_exception(failure)
@@ -179,33 +172,13 @@ class PeerNetwork:
     def _prepare(
         self, conn: Any, req: KeyRequest, peer_id: str, events: pool.EventBatch, at: datetime
     ) -> tuple[list[pool.CutKey], KemExchange | None, str | None]:
-        mark = len(events.rows)
-        cut: list[pool.CutKey] | None = None
-        try:
-            with savepoint(conn, "qkms_cut"):
-                cut = pool.cut_keys(
-                    conn,
-                    self.envelope,
-                    target_kme_id=peer_id,
-                    number=req.number,
-                    size_bits=req.size,
-                    min_key_size=self.cfg.min_key_size,
-                    events=events,
-                    actor=f"sae:{req.master.sae_id}",
-                )
-                if cut is None:
-                    raise _LinkShort
-        except _LinkShort:
-            del events.rows[mark:]
-            if not req.policy.pqc_fallback:
-                raise ServiceUnavailable(
-                    f"not enough key material on the link to KME {peer_id} for this request; retry later",
-                    [{"requested_bits": req.number * req.size}],
-                ) from None
-            # The link cannot serve (short or suspended) and the pair allows it: ML-KEM-only keys, made
-            # for the slave's KME (it decapsulates with its own key), recorded there like any other.
-            req.fallback = True
-            cut = pool.fallback_keys(req.number)
+        assert self.service is not None
+        cut = self.service.cut(
+            conn, peer_id, req.number, req.size, req.policy, events, f"sae:{req.master.sae_id}"
+        )
+        # Short or suspended link and a pair that allows it: ML-KEM-only keys, made for the slave's
+        # KME (it decapsulates with its own key), recorded there like any other.
+        req.fallback = cut[0].material is None
         suite = req.policy.suite(req.fallback)
         exchange = self._encapsulate_to(conn, req.policy, req.slave.kme_id, at) if suite else None
         pool.insert_reserved_keys(
@@ -312,6 +285,7 @@ class PeerNetwork:
         route = self.route_to(target_kme_id, key_size)
         if route is None:
             return 0
+        # Get status reports this KME's own stock as it is now (routing may use the 0.5 s cache).
         edges = {(e.src, e.dst): e for e in [*self.topology.learned(), *self.own_edges()]}
         hops = [edges.get((a, b)) for a, b in itertools.pairwise(route)]
         return min((e.bits if e else 0) for e in hops) // key_size
@@ -364,19 +338,8 @@ class PeerNetwork:
     def _delivered(
         self, req: KeyRequest, cut: list[pool.CutKey], exchange: KemExchange | None, suite: str | None
     ) -> list[DeliveredKey]:
-        """What the master receives: the QKD bits, or the hybrid keys derived from them."""
         assert self.service is not None
-        return [
-            DeliveredKey(
-                c.key_id,
-                self.service.derive_key(
-                    c.material, exchange, suite, c.key_id, req.master.sae_id, req.slave, req.size
-                )
-                if exchange and suite
-                else c.material or b"",
-            )
-            for c in cut
-        ]
+        return self.service.delivered(cut, exchange, suite, req.master.sae_id, req.slave, req.size)
 
     def _send_and_settle(
         self, peer_id: str, body: dict[str, Any], key_ids: list[str], actor: str, subject: str
@@ -385,43 +348,32 @@ class PeerNetwork:
         try:
             reply = self.client.call(peer_id, "keys.record", body)
         except PeerError as exc:
-            self._settle(key_ids, KeyState.DESTROYED, actor, subject, {"peer": peer_id, "reason": exc.reason})
-            if isinstance(exc, PeerUncertain):
-                self._cancel_later(peer_id, body["route"][0], key_ids)
-            raise ServiceUnavailable(
-                f"KME {peer_id} did not record the keys ({exc.reason}); no key was delivered and their bits"
-                " were discarded; retry later",
-                [{"peer_KME_ID": peer_id}],
-            ) from None
-        self._settle(
-            key_ids,
-            KeyState.CONSUMED,
-            actor,
-            subject,
-            {
-                "peer": peer_id,
-                "receipt_nonce": reply.nonce,
-                "route": body["route"],
-                "size": body["size"],
-                "slaves": body["slave_SAE_IDs"],
-                "policy": body["policy"],
-                "suite": body["suite"],
-            },
-        )
+            raise self._peer_failed(peer_id, exc, [(actor, subject, key_ids)], body["route"][0]) from None
+        record = {
+            "peer": peer_id,
+            "receipt_nonce": reply.nonce,
+            "route": body["route"],
+            "size": body["size"],
+            "slaves": body["slave_SAE_IDs"],
+            "policy": body["policy"],
+            "suite": body["suite"],
+        }
+        self._settle_many([(actor, subject, key_ids, True, record)])
 
-    def _settle(
-        self, key_ids: list[str], target: KeyState, actor: str, subject: str, record: dict[str, Any]
-    ) -> None:
-        at = datetime.now(UTC)
-        action = "keys.reserved" if target is KeyState.CONSUMED else "keys.discarded"
-        reason = (
-            "recorded by the slave's KME"
-            if target is KeyState.CONSUMED
-            else f"peer failed: {record.get('reason')}"
+    def _peer_failed(
+        self, peer_id: str, exc: PeerError, requests: list[tuple[str, str, list[str]]], origin: str
+    ) -> ServiceUnavailable:
+        """The peer did not (or may not have) recorded these requests' keys: destroy them here, ask the
+        peer to withdraw them if it may have acted, and give the 503 the masters get."""
+        record = {"peer": peer_id, "reason": exc.reason}
+        self._settle_many([(actor, subject, key_ids, False, record) for actor, subject, key_ids in requests])
+        if isinstance(exc, PeerUncertain):
+            self._cancel_later(peer_id, origin, [k for _, _, key_ids in requests for k in key_ids])
+        return ServiceUnavailable(
+            f"KME {peer_id} did not record the keys ({exc.reason}); no key was delivered and their bits"
+            " were discarded; retry later",
+            [{"peer_KME_ID": peer_id}],
         )
-        with self.db.write() as conn:
-            peers.close_pending_keys(conn, key_ids, target, actor, reason, at)
-            audit.append(conn, at, [(actor, action, subject, {"key_IDs": key_ids, **record})])
 
     def _cancel_later(self, peer_id: str, origin: str, key_ids: list[str]) -> None:
         """The peer may have recorded keys we discarded: ask it to withdraw them (best effort; its
@@ -439,26 +391,15 @@ class PeerNetwork:
         threading.Thread(target=cancel, name="qkms-peer-cancel", daemon=True).start()
 
     def _encapsulate_to(self, conn: Any, policy: PairPolicy, target: str, at: datetime) -> KemExchange:
+        assert self.service is not None
         key = self.directory.kem_key(target)
         if key is None:
             raise ServiceUnavailable(
                 f"no ML-KEM public key is known for KME {target}; import its peer bundle"
             )
-        if key.algorithm != policy.kem:
-            raise ServiceUnavailable(
-                f"KME {target}'s ML-KEM key is {key.algorithm}, the policy asks for {policy.kem}"
-            )
-        ciphertext, secret = self.identity.kem.encapsulate(KemAlgorithm(key.algorithm), key.public_key)
-        exchange_id = pool.insert_kem_exchange(
-            conn,
-            key.algorithm,
-            target,
-            key.version,
-            hashlib.sha384(key.public_key).hexdigest(),
-            ciphertext,
-            at,
+        return self.service.encapsulate_to(
+            conn, policy, target, key.algorithm, key.version, key.public_key, at
         )
-        return KemExchange(exchange_id, key.version, key.public_key, ciphertext, secret)
 
     # -- peer side -----------------------------------------------------------------------------
     def handle(self, message: PeerMessage) -> dict[str, Any]:
@@ -586,10 +527,7 @@ class PeerNetwork:
             forward = {
                 **b,
                 "hops": hops,
-                "keys": [
-                    {"key_ID": k, "link_id": c.link_id, "block_id": c.source_block_id, "offset": c.source_bit}
-                    for k, c in zip(key_ids, cut, strict=True)
-                ],
+                "keys": _key_refs(key_ids, cut),
                 "ciphertext": [
                     base64.b64encode(_xor(k_bits, c.material or b"")).decode()
                     for k_bits, c in zip(bits, cut, strict=True)
@@ -938,8 +876,12 @@ class PeerNetwork:
         self.client.close()
 
 
-class _LinkShort(Exception):
-    """Internal: unwinds the cut's savepoint when the link cannot serve a request."""
+def _key_refs(key_ids: list[str], cut: list[pool.CutKey]) -> list[dict[str, Any]]:
+    """Where each key's bits sit in the block both ends of the link hold: what the peer's ledger needs."""
+    return [
+        {"key_ID": k, "link_id": c.link_id, "block_id": c.source_block_id, "offset": c.source_bit}
+        for k, c in zip(key_ids, cut, strict=True)
+    ]
 
 
 def _kem_json(exchange: KemExchange, algorithm: str) -> dict[str, Any]:

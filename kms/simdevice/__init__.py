@@ -10,5 +10,6 @@ and tested end to end: one process simulates the link with full physics
 - ``app``: one FastAPI app per device, the three ETSI 014 endpoints with Error bodies.
 - ``serve``: ``qkms sim device init`` (PKI) and ``qkms sim device serve`` (both ports, one process).
 
-It uses ``kms.pki`` for certificates and nothing of the KME itself (no domain, storage or API).
+It uses ``kms.pki`` for certificates and the API layer's transport pieces (the TLS-identity protocol
+and the ETSI Error-body handlers), and nothing of the KME's domain or storage.
 """

@@ -9,7 +9,6 @@ standard allows no other codes.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import json
@@ -17,12 +16,10 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import Body, FastAPI, Path, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from kms.api.errors import error_response, install_etsi_format_handlers
 from kms.pki import certificate_common_name, fingerprint_sha256
 from kms.simdevice.pair import DevicePair, DeviceRequestError, Site
 
@@ -53,29 +50,6 @@ class KeyIds(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     key_IDs: list[KeyIdItem]
-
-
-class TlsPeerProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol, also putting the verified client certificate (DER) into the scope."""
-
-    _peer_der: bytes | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        ssl_object = transport.get_extra_info("ssl_object")
-        self._peer_der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        scope: Any = self.scope
-        scope["extensions"] = {"tls": {"client_cert_der": self._peer_der}}
-
-
-def error_response(status: int, message: str, details: list[dict[str, Any]] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"message": message}
-    if details:
-        body["details"] = details
-    return JSONResponse(body, status_code=status)
 
 
 @functools.lru_cache(maxsize=256)
@@ -140,24 +114,7 @@ def create_device_app(pair: DevicePair, site: Site, client_fingerprint: str) -> 
     async def _refused(_: Request, exc: DeviceRequestError) -> JSONResponse:
         return error_response(exc.status, exc.message, [dict(d) for d in exc.details] or None)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {
-                "field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
-                "problem": str(e.get("msg"))[:200],
-            }
-            for e in exc.errors()[:10]
-        ]
-        return error_response(400, "request does not match the ETSI GS QKD 014 format", details)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 404:
-            return error_response(400, "no such endpoint in ETSI GS QKD 014")
-        if exc.status_code == 405:
-            return error_response(400, "method not allowed on this endpoint")
-        return error_response(400, str(exc.detail)[:200])
+    install_etsi_format_handlers(app)
 
     app.add_middleware(ClientAuthMiddleware, sae_id=pair.clients[site], fingerprint=client_fingerprint)
 

@@ -31,7 +31,8 @@ import tomli_w
 import uvicorn
 
 from kms import pki
-from kms.simdevice.app import TlsPeerProtocol, create_device_app
+from kms.api.tls_identity import TlsIdentityProtocol
+from kms.simdevice.app import create_device_app
 from kms.simdevice.pair import SITES, DevicePair, PairLimits, Site
 
 log = structlog.get_logger(__name__)
@@ -189,7 +190,7 @@ def run_devices(device: DeviceDir, pair: DevicePair, ports: dict[Site, int], hos
             app,
             host=host,
             port=ports[site],
-            http=TlsPeerProtocol,
+            http=TlsIdentityProtocol,
             ssl_context_factory=_fixed_context(ctx),
             access_log=False,
             log_config=None,
