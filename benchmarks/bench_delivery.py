@@ -315,7 +315,10 @@ class Bench:
             url: str | None = None
             pg: CpuGroup | None = None
             if backend == "postgres":
-                server = PostgresServer()
+                stats = {"shared_preload_libraries": "pg_stat_statements"} if self.args.pg_stats else {}
+                if stats:
+                    stats["pg_stat_statements.track_planning"] = "on"
+                server = PostgresServer(extra_settings=stats)
                 server.start()
                 stack.callback(server.stop)
                 url = server.create_database("qkms_bench")
@@ -356,11 +359,18 @@ class Bench:
                 "client": self.args.client,
             }
             scenarios = [("single", 1), ("batched", BATCH)]
+            stats_url = url if backend == "postgres" and self.args.pg_stats else None
+            if stats_url:
+                _pg_stats(stats_url, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             for _ in range(self.args.repeat):
                 for scenario, number in scenarios:
+                    if stats_url:
+                        _pg_stats(stats_url, "SELECT pg_stat_statements_reset()")
                     fig = self.run_client(backend, workers, scenario, {**base, "number": number}, kme_cpu, pg)
                     self.results.append(fig)
                     _print_row(fig)
+                    if stats_url:
+                        print(_pg_top_statements(stats_url, fig), flush=True)
             if self.args.profile:
                 for scenario, number in scenarios:
                     out = self.args.profile_dir / f"{backend}-w{workers}-{scenario}.txt"
@@ -422,6 +432,33 @@ class Bench:
             server_cores=kme_s / dur,
             pg_cores=pg_s / dur if pg else None,
         )
+
+
+def _pg_stats(url: str, sql: str) -> list[Any]:
+    import psycopg
+
+    libpq = url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        cur = conn.execute(sql)
+        return list(cur.fetchall()) if cur.description else []
+
+
+def _pg_top_statements(url: str, fig: Figures, top: int = 12) -> str:
+    """PostgreSQL's own time per statement (pg_stat_statements), per round trip of the run."""
+    rows = _pg_stats(
+        url,
+        "SELECT calls, total_plan_time, total_exec_time, query FROM pg_stat_statements "
+        "WHERE query NOT LIKE '%pg_stat_statements%' "
+        "ORDER BY total_plan_time + total_exec_time DESC",
+    )
+    n = max(fig.round_trips, 1)
+    total = sum(r[1] + r[2] for r in rows)
+    lines = [f"  pg_stat_statements: {total / n:.3f} ms of PostgreSQL time per round trip (plan + exec)"]
+    lines.append("    calls/rt  plan ms/rt  exec ms/rt  statement")
+    for calls, plan, exe, query in rows[:top]:
+        text = " ".join(str(query).split())[:110]
+        lines.append(f"    {calls / n:8.2f}  {plan / n:10.3f}  {exe / n:10.3f}  {text}")
+    return "\n".join(lines)
 
 
 def _percentile(sorted_values: list[float], pct: float) -> float:
@@ -604,6 +641,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--client", choices=["aiohttp", "httpx"], default="aiohttp", help="load generator's HTTP client"
+    )
+    parser.add_argument(
+        "--pg-stats",
+        action="store_true",
+        help="PostgreSQL only: print its time per statement (pg_stat_statements) after each scenario",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--client-spec", help=argparse.SUPPRESS)

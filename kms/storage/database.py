@@ -74,15 +74,9 @@ class Database:
 def _make_engine(url: str, pool_size: int, is_sqlite: bool, background_checkpoints: bool) -> Engine:
     if not is_sqlite:
         # No pre-ping: it costs a round trip per checkout; a dropped connection fails that request
-        # (503) and the pool replaces it.
-        # Custom plans always: psycopg prepares repeated statements, and PostgreSQL's generic plan
-        # for ``key_id = ANY($1)`` cannot see the array's size and may choose a sequential scan.
-        return create_engine(
-            url,
-            pool_size=pool_size,
-            max_overflow=pool_size,
-            connect_args={"options": "-c plan_cache_mode=force_custom_plan"},
-        )
+        # (503) and the pool replaces it. Plans: psycopg prepares a statement after a few calls and
+        # PostgreSQL reuses its plan; statements over arrays are planned per call (``rawsql``).
+        return create_engine(url, pool_size=pool_size, max_overflow=pool_size)
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
     if parsed.database in (None, "", ":memory:"):

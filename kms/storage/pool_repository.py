@@ -8,7 +8,6 @@ declaring the pool short; on SQLite the write transaction itself is exclusive.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, update
 
 from kms.crypto.envelope import Envelope
+from kms.domain.key_ids import new_key_id
 from kms.domain.lifecycle import KeyState, check_transition
 from kms.storage.rawsql import Raw
 from kms.storage.schema import key_blocks, keys, links
@@ -180,14 +180,27 @@ def count_available_keys(conn: Connection, target_kme_id: str, key_size: int) ->
     return int(conn.execute(stmt).scalar_one())
 
 
-def _candidate_block(raw: Raw, target_kme_id: str, size_bits: int, skip_locked: bool) -> Any:
+def _serving_links(raw: Raw, target_kme_id: str) -> list[str]:
+    """Active links whose pool serves keys toward ``target_kme_id``."""
+    return [
+        r[0]
+        for r in raw.all(
+            "SELECT id FROM links WHERE peer_kme_id = ? AND state = 'active' ORDER BY id", (target_kme_id,)
+        )
+    ]
+
+
+def _candidate_block(raw: Raw, link_id: str, size_bits: int, skip_locked: bool) -> Any:
+    # ``link_id = ?`` (not ``IN (subquery)``) so that PostgreSQL walks ix_key_blocks_pool in id order
+    # and stops at the first free block, whatever its statistics say: with the subquery and stale
+    # statistics it fetched and sorted every active block (~4 ms with 2,048 blocks) on each cut.
     return raw.one(
         "SELECT b.id, b.link_id, b.source_block_id, b.source_offset_bits, b.bit_length, b.next_bit, b.material"
         " FROM key_blocks b"
-        " WHERE b.state = 'active' AND b.owner_kme_id IS NULL AND b.bit_length - b.next_bit >= ?"
-        " AND b.link_id IN (SELECT l.id FROM links l WHERE l.peer_kme_id = ? AND l.state = 'active')"
+        " WHERE b.link_id = ? AND b.state = 'active' AND b.owner_kme_id IS NULL"
+        " AND b.bit_length - b.next_bit >= ?"
         " ORDER BY b.id LIMIT 1" + raw.for_update(of="b", skip_locked=skip_locked),
-        (size_bits, target_kme_id),
+        (link_id, size_bits),
     )
 
 
@@ -209,30 +222,33 @@ def cut_keys(
     size_bytes = size_bits // 8
     cut: list[CutKey] = []
     raw = Raw(conn)
+    serving = _serving_links(raw, target_kme_id)
     for skip_locked in (True, False):
-        while len(cut) < number:
-            row = _candidate_block(raw, target_kme_id, size_bits, skip_locked)
-            if row is None:
-                break
-            block = _Block(*row)
-            remainder = envelope.open(
-                bytes(block.material),
-                block_aad(block.link_id, block.source_block_id, block.source_offset_bits, block.next_bit),
-            )
-            take = min(number - len(cut), len(remainder) // size_bytes)
-            cut.extend(
-                CutKey(
-                    str(uuid.uuid4()),
-                    remainder[i * size_bytes : (i + 1) * size_bytes],
-                    block.id,
-                    block.next_bit + i * size_bits,
-                    block.link_id,
-                    block.source_block_id,
-                    block.source_offset_bits + block.next_bit + i * size_bits,
+        for link_id in serving:
+            while len(cut) < number:
+                row = _candidate_block(raw, link_id, size_bits, skip_locked)
+                if row is None:
+                    break
+                block = _Block(*row)
+                remainder = envelope.open(
+                    bytes(block.material),
+                    block_aad(block.link_id, block.source_block_id, block.source_offset_bits, block.next_bit),
                 )
-                for i in range(take)
-            )
-            _advance_block(raw, envelope, block, remainder[take * size_bytes :], min_key_size, events, actor)
+                take = min(number - len(cut), len(remainder) // size_bytes)
+                cut.extend(
+                    CutKey(
+                        new_key_id(),
+                        remainder[i * size_bytes : (i + 1) * size_bytes],
+                        block.id,
+                        block.next_bit + i * size_bits,
+                        block.link_id,
+                        block.source_block_id,
+                        block.source_offset_bits + block.next_bit + i * size_bits,
+                    )
+                    for i in range(take)
+                )
+                rest = remainder[take * size_bytes :]
+                _advance_block(raw, envelope, block, rest, min_key_size, events, actor)
         if len(cut) >= number:
             break
     return cut if len(cut) >= number else None
@@ -240,7 +256,7 @@ def cut_keys(
 
 def fallback_keys(number: int) -> list[CutKey]:
     """Key IDs for PQC-fallback keys: no pool bits; the material is derived from ML-KEM."""
-    return [CutKey(str(uuid.uuid4()), None) for _ in range(number)]
+    return [CutKey(new_key_id(), None) for _ in range(number)]
 
 
 def insert_kem_exchange(
