@@ -30,8 +30,12 @@ class TlsSection(BaseModel):
 class DatabaseSection(BaseModel):
     url: str = "sqlite:///qkms.db"
     pool_size: int = Field(default=10, ge=1)
-    # PostgreSQL: requests run their transactions in at most this many threads per process.
+    # PostgreSQL: requests outside group commit (status, audit reads) use at most this many threads.
     max_concurrency: int = Field(default=4, ge=1)
+    # Group commit of Get key / Get key with key IDs: batches at once per process (PostgreSQL; SQLite
+    # runs one at a time) and units per batch.
+    batches_in_flight: int = Field(default=2, ge=1)
+    max_batch: int = Field(default=64, ge=1)
 
 
 class Pkcs11KekSection(BaseModel):

@@ -1,8 +1,9 @@
 """The FastAPI application: the three ETSI GS QKD 014 endpoints over the delivery service.
 
-Endpoints are ``async``; the delivery service is synchronous. On SQLite (one writer at a time anyway)
-it runs inline on the event loop, which avoids a thread hop per request; on PostgreSQL it runs in
-worker threads so that slow database round trips overlap.
+Endpoints are ``async``; the delivery service is synchronous. Get key and Get key with key IDs for
+this KME's own SAEs are checked on the event loop and their database work is group-committed
+(``kms.api.batcher``). Other calls run inline on SQLite (one writer at a time anyway) and in worker
+threads on PostgreSQL; keys for a slave at another KME wait on that KME in a thread of their own.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from fastapi.responses import Response
 
 from kms import __version__
 from kms.api.audit_routes import audit_router
+from kms.api.batcher import UnitBatcher
 from kms.api.errors import ERROR_RESPONSES, CatchAllMiddleware, install_error_handlers, json_response
 from kms.api.identity import SaeAuthMiddleware, current_sae
 from kms.api.schemas import KeyContainer, KeyIds, KeyRequest, Status
 from kms.audit.service import AuditService
 from kms.domain.delivery import DeliveredKey
-from kms.domain.errors import InvalidRequest
+from kms.domain.errors import InvalidRequest, NotEntitled
+from kms.domain.saes import SaeInfo
 from kms.runtime import Runtime
 
 T = TypeVar("T")
@@ -74,6 +77,34 @@ def create_app(
         if inline:
             return fn(*args)
         return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+
+    batcher = UnitBatcher(
+        runtime.db,
+        inline=inline,
+        in_flight=runtime.settings.database.batches_in_flight,
+        max_batch=runtime.settings.database.max_batch,
+    )
+
+    async def get_keys(master: SaeInfo, slave_id: str, *args: Any) -> list[DeliveredKey]:
+        slave = runtime.registry.get(slave_id)
+        if slave is not None and slave.kme_id != runtime.settings.kme.id:
+            return await anyio.to_thread.run_sync(
+                service.get_keys, master, slave_id, *args, limiter=remote_limiter
+            )
+        unit = service.get_keys_unit(master, slave_id, *args)
+        if unit is None:  # the registry changed under us: the slave is at another KME now
+            return await anyio.to_thread.run_sync(
+                service.get_keys, master, slave_id, *args, limiter=remote_limiter
+            )
+        return await batcher.run(unit)
+
+    async def get_keys_with_ids(slave: SaeInfo, master_id: str, key_ids: list[str]) -> list[DeliveredKey]:
+        unit, normalised = service.get_keys_with_ids_unit(slave, master_id, key_ids)
+        try:
+            return await batcher.run(unit)
+        except NotEntitled:
+            await run(service.audit_denied, slave, master_id, normalised)
+            raise
 
     # A key for a slave at another KME waits on that KME: in a thread, never on the event loop.
     remote_limiter = anyio.CapacityLimiter(32)
@@ -128,7 +159,7 @@ def create_app(
         post_only = POST_ONLY_QUERY.intersection(request.query_params)
         if post_only:
             raise InvalidRequest(f"{', '.join(sorted(post_only))} must be sent in a POST body")
-        keys = await run_keys(slave_SAE_ID, service.get_keys, master, slave_SAE_ID, number, size)
+        keys = await get_keys(master, slave_SAE_ID, number, size)
         return _container(keys)
 
     @app.post(
@@ -143,9 +174,7 @@ def create_app(
     ) -> Response:
         master = current_sae(request.scope)
         req = body or KeyRequest()
-        keys = await run_keys(
-            slave_SAE_ID,
-            service.get_keys,
+        keys = await get_keys(
             master,
             slave_SAE_ID,
             req.number,
@@ -170,7 +199,7 @@ def create_app(
         slave = current_sae(request.scope)
         if not key_ID:
             raise InvalidRequest("the key_ID query parameter is required")
-        keys = await run(service.get_keys_with_ids, slave, master_SAE_ID, key_ID)
+        keys = await get_keys_with_ids(slave, master_SAE_ID, key_ID)
         return _container(keys)
 
     @app.post(
@@ -184,9 +213,7 @@ def create_app(
         request: Request, master_SAE_ID: SaeIdPath, body: Annotated[KeyIds, Body()]
     ) -> Response:
         slave = current_sae(request.scope)
-        keys = await run(
-            service.get_keys_with_ids, slave, master_SAE_ID, [item.key_ID for item in body.key_IDs]
-        )
+        keys = await get_keys_with_ids(slave, master_SAE_ID, [item.key_ID for item in body.key_IDs])
         return _container(keys)
 
     app.include_router(audit_router(AuditService(runtime.db, runtime.identity, runtime.settings.kme.id), run))

@@ -24,6 +24,7 @@ from kms.crypto.identity import KmeIdentity
 from kms.crypto.pqc.base import KemAlgorithm
 from kms.domain import errors
 from kms.domain.errors import InvalidRequest, NotEntitled, ServiceUnavailable
+from kms.domain.group_commit import AuditEntry, Unit, run_unit
 from kms.domain.lifecycle import KeyState
 from kms.domain.policy import POLICY_FALLBACK, Mode, PairPolicy, PolicyBook
 from kms.domain.saes import SaeInfo, SaeRegistry
@@ -134,6 +135,45 @@ class KeyDeliveryService:
         additional_slave_sae_ids: Sequence[str] = (),
         extension_mandatory: Sequence[Mapping[str, Any]] = (),
     ) -> list[DeliveredKey]:
+        """Get key, in a transaction of its own (the API batches :meth:`get_keys_unit` instead)."""
+        request = self._key_request(
+            master, slave_sae_id, number, size, additional_slave_sae_ids, extension_mandatory
+        )
+        if request.slave.kme_id != self.kme_id:
+            if self.remote is None:
+                raise ServiceUnavailable(f"the slave's KME {request.slave.kme_id} is not a configured peer")
+            return self.remote.get_keys(
+                master, request.slave, request.recipients, request.number, request.size, request.policy
+            )
+        return run_unit(self.db, self._reserve_unit(master, request))
+
+    def get_keys_unit(
+        self,
+        master: SaeInfo,
+        slave_sae_id: str,
+        number: int | None = None,
+        size: int | None = None,
+        additional_slave_sae_ids: Sequence[str] = (),
+        extension_mandatory: Sequence[Mapping[str, Any]] = (),
+    ) -> Unit[list[DeliveredKey]] | None:
+        """Check a Get key request and return its database work as a group-commit unit; None if
+        the slave is at another KME (then :meth:`get_keys` goes through the peer network)."""
+        request = self._key_request(
+            master, slave_sae_id, number, size, additional_slave_sae_ids, extension_mandatory
+        )
+        if request.slave.kme_id != self.kme_id:
+            return None
+        return self._reserve_unit(master, request)
+
+    def _key_request(
+        self,
+        master: SaeInfo,
+        slave_sae_id: str,
+        number: int | None,
+        size: int | None,
+        additional_slave_sae_ids: Sequence[str],
+        extension_mandatory: Sequence[Mapping[str, Any]],
+    ) -> _KeyRequest:
         slave = self._pair(master, slave_sae_id, "slave")
         number = 1 if number is None else number
         size = self.cfg.key_size if size is None else size
@@ -143,49 +183,61 @@ class KeyDeliveryService:
             raise InvalidRequest(errors.MSG_EXT_MANDATORY_UNSUPPORTED, [{"extension_mandatory": names}])
         recipients = [slave.sae_id, *self._additional_slaves(master, slave, additional_slave_sae_ids)]
         policy = self.policies.for_pair(master.sae_id, slave.sae_id)
-        if slave.kme_id != self.kme_id:
-            if self.remote is None:
-                raise ServiceUnavailable(f"the slave's KME {slave.kme_id} is not a configured peer")
-            return self.remote.get_keys(master, slave, recipients, number, size, policy)
+        return _KeyRequest(slave, recipients, number, size, policy)
+
+    def _reserve_unit(self, master: SaeInfo, request: _KeyRequest) -> Unit[list[DeliveredKey]]:
+        def reserve(conn: Connection) -> tuple[list[DeliveredKey], list[AuditEntry]]:
+            return self._reserve(
+                conn, master, request.slave, request.recipients, request.number, request.size, request.policy
+            )
+
+        return reserve
+
+    def _reserve(
+        self,
+        conn: Connection,
+        master: SaeInfo,
+        slave: SaeInfo,
+        recipients: list[str],
+        number: int,
+        size: int,
+        policy: PairPolicy,
+    ) -> tuple[list[DeliveredKey], list[AuditEntry]]:
         events = pool.EventBatch(datetime.now(UTC))
         actor = f"sae:{master.sae_id}"
-        with self.db.write() as conn:
-            cut = self.cut(conn, slave.kme_id, number, size, policy, events, actor)
-            fallback = cut[0].material is None
-            policy_name = POLICY_FALLBACK if fallback else policy.mode.value
-            suite = policy.suite(fallback)
-            exchange = None
-            if suite is not None:
-                exchange = self._encapsulate(conn, policy, slave.kme_id, events.at)
-            pool.insert_reserved_keys(
-                conn,
-                self.envelope,
-                cut,
-                size_bits=size,
-                master_sae_id=master.sae_id,
-                slave_sae_ids=recipients,
-                target_kme_id=slave.kme_id,
-                ttl=timedelta(seconds=self.cfg.reserved_ttl_seconds),
-                policy=policy_name,
-                suite=suite,
-                kem_exchange_id=exchange.exchange_id if exchange else None,
-                at=events.at,
-            )
-            events.flush(conn)
-            delivered = self.delivered(cut, exchange, suite, master.sae_id, slave, size)
-            record: dict[str, Any] = {
-                "key_IDs": [c.key_id for c in cut],
-                "size": size,
-                "slaves": recipients,
-                "policy": policy_name,
-                "suite": suite,
-            }
-            if exchange:
-                record["kem_ciphertext_sha384"] = hashlib.sha384(exchange.ciphertext).hexdigest()
-            audit.append(
-                conn, events.at, [(actor, "keys.reserved", f"{master.sae_id}->{slave.sae_id}", record)]
-            )
-        return delivered
+        cut = self.cut(conn, slave.kme_id, number, size, policy, events, actor)
+        fallback = cut[0].material is None
+        policy_name = POLICY_FALLBACK if fallback else policy.mode.value
+        suite = policy.suite(fallback)
+        exchange = None
+        if suite is not None:
+            exchange = self._encapsulate(conn, policy, slave.kme_id, events.at)
+        pool.insert_reserved_keys(
+            conn,
+            self.envelope,
+            cut,
+            size_bits=size,
+            master_sae_id=master.sae_id,
+            slave_sae_ids=recipients,
+            target_kme_id=slave.kme_id,
+            ttl=timedelta(seconds=self.cfg.reserved_ttl_seconds),
+            policy=policy_name,
+            suite=suite,
+            kem_exchange_id=exchange.exchange_id if exchange else None,
+            at=events.at,
+        )
+        events.flush(conn)
+        delivered = self.delivered(cut, exchange, suite, master.sae_id, slave, size)
+        record: dict[str, Any] = {
+            "key_IDs": [c.key_id for c in cut],
+            "size": size,
+            "slaves": recipients,
+            "policy": policy_name,
+            "suite": suite,
+        }
+        if exchange:
+            record["kem_ciphertext_sha384"] = hashlib.sha384(exchange.ciphertext).hexdigest()
+        return delivered, [(actor, "keys.reserved", f"{master.sae_id}->{slave.sae_id}", record)]
 
     def cut(
         self,
@@ -346,6 +398,19 @@ class KeyDeliveryService:
     def get_keys_with_ids(
         self, slave: SaeInfo, master_sae_id: str, key_ids: Sequence[str]
     ) -> list[DeliveredKey]:
+        """Get key with key IDs, in a transaction of its own (the API batches the unit instead)."""
+        unit, normalised = self.get_keys_with_ids_unit(slave, master_sae_id, key_ids)
+        try:
+            return run_unit(self.db, unit)
+        except NotEntitled:
+            self.audit_denied(slave, master_sae_id, normalised)
+            raise
+
+    def get_keys_with_ids_unit(
+        self, slave: SaeInfo, master_sae_id: str, key_ids: Sequence[str]
+    ) -> tuple[Unit[list[DeliveredKey]], list[str]]:
+        """Check a Get key with key IDs request; its database work as a unit, and the canonical
+        key_IDs (for :meth:`audit_denied` if the unit raises NotEntitled)."""
         self._pair(slave, master_sae_id, "master")
         if not key_ids:
             raise InvalidRequest("key_IDs shall name at least one key")
@@ -354,44 +419,37 @@ class KeyDeliveryService:
         normalised = [_canonical_uuid(k) for k in key_ids]
         if len(set(normalised)) != len(normalised):
             raise InvalidRequest("key_IDs contains the same key_ID twice")
-        try:
-            return self._serve(slave, master_sae_id, normalised, datetime.now(UTC))
-        except NotEntitled:
-            self._audit_denied(slave, master_sae_id, normalised)
-            raise
+
+        def serve(conn: Connection) -> tuple[list[DeliveredKey], list[AuditEntry]]:
+            return self._serve(conn, slave, master_sae_id, normalised, datetime.now(UTC))
+
+        return serve, normalised
 
     def _serve(
-        self, slave: SaeInfo, master_sae_id: str, key_ids: list[str], now: datetime
-    ) -> list[DeliveredKey]:
-        with self.db.write() as conn:
-            stored = pool.load_keys_for_update(conn, key_ids)
-            missing = [k for k in key_ids if k not in stored or stored[k].master_sae_id != master_sae_id]
-            if missing:
-                raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, [{"key_ID": k} for k in missing])
-            if any(slave.sae_id not in stored[k].recipients for k in key_ids):
-                raise NotEntitled("the requesting SAE is not a slave of one or more of the requested keys")
-            reasons = {k: _why_unavailable(stored[k], slave.sae_id, now) for k in key_ids}
-            gone = [{"key_ID": k, "reason": r} for k, r in reasons.items() if r]
-            if gone:
-                raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, gone)
-            exchange_ids = [e for e in (stored[k].kem_exchange_id for k in key_ids) if e is not None]
-            exchanges = pool.load_exchanges(conn, exchange_ids)
-            secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
-            delivered = [self._recover(stored[k], exchanges, secrets) for k in key_ids]
-            consumed = pool.mark_served(conn, (stored[k] for k in key_ids), slave.sae_id, now)
-            audit.append(
-                conn,
-                now,
-                [
-                    (
-                        f"sae:{slave.sae_id}",
-                        "keys.delivered",
-                        f"{master_sae_id}->{slave.sae_id}",
-                        {"key_IDs": key_ids, "consumed": consumed},
-                    )
-                ],
-            )
-        return delivered
+        self, conn: Connection, slave: SaeInfo, master_sae_id: str, key_ids: list[str], now: datetime
+    ) -> tuple[list[DeliveredKey], list[AuditEntry]]:
+        stored = pool.load_keys_for_update(conn, key_ids)
+        missing = [k for k in key_ids if k not in stored or stored[k].master_sae_id != master_sae_id]
+        if missing:
+            raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, [{"key_ID": k} for k in missing])
+        if any(slave.sae_id not in stored[k].recipients for k in key_ids):
+            raise NotEntitled("the requesting SAE is not a slave of one or more of the requested keys")
+        reasons = {k: _why_unavailable(stored[k], slave.sae_id, now) for k in key_ids}
+        gone = [{"key_ID": k, "reason": r} for k, r in reasons.items() if r]
+        if gone:
+            raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, gone)
+        exchange_ids = [e for e in (stored[k].kem_exchange_id for k in key_ids) if e is not None]
+        exchanges = pool.load_exchanges(conn, exchange_ids)
+        secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
+        delivered = [self._recover(stored[k], exchanges, secrets) for k in key_ids]
+        consumed = pool.mark_served(conn, (stored[k] for k in key_ids), slave.sae_id, now)
+        entry: AuditEntry = (
+            f"sae:{slave.sae_id}",
+            "keys.delivered",
+            f"{master_sae_id}->{slave.sae_id}",
+            {"key_IDs": key_ids, "consumed": consumed},
+        )
+        return delivered, [entry]
 
     def _decapsulated(self, exchange: pool.StoredExchange) -> KemExchange:
         public = self.identity.public_key("kem", exchange.kem_key_version)
@@ -424,7 +482,8 @@ class KeyDeliveryService:
             ),
         )
 
-    def _audit_denied(self, slave: SaeInfo, master_sae_id: str, key_ids: list[str]) -> None:
+    def audit_denied(self, slave: SaeInfo, master_sae_id: str, key_ids: list[str]) -> None:
+        """Record a refused Get key with key IDs (401): its own transaction, after the refusal."""
         with self.db.write() as conn:
             audit.append(
                 conn,
@@ -448,6 +507,17 @@ class KeyDeliveryService:
             if expired:
                 audit.append(conn, now, [(actor, "keys.expired", "pool", {"key_IDs": expired})])
         return len(expired)
+
+
+@dataclass(frozen=True)
+class _KeyRequest:
+    """A checked Get key request."""
+
+    slave: SaeInfo
+    recipients: list[str]
+    number: int
+    size: int
+    policy: PairPolicy
 
 
 @dataclass(frozen=True, repr=False)

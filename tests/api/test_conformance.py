@@ -64,7 +64,7 @@ def test_get_key_get_defaults(kme: RunningKme) -> None:
     keys = _keys(kme.client(M).get(f"/api/v1/keys/{S}/enc_keys"))
     assert len(keys) == 1
     assert _bits(keys[0]) == kme.settings.pool.key_size
-    assert uuid.UUID(keys[0]["key_ID"]).version == 4
+    assert uuid.UUID(keys[0]["key_ID"]).version == 7  # time-ordered (kms.domain.key_ids)
 
 
 def test_get_key_get_with_query(kme: RunningKme) -> None:

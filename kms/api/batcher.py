@@ -1,0 +1,89 @@
+"""Collects the database units of concurrent requests on the event loop and runs them in batches
+(``kms.domain.group_commit``).
+
+A batch starts on the loop iteration after its first unit arrives, so every request already parsed
+in that iteration joins it; requests that arrive while a batch runs form the next one. On SQLite
+the batch runs inline on the event loop (one writer anyway, and no thread hop); on PostgreSQL in a
+worker thread, with at most ``in_flight`` batches at once per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, TypeVar
+
+import anyio
+
+from kms.domain.group_commit import Outcome, Unit, execute_batch
+from kms.storage.database import Database
+
+T = TypeVar("T")
+
+
+class UnitBatcher:
+    """Group commit for one process's event loop."""
+
+    def __init__(self, db: Database, *, inline: bool, in_flight: int = 1, max_batch: int = 64) -> None:
+        self.db = db
+        self.inline = inline
+        self.in_flight = max(1, in_flight)
+        self.max_batch = max(1, max_batch)
+        self._pending: list[tuple[Unit[Any], asyncio.Future[Any]]] = []
+        self._running = 0
+        self._scheduled = False
+        self._limiter = anyio.CapacityLimiter(self.in_flight)
+
+    async def run(self, unit: Unit[T]) -> T:
+        """Run ``unit`` in the next batch and return its result once that batch has committed."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((unit, future))
+        self._schedule()
+        result: T = await future
+        return result
+
+    def _schedule(self) -> None:
+        if self._pending and not self._scheduled and self._running < self.in_flight:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        self._scheduled = False
+        # A request whose client went away before its batch started is dropped; once started, a
+        # unit runs to the end (its reserved keys then expire unclaimed, as with any lost reply).
+        self._pending = [(u, f) for u, f in self._pending if not f.done()]
+        if not self._pending or self._running >= self.in_flight:
+            return
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        self._running += 1
+        if self.inline:
+            try:
+                outcomes = execute_batch(self.db, [u for u, _ in batch])
+            finally:
+                self._running -= 1
+            self._settle(batch, outcomes)
+            self._schedule()
+        else:
+            asyncio.get_running_loop().create_task(self._run_in_thread(batch))
+
+    async def _run_in_thread(self, batch: list[tuple[Unit[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            outcomes = await anyio.to_thread.run_sync(
+                execute_batch, self.db, [u for u, _ in batch], limiter=self._limiter
+            )
+        except BaseException as exc:  # cancelled at shutdown: nobody may wait forever
+            outcomes = [Outcome(error=exc) for _ in batch]
+            raise
+        finally:
+            self._running -= 1
+            self._settle(batch, outcomes)
+            self._schedule()
+
+    @staticmethod
+    def _settle(batch: list[tuple[Unit[Any], asyncio.Future[Any]]], outcomes: list[Outcome[Any]]) -> None:
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue
+            if outcome.error is not None:
+                future.set_exception(outcome.error)
+            else:
+                future.set_result(outcome.value)

@@ -1,0 +1,102 @@
+"""Group commit: the write transactions of concurrent requests run as one database transaction.
+
+A request's database work is a *unit*: a function of the open connection that does its reads and
+writes and returns its result with the audit entries it wants appended. Units that arrive together
+share one BEGIN, one audit append (the chain head is locked once, not once per request) and one
+COMMIT — on PostgreSQL that halves the round trips of a key request and removes the queue on the
+audit head; on SQLite it turns many small commits into one.
+
+Each request stays all-or-nothing: a unit that raises is rolled back with the whole transaction,
+gets its own error, and the others are run again — each then under its own savepoint, so a batch
+with a failing request costs at most one extra pass. A request's result is only handed back after
+its batch has committed, so a key is never delivered whose reservation or audit record could still
+be lost. A failed COMMIT fails every unit of the batch (nothing of it happened).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Connection
+
+from kms.storage import audit_repository as audit
+from kms.storage.database import Database, savepoint
+
+T = TypeVar("T")
+
+AuditEntry = tuple[str, str, str, Mapping[str, Any]]
+"""(actor, action, subject, data), as ``audit_repository.append`` takes them."""
+
+Unit = Callable[[Connection], tuple[T, list[AuditEntry]]]
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """What one unit of a batch came to: its result, or the exception it (or the commit) raised."""
+
+    value: T | None = None
+    error: BaseException | None = None
+
+    def unwrap(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+
+class _UnitFailed(Exception):
+    def __init__(self, index: int, cause: BaseException) -> None:
+        super().__init__(index)
+        self.index = index
+        self.cause = cause
+
+
+def execute_batch(db: Database, units: Sequence[Unit[Any]]) -> list[Outcome[Any]]:
+    """Run ``units`` in one write transaction (see the module docstring). Never raises for a unit."""
+    outcomes: list[Outcome[Any] | None] = [None] * len(units)
+    remaining = list(range(len(units)))
+    isolated = len(units) == 1  # a lone unit needs no savepoint: its failure is the transaction's
+    while remaining:
+        results: dict[int, Any] = {}
+        failed: dict[int, BaseException] = {}
+        try:
+            with db.write() as conn:
+                entries: list[AuditEntry] = []
+                for index in remaining:
+                    if isolated and len(units) > 1:
+                        try:
+                            with savepoint(conn, "qkms_unit"):
+                                value, unit_entries = units[index](conn)
+                        except Exception as exc:
+                            failed[index] = exc
+                            continue
+                    else:
+                        try:
+                            value, unit_entries = units[index](conn)
+                        except Exception as exc:
+                            raise _UnitFailed(index, exc) from exc
+                    results[index] = value
+                    entries.extend(unit_entries)
+                if entries:
+                    audit.append(conn, datetime.now(UTC), entries)
+        except _UnitFailed as failure:
+            outcomes[failure.index] = Outcome(error=failure.cause)
+            remaining.remove(failure.index)
+            isolated = True
+            continue
+        except Exception as exc:  # the audit append or the COMMIT: none of the batch happened
+            for index in remaining:
+                outcomes[index] = Outcome(error=failed.get(index, exc))
+            break
+        for index in remaining:
+            outcomes[index] = Outcome(error=failed[index]) if index in failed else Outcome(results[index])
+        break
+    return [o if o is not None else Outcome(error=RuntimeError("unit not run")) for o in outcomes]
+
+
+def run_unit(db: Database, unit: Unit[T]) -> T:
+    """One unit in its own transaction (callers without a batcher: CLI, peers, tests)."""
+    result: T = execute_batch(db, [unit])[0].unwrap()
+    return result
