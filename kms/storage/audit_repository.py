@@ -1,8 +1,9 @@
 """SQL for the audit trail: chained appends, reads, checkpoints.
 
 On PostgreSQL an append locks the single ``audit_head`` row (``FOR UPDATE``), so records chain in
-commit order even with several API processes; it does so in one statement, as the *last* step of the
-caller's transaction, so the lock is held for one round trip and the COMMIT. On SQLite the write
+commit order even with several API processes; as the *last* step of the caller's transaction, so the
+lock is held only for the append and the COMMIT (one statement for a single record, three for a
+group-committed batch). On SQLite the write
 transaction is already exclusive. The append is part of
 the request's transaction: if it fails, the request fails (fail closed).
 """
@@ -25,12 +26,12 @@ def append(conn: Connection, at: datetime, entries: Sequence[tuple[str, str, str
     """Append (actor, action, subject, data) entries in order; returns the new head seq."""
     raw = Raw(conn)
     stamp = at.isoformat(timespec="microseconds")
-    if raw.pg:
-        seq = 0
-        for actor, action, subject, data in entries:
-            seq = _append_pg(raw, stamp, actor, action, subject, data)
-        return seq
-    seq, prev = raw.one("SELECT seq, hash FROM audit_head WHERE id = 1")
+    if raw.pg and len(entries) == 1:
+        actor, action, subject, data = entries[0]
+        return _append_pg(raw, stamp, actor, action, subject, data)
+    # SQLite (the write transaction is exclusive) or a batch on PostgreSQL (head locked once; the
+    # chain is computed here, then one INSERT and the head update — three round trips in all).
+    seq, prev = raw.one("SELECT seq, hash FROM audit_head WHERE id = 1" + raw.for_update())
     seq = int(seq)
     rows = []
     for actor, action, subject, data in entries:
@@ -46,13 +47,19 @@ def append(conn: Connection, at: datetime, entries: Sequence[tuple[str, str, str
         digest = record_hash(body, bytes.fromhex(prev)).hex()
         rows.append((seq, stamp, actor, action, subject, canonical_json(dict(data)).decode(), prev, digest))
         prev = digest
-    if rows:
-        raw.executemany(
-            "INSERT INTO audit_records (seq, at, actor, action, subject, data, prev_hash, hash)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
+    if not rows:
+        return seq
+    columns = "seq, at, actor, action, subject, data, prev_hash, hash"
+    if raw.pg:
+        raw.execute(
+            f"INSERT INTO audit_records ({columns}) SELECT * FROM unnest("
+            "?::bigint[], ?::varchar[], ?::varchar[], ?::varchar[], ?::varchar[], ?::text[],"
+            " ?::varchar[], ?::varchar[])",
+            [list(col) for col in zip(*rows, strict=True)],
         )
-        raw.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
+    else:
+        raw.executemany(f"INSERT INTO audit_records ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    raw.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
     return seq
 
 
