@@ -32,8 +32,8 @@ class DatabaseSection(BaseModel):
     pool_size: int = Field(default=10, ge=1)
     # PostgreSQL: requests outside group commit (status, audit reads) use at most this many threads.
     max_concurrency: int = Field(default=4, ge=1)
-    # Group commit of Get key / Get key with key IDs: batches at once per process (PostgreSQL; SQLite
-    # runs one at a time) and units per batch.
+    # PostgreSQL: group commit of Get key / Get key with key IDs — batches at once per process and
+    # requests per batch (SQLite runs each request inline).
     batches_in_flight: int = Field(default=2, ge=1)
     max_batch: int = Field(default=64, ge=1)
 

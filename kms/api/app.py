@@ -1,9 +1,9 @@
 """The FastAPI application: the three ETSI GS QKD 014 endpoints over the delivery service.
 
 Endpoints are ``async``; the delivery service is synchronous. Get key and Get key with key IDs for
-this KME's own SAEs are checked on the event loop and their database work is group-committed
-(``kms.api.batcher``). Other calls run inline on SQLite (one writer at a time anyway) and in worker
-threads on PostgreSQL; keys for a slave at another KME wait on that KME in a thread of their own.
+this KME's own SAEs are checked on the event loop; their database work runs inline on SQLite (one
+writer at a time anyway, and no thread hop) and is group-committed in worker threads on PostgreSQL
+(``kms.api.batcher``). Keys for a slave at another KME wait on that KME in a thread of their own.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from kms.api.schemas import KeyContainer, KeyIds, KeyRequest, Status
 from kms.audit.service import AuditService
 from kms.domain.delivery import DeliveredKey
 from kms.domain.errors import InvalidRequest, NotEntitled
+from kms.domain.group_commit import Unit, run_unit
 from kms.domain.saes import SaeInfo
 from kms.runtime import Runtime
 
@@ -80,10 +81,14 @@ def create_app(
 
     batcher = UnitBatcher(
         runtime.db,
-        inline=inline,
         in_flight=runtime.settings.database.batches_in_flight,
         max_batch=runtime.settings.database.max_batch,
     )
+
+    async def commit(unit: Unit[T]) -> T:
+        if inline:
+            return run_unit(runtime.db, unit)
+        return await batcher.run(unit)
 
     async def get_keys(master: SaeInfo, slave_id: str, *args: Any) -> list[DeliveredKey]:
         slave = runtime.registry.get(slave_id)
@@ -96,12 +101,12 @@ def create_app(
             return await anyio.to_thread.run_sync(
                 service.get_keys, master, slave_id, *args, limiter=remote_limiter
             )
-        return await batcher.run(unit)
+        return await commit(unit)
 
     async def get_keys_with_ids(slave: SaeInfo, master_id: str, key_ids: list[str]) -> list[DeliveredKey]:
         unit, normalised = service.get_keys_with_ids_unit(slave, master_id, key_ids)
         try:
-            return await batcher.run(unit)
+            return await commit(unit)
         except NotEntitled:
             await run(service.audit_denied, slave, master_id, normalised)
             raise
