@@ -11,6 +11,11 @@ gets its own error, and the others are run again — each then under its own sav
 with a failing request costs at most one extra pass. A request's result is only handed back after
 its batch has committed, so a key is never delivered whose reservation or audit record could still
 be lost. A failed COMMIT fails every unit of the batch (nothing of it happened).
+
+Units of one batch take row locks one after another, so two batches running at once can deadlock
+where two single-request transactions would not (two slaves of a multicast key fetching the same
+keys in different orders). PostgreSQL then aborts one transaction; its units are simply run again
+(up to ``DEADLOCK_RETRIES`` times) instead of failing a request that did nothing wrong.
 """
 
 from __future__ import annotations
@@ -31,6 +36,15 @@ AuditEntry = tuple[str, str, str, Mapping[str, Any]]
 """(actor, action, subject, data), as ``audit_repository.append`` takes them."""
 
 Unit = Callable[[Connection], tuple[T, list[AuditEntry]]]
+
+DEADLOCK_RETRIES = 3
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
+
+
+def _retryable(exc: BaseException) -> bool:
+    """A deadlock or serialization failure, raised by the driver or wrapped by SQLAlchemy."""
+    driver_error = getattr(exc, "orig", None) or exc
+    return getattr(driver_error, "sqlstate", None) in _RETRYABLE_SQLSTATES
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,7 @@ def execute_batch(db: Database, units: Sequence[Unit[Any]]) -> list[Outcome[Any]
     outcomes: list[Outcome[Any] | None] = [None] * len(units)
     remaining = list(range(len(units)))
     isolated = len(units) == 1  # a lone unit needs no savepoint: its failure is the transaction's
+    retries = 0
     while remaining:
         results: dict[int, Any] = {}
         failed: dict[int, BaseException] = {}
@@ -70,6 +85,8 @@ def execute_batch(db: Database, units: Sequence[Unit[Any]]) -> list[Outcome[Any]
                             with savepoint(conn, "qkms_unit"):
                                 value, unit_entries = units[index](conn)
                         except Exception as exc:
+                            if _retryable(exc) and retries < DEADLOCK_RETRIES:
+                                raise _UnitFailed(index, exc) from exc
                             failed[index] = exc
                             continue
                     else:
@@ -82,11 +99,17 @@ def execute_batch(db: Database, units: Sequence[Unit[Any]]) -> list[Outcome[Any]
                 if entries:
                     audit.append(conn, datetime.now(UTC), entries)
         except _UnitFailed as failure:
+            if _retryable(failure.cause) and retries < DEADLOCK_RETRIES:
+                retries += 1  # the whole transaction was the victim: run every unit again
+                continue
             outcomes[failure.index] = Outcome(error=failure.cause)
             remaining.remove(failure.index)
             isolated = True
             continue
         except Exception as exc:  # the audit append or the COMMIT: none of the batch happened
+            if _retryable(exc) and retries < DEADLOCK_RETRIES:
+                retries += 1
+                continue
             for index in remaining:
                 outcomes[index] = Outcome(error=failed.get(index, exc))
             break

@@ -4,11 +4,12 @@ audit chain gets exactly the entries of the units that committed, in order."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, text
 
 from kms.audit.chain import verify_chain
 from kms.domain.group_commit import AuditEntry, Unit, execute_batch, run_unit
@@ -104,3 +105,49 @@ def test_run_unit_returns_the_value_or_raises(db: Database) -> None:
     with pytest.raises(Refused):
         run_unit(db, _add_link("TWO", fail_after_write=True))
     assert _links(db) == {"ONE"}
+
+
+@pytest.mark.postgres
+def test_two_batches_that_deadlock_are_both_committed(request: pytest.FixtureRequest) -> None:
+    """Batch X locks A then B, batch Y locks B then A: PostgreSQL aborts one; it runs again."""
+    url = database_url("postgres", request)
+    assert url is not None
+    migrate.upgrade(url)
+    db = Database(url)
+    run_unit(db, _add_link("A"))
+    run_unit(db, _add_link("B"))
+    both_hold_their_first_lock = threading.Barrier(2, timeout=20)
+    first_attempt = {"X": True, "Y": True}
+    runs: list[str] = []
+
+    def lock(batch: str, link_id: str, meet: bool) -> Unit[str]:
+        def unit(conn: Connection) -> tuple[str, list[AuditEntry]]:
+            runs.append(f"{batch}:{link_id}")
+            conn.execute(text("SELECT id FROM links WHERE id = :i FOR UPDATE"), {"i": link_id})
+            if meet and first_attempt[batch]:
+                first_attempt[batch] = False
+                both_hold_their_first_lock.wait()
+            return link_id, [("test", "link.locked", f"{batch}:{link_id}", {})]
+
+        return unit
+
+    outcomes: dict[str, list[Any]] = {}
+
+    def batch(name: str, first: str, second: str) -> None:
+        outcomes[name] = execute_batch(db, [lock(name, first, True), lock(name, second, False)])
+
+    threads = [
+        threading.Thread(target=batch, args=("X", "A", "B")),
+        threading.Thread(target=batch, args=("Y", "B", "A")),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [o.unwrap() for o in outcomes["X"]] == ["A", "B"]
+    assert [o.unwrap() for o in outcomes["Y"]] == ["B", "A"]
+    assert len(runs) > 4, "one batch should have been the deadlock victim and run again"
+    with db.read() as conn:
+        records = audit.read_records(conn)
+    locked = sorted(r.subject for r in records if r.action == "link.locked")
+    assert locked == ["X:A", "X:B", "Y:A", "Y:B"]
