@@ -79,6 +79,9 @@ def create_app(
             return fn(*args)
         return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
+    # A key for a slave at another KME waits on that KME: in a thread, never on the event loop.
+    remote_limiter = anyio.CapacityLimiter(32)
+
     batcher = UnitBatcher(
         runtime.db,
         in_flight=runtime.settings.database.batches_in_flight,
@@ -91,13 +94,8 @@ def create_app(
         return await batcher.run(unit)
 
     async def get_keys(master: SaeInfo, slave_id: str, *args: Any) -> list[DeliveredKey]:
-        slave = runtime.registry.get(slave_id)
-        if slave is not None and slave.kme_id != runtime.settings.kme.id:
-            return await anyio.to_thread.run_sync(
-                service.get_keys, master, slave_id, *args, limiter=remote_limiter
-            )
         unit = service.get_keys_unit(master, slave_id, *args)
-        if unit is None:  # the registry changed under us: the slave is at another KME now
+        if unit is None:  # the slave is at another KME: wait on it in a thread, off the event loop
             return await anyio.to_thread.run_sync(
                 service.get_keys, master, slave_id, *args, limiter=remote_limiter
             )
@@ -110,9 +108,6 @@ def create_app(
         except NotEntitled:
             await run(service.audit_denied, slave, master_id, normalised)
             raise
-
-    # A key for a slave at another KME waits on that KME: in a thread, never on the event loop.
-    remote_limiter = anyio.CapacityLimiter(32)
 
     async def run_keys(slave_id: str, fn: Callable[..., T], *args: Any) -> T:
         slave = runtime.registry.get(slave_id)

@@ -30,7 +30,6 @@ class UnitBatcher:
         self._pending: list[tuple[Unit[Any], asyncio.Future[Any]]] = []
         self._running = 0
         self._scheduled = False
-        self._limiter = anyio.CapacityLimiter(self.in_flight)
 
     async def run(self, unit: Unit[T]) -> T:
         """Run ``unit`` in the next batch and return its result once that batch has committed."""
@@ -58,9 +57,8 @@ class UnitBatcher:
 
     async def _run_in_thread(self, batch: list[tuple[Unit[Any], asyncio.Future[Any]]]) -> None:
         try:
-            outcomes = await anyio.to_thread.run_sync(
-                execute_batch, self.db, [u for u, _ in batch], limiter=self._limiter
-            )
+            # ``_running`` already caps the batches (and so the threads) at ``in_flight``.
+            outcomes = await anyio.to_thread.run_sync(execute_batch, self.db, [u for u, _ in batch])
         except BaseException as exc:  # cancelled at shutdown: nobody may wait forever
             outcomes = [Outcome(error=exc) for _ in batch]
             raise

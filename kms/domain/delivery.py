@@ -186,26 +186,15 @@ class KeyDeliveryService:
         return _KeyRequest(slave, recipients, number, size, policy)
 
     def _reserve_unit(self, master: SaeInfo, request: _KeyRequest) -> Unit[list[DeliveredKey]]:
-        def reserve(conn: Connection) -> tuple[list[DeliveredKey], list[AuditEntry]]:
-            return self._reserve(
-                conn, master, request.slave, request.recipients, request.number, request.size, request.policy
-            )
-
-        return reserve
+        return lambda conn: self._reserve(conn, master, request)
 
     def _reserve(
-        self,
-        conn: Connection,
-        master: SaeInfo,
-        slave: SaeInfo,
-        recipients: list[str],
-        number: int,
-        size: int,
-        policy: PairPolicy,
+        self, conn: Connection, master: SaeInfo, request: _KeyRequest
     ) -> tuple[list[DeliveredKey], list[AuditEntry]]:
+        slave, size, policy = request.slave, request.size, request.policy
         events = pool.EventBatch(datetime.now(UTC))
         actor = f"sae:{master.sae_id}"
-        cut = self.cut(conn, slave.kme_id, number, size, policy, events, actor)
+        cut = self.cut(conn, slave.kme_id, request.number, size, policy, events, actor)
         fallback = cut[0].material is None
         policy_name = POLICY_FALLBACK if fallback else policy.mode.value
         suite = policy.suite(fallback)
@@ -218,7 +207,7 @@ class KeyDeliveryService:
             cut,
             size_bits=size,
             master_sae_id=master.sae_id,
-            slave_sae_ids=recipients,
+            slave_sae_ids=request.recipients,
             target_kme_id=slave.kme_id,
             ttl=timedelta(seconds=self.cfg.reserved_ttl_seconds),
             policy=policy_name,
@@ -231,7 +220,7 @@ class KeyDeliveryService:
         record: dict[str, Any] = {
             "key_IDs": [c.key_id for c in cut],
             "size": size,
-            "slaves": recipients,
+            "slaves": request.recipients,
             "policy": policy_name,
             "suite": suite,
         }

@@ -71,7 +71,7 @@ def execute_batch(db: Database, units: Sequence[Unit[Any]]) -> list[Outcome[Any]
     """Run ``units`` in one write transaction (see the module docstring). Never raises for a unit."""
     outcomes: list[Outcome[Any] | None] = [None] * len(units)
     remaining = list(range(len(units)))
-    isolated = len(units) == 1  # a lone unit needs no savepoint: its failure is the transaction's
+    isolated = False  # units run under savepoints only once one of the batch has failed
     retries = 0
     while remaining:
         results: dict[int, Any] = {}
@@ -80,7 +80,7 @@ def execute_batch(db: Database, units: Sequence[Unit[Any]]) -> list[Outcome[Any]
             with db.write() as conn:
                 entries: list[AuditEntry] = []
                 for index in remaining:
-                    if isolated and len(units) > 1:
+                    if isolated:
                         try:
                             with savepoint(conn, "qkms_unit"):
                                 value, unit_entries = units[index](conn)
@@ -116,7 +116,9 @@ def execute_batch(db: Database, units: Sequence[Unit[Any]]) -> list[Outcome[Any]
         for index in remaining:
             outcomes[index] = Outcome(error=failed[index]) if index in failed else Outcome(results[index])
         break
-    return [o if o is not None else Outcome(error=RuntimeError("unit not run")) for o in outcomes]
+    settled = [o for o in outcomes if o is not None]
+    assert len(settled) == len(units)  # every unit got a result or an error above
+    return settled
 
 
 def run_unit(db: Database, unit: Unit[T]) -> T:
