@@ -304,7 +304,7 @@ class Bench:
         from tests.kme_harness import running_kme
         from tests.support.postgres import PostgresServer
 
-        workers = self.args.workers if backend == "postgres" else 1  # SQLite serves from one process
+        workers = self.args.workers
         names, pairs = self.saes()
         policy = {"mode": self.args.policy, "pqc_fallback": False, "kem": "ML-KEM-768"}
         pool = {"max_pool_bits": self.args.pool_mbit * 1024 * 1024, "storage_block_bits": 65536}
@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each scenario")
     parser.add_argument("--pairs", type=int, default=16, help="concurrent master/slave SAE pairs")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn processes (PostgreSQL only)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn processes sharing the database")
     parser.add_argument(
         "--policy",
         choices=["qkd", "hybrid"],

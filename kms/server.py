@@ -1,12 +1,13 @@
 """Runs a KME: uvicorn over TLS 1.2+ with client certificates required, plus its background work.
 
-Background work per process: the pool filler (one process per KME fills; on PostgreSQL the filler
-holds an advisory lock so several API processes elect one), and the sweeper that expires reserved
-keys nobody fetched.
+Background work per process: the pool filler (one process per KME fills: several API processes
+elect one with a PostgreSQL advisory lock or, on SQLite, a file lock), and the sweeper that expires
+reserved keys nobody fetched.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import ssl
 import sys
@@ -31,6 +32,7 @@ from kms.ingest import PoolFiller
 from kms.logs import configure_logging
 from kms.runtime import Runtime, build_runtime
 from kms.storage import audit_repository
+from kms.storage.database import sqlite_lock_path
 from kms.storage.peer_repository import destroy_stale_pending, prune_messages
 
 log = structlog.get_logger(__name__)
@@ -141,11 +143,13 @@ class Background:
         self.runtime.db.checkpoint()
 
     def _lead_and_fill(self) -> None:
-        """On PostgreSQL, do the leader's work only while holding the KME's leader lock (one process of
-        several fills the pool and talks block confirmation with peers); on SQLite, just do it."""
+        """Do the leader's work only while holding the KME's leader lock, so that one process of
+        several fills the pool and talks block confirmation with peers: a PostgreSQL advisory lock,
+        or on SQLite an ``flock`` on ``<database file>.leader``. The lock dies with its process, so
+        another one takes over within seconds."""
         db = self.runtime.db
         if db.is_sqlite:
-            self._fill_until_stopped()
+            self._lead_sqlite(db.lock_path)
             return
         lock_key = zlib.crc32(f"qkms-filler/{self.runtime.settings.kme.id}".encode())
         while not self._stop.is_set():
@@ -161,6 +165,24 @@ class Background:
                         conn.commit()
                     return
             self._stop.wait(2.0)
+
+    def _lead_sqlite(self, write_lock: Path | None) -> None:
+        if write_lock is None:  # in-memory database: one process by construction
+            self._fill_until_stopped()
+            return
+        fd = os.open(write_lock.with_suffix(".leader"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while not self._stop.is_set():
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self._stop.wait(2.0)
+                    continue
+                log.info("filler_leader", pid=os.getpid())
+                self._fill_until_stopped()
+                return
+        finally:
+            os.close(fd)  # releases the lock
 
     def _fill_until_stopped(self) -> None:
         """The leader's work: fill the pool and, with peers, confirm blocks and sweep peer state."""
@@ -197,8 +219,12 @@ def serve(config_path: Path, host: str | None = None, port: int | None = None, w
     """Run the KME in the foreground until interrupted."""
     settings = KmsSettings.load(config_path)
     configure_logging(settings.logging.level, settings.logging.json_logs)
-    if workers > 1 and settings.database.url.startswith("sqlite"):
-        raise SystemExit("several worker processes need PostgreSQL; SQLite serves one process")
+    if (
+        workers > 1
+        and sqlite_lock_path(settings.database.url) is None
+        and settings.database.url.startswith("sqlite")
+    ):
+        raise SystemExit("several worker processes need a database file (an in-memory SQLite is per process)")
     os.environ[CONFIG_ENV] = str(config_path.resolve())
     uvicorn.run(
         "kms.server:app_from_env",

@@ -1,9 +1,9 @@
 """The FastAPI application: the three ETSI GS QKD 014 endpoints over the delivery service.
 
 Endpoints are ``async``; the delivery service is synchronous. Get key and Get key with key IDs for
-this KME's own SAEs are checked on the event loop; their database work runs inline on SQLite (one
-writer at a time anyway, and no thread hop) and is group-committed in worker threads on PostgreSQL
-(``kms.api.batcher``). Keys for a slave at another KME wait on that KME in a thread of their own.
+this KME's own SAEs are checked on the event loop; their database work is group-committed
+(``kms.api.batcher``): on the loop while it holds the write turn on SQLite, in worker threads on
+PostgreSQL. Keys for a slave at another KME wait on that KME in a thread of their own.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from kms.api.schemas import KeyContainer, KeyIds, KeyRequest, Status
 from kms.audit.service import AuditService
 from kms.domain.delivery import DeliveredKey
 from kms.domain.errors import InvalidRequest, NotEntitled
-from kms.domain.group_commit import Unit, run_unit
+from kms.domain.group_commit import Unit
 from kms.domain.saes import SaeInfo
 from kms.runtime import Runtime
 
@@ -69,14 +69,12 @@ def create_app(
     app.add_middleware(SaeAuthMiddleware, runtime=runtime)
     app.add_middleware(CatchAllMiddleware)
     service = runtime.service
-    inline = runtime.db.is_sqlite
-
-    # A few database threads overlap PostgreSQL round trips; more only contend for the GIL.
+    # A few database threads overlap PostgreSQL round trips; more only contend for the GIL. On
+    # SQLite too, calls outside group commit run in a thread: one that writes may wait for the
+    # write turn, which only the event loop can give back (``kms.api.batcher``).
     limiter = anyio.CapacityLimiter(runtime.settings.database.max_concurrency)
 
     async def run(fn: Callable[..., T], *args: Any) -> T:
-        if inline:
-            return fn(*args)
         return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
     # A key for a slave at another KME waits on that KME: in a thread, never on the event loop.
@@ -86,11 +84,10 @@ def create_app(
         runtime.db,
         in_flight=runtime.settings.database.batches_in_flight,
         max_batch=runtime.settings.database.max_batch,
+        inline=runtime.db.is_sqlite,
     )
 
     async def commit(unit: Unit[T]) -> T:
-        if inline:
-            return run_unit(runtime.db, unit)
         return await batcher.run(unit)
 
     async def get_keys(master: SaeInfo, slave_id: str, *args: Any) -> list[DeliveredKey]:

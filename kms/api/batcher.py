@@ -1,10 +1,17 @@
 """Collects the database units of concurrent requests on the event loop and runs them in batches
-(``kms.domain.group_commit``) in worker threads, at most ``in_flight`` batches at once per process.
+(``kms.domain.group_commit``).
 
-A batch starts on the loop iteration after its first unit arrives, so every request already parsed
-in that iteration joins it; requests that arrive while the batches run form the next ones. Used on
-PostgreSQL, where a request's round trips are what it waits on. SQLite runs each unit inline on the
-event loop instead: there batching measured no faster and its bursts pushed p99 latency past 100 ms.
+PostgreSQL: batches run in worker threads, at most ``in_flight`` at once per process, since a
+request mostly waits on its round trips. A batch starts on the loop iteration after its first unit
+arrives, so every request already parsed in that iteration joins it; requests that arrive while the
+batches run form the next ones.
+
+SQLite (``inline``): one writer at a time, whatever the number of processes, so the scarce thing is
+the write turn (``Database.acquire_turn``), not a thread. The loop takes the turn at once if it is
+free, or has a helper thread wait for it while the loop goes on parsing requests; once it holds the
+turn, it runs every unit then pending as one transaction *on the loop* — no other thread of the
+process competes for the GIL while the turn is held, and with several API processes one commits
+while the others parse.
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ T = TypeVar("T")
 class UnitBatcher:
     """Group commit for one process's event loop."""
 
-    def __init__(self, db: Database, *, in_flight: int = 1, max_batch: int = 64) -> None:
+    def __init__(
+        self, db: Database, *, in_flight: int = 1, max_batch: int = 64, inline: bool = False
+    ) -> None:
         self.db = db
-        self.in_flight = max(1, in_flight)
+        self.inline = inline
+        self.in_flight = 1 if inline else max(1, in_flight)
         self.max_batch = max(1, max_batch)
         self._pending: list[tuple[Unit[Any], asyncio.Future[Any]]] = []
         self._running = 0
@@ -51,9 +61,41 @@ class UnitBatcher:
         self._pending = [(u, f) for u, f in self._pending if not f.done()]
         if not self._pending or self._running >= self.in_flight:
             return
-        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
         self._running += 1
+        if self.inline:
+            asyncio.get_running_loop().create_task(self._run_in_turn())
+            return
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
         asyncio.get_running_loop().create_task(self._run_in_thread(batch))
+
+    def _take(self) -> list[tuple[Unit[Any], asyncio.Future[Any]]]:
+        live = [(u, f) for u, f in self._pending if not f.done()]
+        batch, self._pending = live[: self.max_batch], live[self.max_batch :]
+        return batch
+
+    async def _run_in_turn(self) -> None:
+        held = [False]  # set by whichever thread takes the turn, so a cancelled wait still releases it
+
+        def wait_for_turn() -> None:
+            held[0] = self.db.acquire_turn()
+
+        batch: list[tuple[Unit[Any], asyncio.Future[Any]]] = []
+        outcomes: list[Outcome[Any]] = []
+        try:
+            held[0] = self.db.acquire_turn(blocking=False)
+            if not held[0]:
+                await anyio.to_thread.run_sync(wait_for_turn)
+            batch = self._take()  # everything that arrived while the turn was awaited joins
+            outcomes = execute_batch(self.db, [u for u, _ in batch], turn_held=True)
+        except BaseException as exc:  # cancelled at shutdown: nobody may wait forever
+            outcomes = [Outcome(error=exc) for _ in batch]
+            raise
+        finally:
+            if held[0]:
+                self.db.release_turn()
+            self._running -= 1
+            self._settle(batch, outcomes)
+            self._schedule()
 
     async def _run_in_thread(self, batch: list[tuple[Unit[Any], asyncio.Future[Any]]]) -> None:
         try:

@@ -9,7 +9,6 @@ key records and the audit trail together, so a request that cannot be audited do
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +24,7 @@ from kms.crypto.pqc.base import KemAlgorithm
 from kms.domain import errors
 from kms.domain.errors import InvalidRequest, NotEntitled, ServiceUnavailable
 from kms.domain.group_commit import AuditEntry, Unit, run_unit
+from kms.domain.key_ids import canonical_key_id
 from kms.domain.lifecycle import KeyState
 from kms.domain.policy import POLICY_FALLBACK, Mode, PairPolicy, PolicyBook
 from kms.domain.saes import SaeInfo, SaeRegistry
@@ -541,12 +541,10 @@ class _PoolShort(Exception):
 
 
 def _canonical_uuid(value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, AttributeError, TypeError):
-        raise InvalidRequest(
-            errors.MSG_KEYS_NOT_FOUND, [{"key_ID": str(value)[:64], "reason": "not a UUID"}]
-        ) from None
+    key_id = canonical_key_id(value)
+    if key_id is None:
+        raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, [{"key_ID": str(value)[:64], "reason": "not a UUID"}])
+    return key_id
 
 
 def _why_unavailable(key: pool.StoredKey, slave_sae_id: str, now: datetime) -> str | None:

@@ -67,8 +67,9 @@ class _UnitFailed(Exception):
         self.cause = cause
 
 
-def execute_batch(db: Database, units: Sequence[Unit[Any]]) -> list[Outcome[Any]]:
-    """Run ``units`` in one write transaction (see the module docstring). Never raises for a unit."""
+def execute_batch(db: Database, units: Sequence[Unit[Any]], turn_held: bool = False) -> list[Outcome[Any]]:
+    """Run ``units`` in one write transaction (see the module docstring). Never raises for a unit.
+    ``turn_held``: the caller holds SQLite's write turn (``Database.acquire_turn``)."""
     outcomes: list[Outcome[Any] | None] = [None] * len(units)
     remaining = list(range(len(units)))
     isolated = False  # units run under savepoints only once one of the batch has failed
@@ -77,7 +78,7 @@ def execute_batch(db: Database, units: Sequence[Unit[Any]]) -> list[Outcome[Any]
         results: dict[int, Any] = {}
         failed: dict[int, BaseException] = {}
         try:
-            with db.write() as conn:
+            with db.write(turn_held=turn_held) as conn:
                 entries: list[AuditEntry] = []
                 for index in remaining:
                     if isolated:

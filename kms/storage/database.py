@@ -2,13 +2,18 @@
 
 SQLite: WAL journal, a busy timeout, and ``BEGIN IMMEDIATE`` for write transactions so that two
 writers never both read and then both try to upgrade their lock (the classic SQLITE_BUSY deadlock).
-Within one process, writes are also serialised by a lock so threads never spin on the busy handler.
+Writes are also serialised by a lock — a thread lock within a process and, for a database file, an
+``flock`` on ``<file>.lock`` across processes — so that writers queue in the kernel and wake as soon as
+the lock is free instead of polling SQLite's busy handler (which sleeps in steps of up to 100 ms).
+That is what lets several API processes (``qkms serve --workers N``) share one SQLite file.
 PostgreSQL: READ COMMITTED with row locks (``FOR UPDATE SKIP LOCKED``) taken by the repositories.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +34,37 @@ class Database:
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self._write_lock = threading.Lock() if self.is_sqlite else None
+        self.lock_path = sqlite_lock_path(url)
+        self._lock_fd: int | None = None
         self.engine = _make_engine(url, pool_size, self.is_sqlite, background_checkpoints)
+
+    def acquire_turn(self, blocking: bool = True) -> bool:
+        """SQLite: take this process's write turn — the thread lock, then the file lock that other
+        processes share. The turn may be released from another thread (:meth:`release_turn`), so a
+        helper thread can wait for it while the event loop goes on."""
+        assert self._write_lock is not None
+        if not self._write_lock.acquire(blocking=blocking):
+            return False
+        if self.lock_path is None:
+            return True
+        try:
+            if self._lock_fd is None:
+                self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Blocking, this waits in the kernel without the GIL.
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._write_lock.release()
+            return False
+        except BaseException:
+            self._write_lock.release()
+            raise
+        return True
+
+    def release_turn(self) -> None:
+        assert self._write_lock is not None
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self._write_lock.release()
 
     def checkpoint(self) -> None:
         """Copy the SQLite WAL into the database file without blocking writers (no-op on PostgreSQL)."""
@@ -38,20 +73,27 @@ class Database:
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A write transaction: committed on success, rolled back on any exception."""
+    def write(self, turn_held: bool = False) -> Iterator[Connection]:
+        """A write transaction: committed on success, rolled back on any exception. ``turn_held``
+        (SQLite): the caller already holds the write turn (:meth:`acquire_turn`)."""
         if self._write_lock is None:
             with self.engine.begin() as conn:
                 yield conn
             return
-        with self._write_lock, self.engine.connect() as conn:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.exec_driver_sql("ROLLBACK")
-                raise
-            conn.exec_driver_sql("COMMIT")
+        if not turn_held:
+            self.acquire_turn()
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.exec_driver_sql("ROLLBACK")
+                    raise
+                conn.exec_driver_sql("COMMIT")
+        finally:
+            if not turn_held:
+                self.release_turn()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -69,6 +111,17 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def sqlite_lock_path(url: str) -> Path | None:
+    """``<database file>.lock`` for a SQLite file; None for PostgreSQL or an in-memory database."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(f"{parsed.database}.lock")
 
 
 def _make_engine(url: str, pool_size: int, is_sqlite: bool, background_checkpoints: bool) -> Engine:
@@ -81,8 +134,9 @@ def _make_engine(url: str, pool_size: int, is_sqlite: bool, background_checkpoin
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
     if parsed.database in (None, "", ":memory:"):
         kwargs["poolclass"] = StaticPool
-    elif parsed.database:
+    else:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["pool_use_lifo"] = True
     engine = create_engine(url, **kwargs)
 
     @event.listens_for(engine, "connect")
@@ -94,6 +148,8 @@ def _make_engine(url: str, pool_size: int, is_sqlite: bool, background_checkpoin
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
+        if os.environ.get("QKMS_EXP_MMAP"):
+            cur.execute(f"PRAGMA mmap_size={int(os.environ['QKMS_EXP_MMAP'])}")
         if background_checkpoints:
             cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()

@@ -16,10 +16,12 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, update
 
 from kms.crypto.envelope import Envelope
-from kms.domain.key_ids import new_key_id
+from kms.domain.key_ids import new_key_ids
 from kms.domain.lifecycle import KeyState, check_transition
 from kms.storage.rawsql import Raw
 from kms.storage.schema import key_blocks, keys, links
+
+_SQLITE_ROWS_PER_INSERT = 2000  # 4 parameters a row, well under SQLite's 32,766
 
 
 @dataclass(frozen=True, repr=False)
@@ -235,9 +237,10 @@ def cut_keys(
                     block_aad(block.link_id, block.source_block_id, block.source_offset_bits, block.next_bit),
                 )
                 take = min(number - len(cut), len(remainder) // size_bytes)
+                ids = new_key_ids(take)
                 cut.extend(
                     CutKey(
-                        new_key_id(),
+                        ids[i],
                         remainder[i * size_bytes : (i + 1) * size_bytes],
                         block.id,
                         block.next_bit + i * size_bits,
@@ -256,7 +259,7 @@ def cut_keys(
 
 def fallback_keys(number: int) -> list[CutKey]:
     """Key IDs for PQC-fallback keys: no pool bits; the material is derived from ML-KEM."""
-    return [CutKey(new_key_id(), None) for _ in range(number)]
+    return [CutKey(key_id, None) for key_id in new_key_ids(number)]
 
 
 def insert_kem_exchange(
@@ -305,51 +308,64 @@ def insert_reserved_keys(
     The transition itself is recorded on the row (``created_at``, the master as actor) and in the
     request's audit record, not as one event row per key: this is the hot path.
     """
+    if not cut:
+        return
     raw = Raw(conn)
     now = raw.ts(at)
     expires = raw.ts(at + ttl)
-    seal, kek_id = envelope.seal, envelope.kek_id
+    kek_id = envelope.kek_id
     slave, additional = slave_sae_ids[0], list(slave_sae_ids[1:])
     multicast = bool(additional)
-    rows = [
-        (
-            c.key_id,
-            c.block_id,
-            c.bit_offset,
-            size_bits,
-            state.value,
-            master_sae_id,
-            slave,
-            target_kme_id,
-            policy,
-            suite,
-            kem_exchange_id,
-            seal(c.material, key_aad(c.key_id)) if c.material is not None and keep_material else None,
-            kek_id,
-            now,
-            expires,
-            multicast,
-            source_kme_id,
-            route,
+    to_seal = [c for c in cut if c.material is not None] if keep_material else []
+    sealed = dict(
+        zip(
+            (c.key_id for c in to_seal),
+            envelope.seal_many(
+                [c.material for c in to_seal if c.material is not None], [key_aad(c.key_id) for c in to_seal]
+            ),
+            strict=True,
         )
-        for c in cut
-    ]
+    )
+    # Only four columns differ between the keys of one request; the rest are sent once, as scalars
+    # (a quarter of the parameters to bind — on PostgreSQL, of the arrays psycopg must build).
+    varying = [(c.key_id, c.block_id, c.bit_offset, sealed.get(c.key_id)) for c in cut]
+    shared = (
+        size_bits,
+        state.value,
+        master_sae_id,
+        slave,
+        target_kme_id,
+        policy,
+        suite,
+        kem_exchange_id,
+        kek_id,
+        now,
+        expires,
+        multicast,
+        source_kme_id,
+        route,
+    )
     columns = (
-        "key_id, block_id, bit_offset, size_bits, state, master_sae_id, slave_sae_id, target_kme_id,"
-        " policy, suite, kem_exchange_id, material, kek_id, created_at, expires_at, multicast,"
+        "key_id, block_id, bit_offset, material, size_bits, state, master_sae_id, slave_sae_id,"
+        " target_kme_id, policy, suite, kem_exchange_id, kek_id, created_at, expires_at, multicast,"
         " source_kme_id, route"
     )
     if raw.pg:
-        # One statement over column arrays: PostgreSQL runs the executor once instead of per row.
         raw.execute(
-            f"INSERT INTO keys ({columns}) SELECT * FROM unnest("
-            "?::varchar[], ?::bigint[], ?::int[], ?::int[], ?::varchar[], ?::varchar[], ?::varchar[],"
-            " ?::varchar[], ?::varchar[], ?::varchar[], ?::bigint[], ?::bytea[], ?::varchar[],"
-            " ?::timestamptz[], ?::timestamptz[], ?::boolean[], ?::varchar[], ?::json[])",
-            [list(col) for col in zip(*rows, strict=True)],
+            f"INSERT INTO keys ({columns}) SELECT k, b, o, m, ?::int, ?::varchar, ?::varchar, ?::varchar,"
+            " ?::varchar, ?::varchar, ?::varchar, ?::bigint, ?::varchar, ?::timestamptz, ?::timestamptz,"
+            " ?::boolean, ?::varchar, ?::json"
+            " FROM unnest(?::varchar[], ?::bigint[], ?::int[], ?::bytea[]) AS v(k, b, o, m)",
+            [*shared, *(list(col) for col in zip(*varying, strict=True))],
         )
     else:
-        raw.executemany(f"INSERT INTO keys ({columns}) VALUES ({', '.join('?' * 18)})", rows)
+        for start in range(0, len(varying), _SQLITE_ROWS_PER_INSERT):
+            chunk = varying[start : start + _SQLITE_ROWS_PER_INSERT]
+            raw.execute(
+                f"WITH v(k, b, o, m) AS (VALUES {', '.join(['(?, ?, ?, ?)'] * len(chunk))})"
+                f" INSERT INTO keys ({columns}) SELECT k, b, o, m, {', '.join('?' * len(shared))} FROM v",
+                [*(x for row in chunk for x in row), *shared],
+            )
     if additional:
         raw.executemany(
             "INSERT INTO key_recipients (key_id, sae_id) VALUES (?, ?)",

@@ -25,6 +25,20 @@ def test_round_trip_and_fresh_nonces() -> None:
     assert env.open(a, b"aad") == env.open(b, b"aad") == b"secret bits"
 
 
+def test_seal_many_gives_each_record_its_own_nonce_and_aad() -> None:
+    env = Envelope(os.urandom(32), "k1")
+    plaintexts = [bytes([i]) * 32 for i in range(64)]
+    aads = [f"qkms/key/{i}/reserved".encode() for i in range(64)]
+    sealed = env.seal_many(plaintexts, aads)
+    assert len({s[:12] for s in sealed}) == 64  # distinct nonces
+    assert [env.open(s, a) for s, a in zip(sealed, aads, strict=True)] == plaintexts
+    with pytest.raises(MaterialIntegrityError):
+        env.open(sealed[0], aads[1])
+    assert env.seal_many([], []) == []
+    with pytest.raises(ValueError):
+        env.seal_many(plaintexts, aads[:-1])
+
+
 def test_wrong_aad_wrong_kek_or_tamper_fail() -> None:
     env = Envelope(os.urandom(32), "k1")
     sealed = env.seal(b"x" * 32, b"qkms/key/1/reserved")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from kms.domain.key_ids import new_key_id
+from kms.domain.key_ids import canonical_key_id, new_key_id, new_key_ids
 
 
 def test_key_ids_are_version_7_rfc_variant_uuids_in_canonical_form() -> None:
@@ -33,3 +33,34 @@ def test_key_ids_are_unique_and_their_random_part_varies() -> None:
     assert len(set(ids)) == len(ids)
     random_parts = {uuid.UUID(i).int & ((1 << 62) - 1) for i in ids}
     assert len(random_parts) == len(ids)
+
+
+def test_a_batch_of_key_ids_are_distinct_version_7_uuids_of_one_millisecond() -> None:
+    before = time.time_ns() // 1_000_000
+    ids = new_key_ids(128)
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 128
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 7
+        assert parsed.variant == uuid.RFC_4122
+        assert before <= parsed.int >> 80 <= after
+    # 74 random bits per ID: across many IDs every one of them takes both values.
+    many = [uuid.UUID(i).int for i in new_key_ids(2000)]
+    rand_a = (1 << 12) - 1
+    rand_b = (1 << 62) - 1
+    for bit in range(12):
+        assert {(((v >> 64) & rand_a) >> bit) & 1 for v in many} == {0, 1}
+    for bit in range(62):
+        assert {((v & rand_b) >> bit) & 1 for v in many} == {0, 1}
+
+
+def test_canonical_key_id_accepts_any_uuid_spelling_and_rejects_the_rest() -> None:
+    text = new_key_id()
+    assert canonical_key_id(text) == text
+    assert canonical_key_id(text.upper()) == text
+    assert canonical_key_id("{" + text + "}") == text
+    assert canonical_key_id(text.replace("-", "")) == text
+    for bad in ("", "not-a-uuid", text[:-1], 42, None, ["x"]):
+        assert canonical_key_id(bad) is None
