@@ -1,9 +1,11 @@
-"""Scale-out: one KME served by two separate ``qkms serve`` processes on one PostgreSQL database.
+"""Scale-out: one KME served by two separate ``qkms serve`` processes on one database — PostgreSQL,
+or the same SQLite file (writers take turns through a file lock).
 
 The processes share nothing but the database (and the config): 32 concurrent masters spread over
 both get keys, every key is then fetched by its slave through the *other* process, and a third look
 finds it gone. The processes must agree: no key_ID or key material twice, no pool bits in two keys,
-one filler (advisory lock) for the KME, and the same Get status from either process when idle.
+one filler (advisory lock or file lock) for the KME, and the same Get status from either process
+when idle.
 """
 
 from __future__ import annotations
@@ -29,8 +31,6 @@ from kms.storage.schema import keys as keys_table
 from kms.workdir import init_workdir, sae_credential_paths
 from tests.conftest import database_url
 
-pytestmark = pytest.mark.postgres
-
 PAIRS = 8
 MASTERS = tuple(f"SAE-M{i}" for i in range(PAIRS))
 SLAVES = tuple(f"SAE-S{i}" for i in range(PAIRS))
@@ -52,9 +52,9 @@ class ScaledKme:
         return self.processes[process].client(self.workdir / "pki" / "ca.pem", cert, key)
 
 
-@pytest.fixture
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def scaled_kme(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ScaledKme]:
-    url = database_url("postgres", request)
+    url = database_url(request.param, request)
     # A pool of about twice the demand, in small storage blocks, so the masters compete for blocks.
     pool = {"max_pool_bits": 2 * TOTAL * KEY_BITS, "storage_block_bits": 8192, "key_size": KEY_BITS}
     result = init_workdir(
@@ -177,7 +177,7 @@ def test_two_processes_one_database_32_concurrent_masters(scaled_kme: ScaledKme)
     with ThreadPoolExecutor(max_workers=CLIENTS) as ex:
         list(ex.map(refetch_job, batches))
 
-    # One filler for the KME: the processes elected one leader through the advisory lock.
+    # One filler for the KME: the processes elected one leader through the advisory (file) lock.
     logs = [p.log_tail(lines=100_000) for p in kme.processes]
     assert sum("filler_leader" in log for log in logs) == 1, "expected exactly one filler leader"
 
