@@ -8,7 +8,11 @@ reserved keys nobody fetched.
 from __future__ import annotations
 
 import fcntl
+import multiprocessing
+import multiprocessing.process
 import os
+import signal
+import socket
 import ssl
 import sys
 import threading
@@ -215,23 +219,12 @@ def _ssl_factory_from_env(_config: Any, _default: Callable[[], ssl.SSLContext]) 
     return server_ssl_context(KmsSettings.load(Path(os.environ[CONFIG_ENV])))
 
 
-def serve(config_path: Path, host: str | None = None, port: int | None = None, workers: int = 1) -> None:
-    """Run the KME in the foreground until interrupted."""
-    settings = KmsSettings.load(config_path)
-    configure_logging(settings.logging.level, settings.logging.json_logs)
-    if (
-        workers > 1
-        and sqlite_lock_path(settings.database.url) is None
-        and settings.database.url.startswith("sqlite")
-    ):
-        raise SystemExit("several worker processes need a database file (an in-memory SQLite is per process)")
-    os.environ[CONFIG_ENV] = str(config_path.resolve())
-    uvicorn.run(
+def _uvicorn_config(host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
         "kms.server:app_from_env",
         factory=True,
-        host=host or settings.kme.host,
-        port=settings.kme.port if port is None else port,
-        workers=workers,
+        host=host,
+        port=port,
         http=TlsIdentityProtocol,
         ssl_context_factory=_ssl_factory_from_env,
         access_log=False,
@@ -240,3 +233,77 @@ def serve(config_path: Path, host: str | None = None, port: int | None = None, w
         timeout_graceful_shutdown=3,
         server_header=False,
     )
+
+
+def serve(config_path: Path, host: str | None = None, port: int | None = None, workers: int = 1) -> None:
+    """Run the KME in the foreground until interrupted."""
+    settings = KmsSettings.load(config_path)
+    configure_logging(settings.logging.level, settings.logging.json_logs)
+    if (
+        workers > 1
+        and settings.database.url.startswith("sqlite")
+        and sqlite_lock_path(settings.database.url) is None
+    ):
+        raise SystemExit("several worker processes need a database file (an in-memory SQLite is per process)")
+    os.environ[CONFIG_ENV] = str(config_path.resolve())
+    host = host or settings.kme.host
+    port = settings.kme.port if port is None else port
+    if workers <= 1:
+        uvicorn.Server(_uvicorn_config(host, port)).run()
+        return
+    if port == 0:
+        raise SystemExit("several worker processes need a fixed port (each binds it with SO_REUSEPORT)")
+    WorkerSupervisor(workers, host, port).run()
+
+
+class WorkerSupervisor:
+    """``qkms serve --workers N``: N API processes, each with its own listening socket on the same
+    port (``SO_REUSEPORT``), so the kernel spreads new connections evenly over them. (One shared
+    socket lets whichever process wakes first accept a whole burst: with keep-alive clients one
+    process ended up serving three quarters of them while the other idled.) A worker that dies is
+    started again; SIGTERM or SIGINT stops them all."""
+
+    def __init__(self, workers: int, host: str, port: int) -> None:
+        self.workers = workers
+        self.host = host
+        self.port = port
+        self._stop = threading.Event()
+        self._context = multiprocessing.get_context("spawn")
+
+    def _start(self) -> multiprocessing.process.BaseProcess:
+        proc = self._context.Process(
+            target=_worker_main, args=(os.environ[CONFIG_ENV], self.host, self.port), name="qkms-worker"
+        )
+        proc.start()
+        return proc
+
+    def run(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._stop.set())
+        procs = [self._start() for _ in range(self.workers)]
+        log.info("workers_started", workers=self.workers, pids=[p.pid for p in procs])
+        while not self._stop.wait(0.5):
+            for i, proc in enumerate(procs):
+                if not proc.is_alive():
+                    log.error("worker_exited", pid=proc.pid, exitcode=proc.exitcode)
+                    procs[i] = self._start()
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _worker_main(config_path: str, host: str, port: int) -> None:
+    os.environ[CONFIG_ENV] = config_path
+    settings = KmsSettings.load(Path(config_path))
+    configure_logging(settings.logging.level, settings.logging.json_logs)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    uvicorn.Server(_uvicorn_config(host, port)).run(sockets=[sock])

@@ -148,8 +148,6 @@ def _make_engine(url: str, pool_size: int, is_sqlite: bool, background_checkpoin
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
-        if os.environ.get("QKMS_EXP_MMAP"):
-            cur.execute(f"PRAGMA mmap_size={int(os.environ['QKMS_EXP_MMAP'])}")
         if background_checkpoints:
             cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,11 @@ from sqlalchemy import select
 
 from kms.config import KmsSettings
 from kms.domain.errors import InvalidRequest, ServiceUnavailable
+from kms.ingest import PoolFiller
 from kms.runtime import Runtime, build_runtime
 from kms.storage.schema import key_blocks
 from kms.workdir import init_workdir
-from qkd_adapters.keyblock import LinkAlarm
+from qkd_adapters.keyblock import KeyBlock, LinkAlarm, Provenance
 
 M, S, T = "SAE-M", "SAE-S", "SAE-T"
 
@@ -123,3 +125,61 @@ def test_operator_resumes_the_link(rt: Runtime) -> None:
         timeout=60,
     )
     assert again.returncode == 1 and "is not suspended" in again.stderr
+
+
+class _ScriptedSource:
+    """A key source that hands out one scripted pull (blocks and alarms in stream order)."""
+
+    def __init__(self, link_id: str, events: list[KeyBlock | LinkAlarm]) -> None:
+        self.link_id = link_id
+        self._events = events
+
+    def describe(self) -> dict[str, str]:
+        return {"kind": "scripted"}
+
+    def pull(self, max_events: int = 16, timeout: float = 0.0) -> list[KeyBlock | LinkAlarm]:
+        events, self._events = self._events, []
+        return events
+
+    def close(self) -> None:
+        pass
+
+
+def _block(link_id: str, block_id: str) -> KeyBlock:
+    prov = Provenance(protocol="test-random", is_qkd=False, adapter="scripted")
+    return KeyBlock(link_id, block_id, os.urandom(1024), 8192, prov)
+
+
+def test_blocks_after_a_suspending_alarm_in_the_same_pull_are_stored_suspended(rt: Runtime) -> None:
+    link = "link-local-1"
+    alarm = LinkAlarm(link, "b3", "QBER 0.3", details={"code": "qber-over-threshold"})
+    events: list[KeyBlock | LinkAlarm] = [_block(link, "b1"), _block(link, "b2"), alarm, _block(link, "b4")]
+    filler = PoolFiller(
+        "KME-T",
+        rt.db,
+        rt.envelope,
+        rt.settings.pool,
+        [(_ScriptedSource(link, events), "KME-T")],
+        suspend_on=rt.settings.link_health.suspend_on,
+    )
+    assert filler.fill_once() > 0
+    with rt.db.read() as conn:
+        rows = conn.execute(select(key_blocks.c.source_block_id, key_blocks.c.state)).all()
+    states: dict[str, set[str]] = {}
+    for block_id, state in rows:
+        states.setdefault(block_id, set()).add(state)
+    # b1 and b2 went in (one transaction) before the alarm; the alarm then suspended them with the link.
+    assert states == {"b1": {"suspended"}, "b2": {"suspended"}, "b4": {"suspended"}}
+    from kms.audit.service import AuditService
+
+    records = AuditService(rt.db, rt.identity, "KME-T").events(limit=1000)["records"]
+    order = [(r["action"], r["data"].get("block_id")) for r in records if r["action"] != "audit.checkpoint"]
+    assert order == [
+        ("block.received", "b1"),
+        ("block.received", "b2"),
+        ("link.alarm", "b3"),
+        ("link.suspended", None),
+        ("block.received", "b4"),
+    ]
+    received = [r["data"] for r in records if r["action"] == "block.received"]
+    assert received[0]["state"] == "active" and received[2]["state"] == "suspended"
