@@ -412,7 +412,57 @@ class KeyDeliveryService:
         def serve(conn: Connection) -> tuple[list[DeliveredKey], list[AuditEntry]]:
             return self._serve(conn, slave, master_sae_id, normalised, datetime.now(UTC))
 
+        if self.db.is_sqlite:
+            prepared = self._prepare_serve(slave, master_sae_id, normalised)
+            if prepared is not None:
+                return prepared, normalised
         return serve, normalised
+
+    def _prepare_serve(
+        self, slave: SaeInfo, master_sae_id: str, key_ids: list[str]
+    ) -> Unit[list[DeliveredKey]] | None:
+        """SQLite, where one writer at a time is the limit: read, check and decrypt the keys *before*
+        taking the write turn, so that the turn only covers one guarded UPDATE — it consumes the keys
+        only if every one of them is still reserved for this slave and unexpired. If anything is not
+        as expected (an error to report, a multicast key, a key that changed in between), the unit is
+        the ordinary one, which re-reads under the turn and decides: errors and races are always
+        judged under the write turn."""
+        try:
+            with self.db.read() as conn:
+                stored = pool.load_keys_for_update(conn, key_ids)
+                now = datetime.now(UTC)
+                if len(stored) != len(key_ids) or any(
+                    stored[k].master_sae_id != master_sae_id
+                    or stored[k].slave_sae_id != slave.sae_id
+                    or len(stored[k].recipients) != 1
+                    or _why_unavailable(stored[k], slave.sae_id, now)
+                    for k in key_ids
+                ):
+                    return None
+                exchange_ids = [e for e in (stored[k].kem_exchange_id for k in key_ids) if e is not None]
+                exchanges = pool.load_exchanges(conn, exchange_ids)
+            secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
+            delivered = [self._recover(stored[k], exchanges, secrets) for k in key_ids]
+        except Exception:  # let the ordinary unit meet (and report) it under the write turn
+            return None
+
+        def serve(conn: Connection) -> tuple[list[DeliveredKey], list[AuditEntry]]:
+            at = datetime.now(UTC)
+            try:
+                with savepoint(conn, "qkms_prepared"):
+                    if not pool.consume_if_unchanged(conn, key_ids, slave.sae_id, at):
+                        raise _Changed
+            except _Changed:
+                return self._serve(conn, slave, master_sae_id, key_ids, at)
+            entry: AuditEntry = (
+                f"sae:{slave.sae_id}",
+                "keys.delivered",
+                f"{master_sae_id}->{slave.sae_id}",
+                {"key_IDs": key_ids, "consumed": key_ids},
+            )
+            return delivered, [entry]
+
+        return serve
 
     def _serve(
         self, conn: Connection, slave: SaeInfo, master_sae_id: str, key_ids: list[str], now: datetime
@@ -534,6 +584,10 @@ class RemoteDelivery(Protocol):
     ) -> list[DeliveredKey]: ...
 
     def available_keys(self, target_kme_id: str, key_size: int) -> int: ...
+
+
+class _Changed(Exception):
+    """Internal: a prepared Get key with key IDs found its keys changed; the ordinary unit decides."""
 
 
 class _PoolShort(Exception):

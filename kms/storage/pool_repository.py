@@ -18,6 +18,7 @@ from sqlalchemy import Connection, func, insert, select, update
 from kms.crypto.envelope import Envelope
 from kms.domain.key_ids import new_key_ids
 from kms.domain.lifecycle import KeyState, check_transition
+from kms.domain.policy import POLICY_FALLBACK
 from kms.storage.rawsql import Raw
 from kms.storage.schema import key_blocks, keys, links
 
@@ -528,6 +529,23 @@ def mark_served(conn: Connection, served: Iterable[StoredKey], slave_sae_id: str
                 [now, *params],
             )
     return done
+
+
+def consume_if_unchanged(conn: Connection, key_ids: Sequence[str], slave_sae_id: str, at: datetime) -> bool:
+    """Serve and consume single-slave keys read earlier, outside this transaction, as reserved for
+    ``slave_sae_id``: True if every one of them still was (and now is consumed, material zeroised);
+    False if any was not — the caller then rolls back to its savepoint, since some rows may have
+    been updated."""
+    raw = Raw(conn)
+    now = raw.ts(at)
+    where, params = raw.in_list("key_id", key_ids)
+    cur = raw.execute(
+        f"UPDATE keys SET served_at = ?, state = 'consumed', material = NULL, closed_at = ? WHERE {where}"
+        " AND state = 'reserved' AND served_at IS NULL AND slave_sae_id = ? AND NOT multicast"
+        " AND (material IS NOT NULL OR policy = ?) AND expires_at > ?",
+        [now, now, *params, slave_sae_id, POLICY_FALLBACK, now],
+    )
+    return int(cur.rowcount) == len(key_ids)
 
 
 def expire_reserved(conn: Connection, now: datetime, actor: str, limit: int = 1000) -> list[str]:

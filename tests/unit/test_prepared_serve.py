@@ -1,0 +1,139 @@
+"""SQLite's prepared Get key with key IDs (``KeyDeliveryService._prepare_serve``): the keys are read,
+checked and decrypted before the write turn and consumed by one guarded UPDATE under it. Whatever
+changes in between — another fetch, expiry, a link suspension — the guarded UPDATE notices and the
+ordinary path decides under the turn, so the outcome is exactly what it would have been without
+the preparation: no key is served twice, and the error is the same."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from kms.config import KmsSettings
+from kms.domain.errors import InvalidRequest, NotEntitled
+from kms.domain.group_commit import run_unit
+from kms.domain.saes import SaeInfo
+from kms.runtime import Runtime, build_runtime
+from kms.storage import link_repository
+from kms.storage.pool_repository import EventBatch
+from kms.storage.schema import keys
+from kms.workdir import init_workdir
+
+M, S, T = "SAE-M", "SAE-S", "SAE-T"
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Iterator[Runtime]:
+    res = init_workdir(
+        tmp_path / "kme", "KME-T", [M, S, T], link_source="random", pool_overrides={"max_pool_bits": 1 << 20}
+    )
+    runtime = build_runtime(KmsSettings.load(res.config_path))
+    assert runtime.db.is_sqlite
+    runtime.make_filler().fill_once()
+    yield runtime
+    runtime.close()
+
+
+def _sae(rt: Runtime, sae_id: str) -> SaeInfo:
+    info = rt.registry.get(sae_id)
+    assert info is not None
+    return info
+
+
+def _prepared(unit: object) -> bool:
+    """Whether the service handed back a prepared unit (not the ordinary one)."""
+    return "_prepare_serve" in getattr(unit, "__qualname__", "")
+
+
+def _states(rt: Runtime, key_ids: list[str]) -> dict[str, str]:
+    with rt.db.read() as conn:
+        rows = conn.execute(select(keys.c.key_id, keys.c.state).where(keys.c.key_id.in_(key_ids)))
+        return {r[0]: r[1] for r in rows}
+
+
+def test_a_prepared_fetch_serves_and_consumes_like_the_ordinary_one(rt: Runtime) -> None:
+    issued = rt.service.get_keys(_sae(rt, M), S, number=8)
+    ids = [k.key_id for k in issued]
+    unit, normalised = rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)
+    assert normalised == ids
+    assert _prepared(unit)
+    served = run_unit(rt.db, unit)
+    assert [(k.key_id, k.material) for k in served] == [(k.key_id, k.material) for k in issued]
+    assert set(_states(rt, ids).values()) == {"consumed"}
+    with rt.db.read() as conn:
+        assert all(
+            m is None for m in conn.execute(select(keys.c.material).where(keys.c.key_id.in_(ids))).scalars()
+        )
+
+
+def test_keys_fetched_in_between_are_not_served_twice(rt: Runtime) -> None:
+    issued = rt.service.get_keys(_sae(rt, M), S, number=4)
+    ids = [k.key_id for k in issued]
+    first, _ = rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)
+    second, _ = rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)
+    assert _prepared(first) and _prepared(second)
+    assert len(run_unit(rt.db, first)) == 4
+    with pytest.raises(InvalidRequest) as err:
+        run_unit(rt.db, second)
+    assert {d["reason"] for d in err.value.details or []} == {"key is consumed"}
+
+
+def test_a_partial_overlap_rolls_back_the_guarded_update(rt: Runtime) -> None:
+    issued = rt.service.get_keys(_sae(rt, M), S, number=4)
+    ids = [k.key_id for k in issued]
+    prepared, _ = rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)
+    assert _prepared(prepared)
+    rt.service.get_keys_with_ids(_sae(rt, S), M, ids[:1])  # one of them goes in between
+    with pytest.raises(InvalidRequest):
+        run_unit(rt.db, prepared)
+    # The other three were not consumed by the failed attempt and can still be fetched.
+    assert _states(rt, ids[1:]) == dict.fromkeys(ids[1:], "reserved")
+    again = rt.service.get_keys_with_ids(_sae(rt, S), M, ids[1:])
+    assert [k.material for k in again] == [k.material for k in issued[1:]]
+
+
+def test_a_key_that_expires_in_between_is_reported_expired(rt: Runtime) -> None:
+    issued = rt.service.get_keys(_sae(rt, M), S, number=2)
+    ids = [k.key_id for k in issued]
+    prepared, _ = rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)
+    with rt.db.write() as conn:
+        conn.execute(update(keys).where(keys.c.key_id == ids[1]).values(expires_at=datetime.now(UTC)))
+    with pytest.raises(InvalidRequest) as err:
+        run_unit(rt.db, prepared)
+    assert [d["reason"] for d in err.value.details or []] == ["key expired before it was fetched"]
+    assert _states(rt, ids) == dict.fromkeys(ids, "reserved")
+
+
+def test_a_link_suspended_in_between_stops_the_prepared_fetch(rt: Runtime) -> None:
+    issued = rt.service.get_keys(_sae(rt, M), S, number=2)
+    ids = [k.key_id for k in issued]
+    prepared, _ = rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)
+    with rt.db.write() as conn:
+        link_repository.suspend_link(conn, "link-local-1", "test", "alarm", EventBatch(datetime.now(UTC)))
+    with pytest.raises(InvalidRequest) as err:
+        run_unit(rt.db, prepared)
+    assert {d["reason"] for d in err.value.details or []} == {"key is suspended"}
+
+
+def test_requests_the_preparation_cannot_serve_take_the_ordinary_path(rt: Runtime) -> None:
+    # Multicast keys, another slave's keys and unknown keys are judged under the write turn.
+    multicast = rt.service.get_keys(_sae(rt, M), S, number=2, additional_slave_sae_ids=[T])
+    ids = [k.key_id for k in multicast]
+    assert not _prepared(rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)[0])
+    assert [k.material for k in rt.service.get_keys_with_ids(_sae(rt, S), M, ids)] == [
+        k.material for k in multicast
+    ]
+    assert _states(rt, ids) == dict.fromkeys(ids, "reserved")  # T has not fetched them yet
+    assert [k.material for k in rt.service.get_keys_with_ids(_sae(rt, T), M, ids)] == [
+        k.material for k in multicast
+    ]
+    assert _states(rt, ids) == dict.fromkeys(ids, "consumed")
+    for_s = rt.service.get_keys(_sae(rt, M), S, number=1)
+    with pytest.raises(NotEntitled):
+        rt.service.get_keys_with_ids(_sae(rt, T), M, [for_s[0].key_id])
+    with pytest.raises(InvalidRequest):
+        rt.service.get_keys_with_ids(_sae(rt, S), M, ["018f0000-0000-7000-8000-000000000000"])
