@@ -41,6 +41,7 @@ from kms.storage.peer_repository import destroy_stale_pending, prune_messages
 
 log = structlog.get_logger(__name__)
 CONFIG_ENV = "QKMS_CONFIG"
+PROCESSES_ENV = "QKMS_API_PROCESSES"  # set by the supervisor for its workers
 
 
 def server_ssl_context(settings: KmsSettings) -> ssl.SSLContext:
@@ -205,7 +206,8 @@ def build_app(settings: KmsSettings, fill: bool = True) -> FastAPI:
     sys.setswitchinterval(0.001)
     runtime = build_runtime(settings, server=True)
     background = Background(runtime, fill=fill)
-    return create_app(runtime, lifespan_hooks=(background.start, background.stop))
+    processes = int(os.environ.get(PROCESSES_ENV, "1"))
+    return create_app(runtime, lifespan_hooks=(background.start, background.stop), api_processes=processes)
 
 
 def app_from_env() -> FastAPI:
@@ -263,6 +265,8 @@ class WorkerSupervisor:
     process ended up serving three quarters of them while the other idled.) A worker that dies is
     started again; SIGTERM or SIGINT stops them all."""
 
+    MAX_QUICK_FAILURES = 5
+
     def __init__(self, workers: int, host: str, port: int) -> None:
         self.workers = workers
         self.host = host
@@ -272,7 +276,9 @@ class WorkerSupervisor:
 
     def _start(self) -> multiprocessing.process.BaseProcess:
         proc = self._context.Process(
-            target=_worker_main, args=(os.environ[CONFIG_ENV], self.host, self.port), name="qkms-worker"
+            target=_worker_main,
+            args=(os.environ[CONFIG_ENV], self.host, self.port, self.workers),
+            name="qkms-worker",
         )
         proc.start()
         return proc
@@ -281,12 +287,23 @@ class WorkerSupervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
         procs = [self._start() for _ in range(self.workers)]
+        started = [time.monotonic()] * self.workers
+        quick_failures = 0
         log.info("workers_started", workers=self.workers, pids=[p.pid for p in procs])
         while not self._stop.wait(0.5):
             for i, proc in enumerate(procs):
-                if not proc.is_alive():
-                    log.error("worker_exited", pid=proc.pid, exitcode=proc.exitcode)
-                    procs[i] = self._start()
+                if proc.is_alive() or self._stop.is_set():
+                    continue
+                log.error("worker_exited", pid=proc.pid, exitcode=proc.exitcode)
+                # A worker that cannot even start (config gone, port taken) would otherwise be
+                # restarted forever: give up after a few that die within seconds of starting.
+                quick_failures = quick_failures + 1 if time.monotonic() - started[i] < 10 else 0
+                if quick_failures >= self.MAX_QUICK_FAILURES:
+                    log.error("workers_keep_failing", failures=quick_failures)
+                    self._stop.set()
+                    break
+                procs[i] = self._start()
+                started[i] = time.monotonic()
         for proc in procs:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
@@ -294,10 +311,13 @@ class WorkerSupervisor:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
+        if quick_failures >= self.MAX_QUICK_FAILURES:
+            raise SystemExit("qkms serve: the worker processes keep failing at start; see the log above")
 
 
-def _worker_main(config_path: str, host: str, port: int) -> None:
+def _worker_main(config_path: str, host: str, port: int, processes: int) -> None:
     os.environ[CONFIG_ENV] = config_path
+    os.environ[PROCESSES_ENV] = str(processes)
     settings = KmsSettings.load(Path(config_path))
     configure_logging(settings.logging.level, settings.logging.json_logs)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

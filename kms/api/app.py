@@ -43,9 +43,12 @@ def _container(keys: list[DeliveredKey]) -> Response:
 
 
 def create_app(
-    runtime: Runtime, lifespan_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None
+    runtime: Runtime,
+    lifespan_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None,
+    api_processes: int = 1,
 ) -> FastAPI:
-    """The KME's ASGI app. ``lifespan_hooks`` (start, stop) run background work in the server process."""
+    """The KME's ASGI app. ``lifespan_hooks`` (start, stop) run background work in the server process;
+    ``api_processes``: how many processes serve this KME (``qkms serve --workers``)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -85,6 +88,7 @@ def create_app(
         in_flight=runtime.settings.database.batches_in_flight,
         max_batch=runtime.settings.database.max_batch,
         inline=runtime.db.is_sqlite,
+        shared_turn=api_processes > 1,
     )
 
     async def commit(unit: Unit[T]) -> T:
