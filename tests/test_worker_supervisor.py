@@ -112,11 +112,14 @@ def test_several_workers_need_a_fixed_port(tmp_path: Path) -> None:
 def test_supervisor_stops_every_worker_on_sigterm(tmp_path: Path, workers: int) -> None:
     res = init_workdir(tmp_path / "kme", "KME-T", [M, S], port=free_port(), link_source="random")
     kme = KmeProcess(res.config_path, free_port(), workers=workers).start()
-    assert kme.proc is not None
-    supervisor = kme.proc.pid
-    pids = _wait_for(lambda: _n_workers(supervisor, workers))
-    os.kill(supervisor, signal.SIGTERM)  # the supervisor alone, not its process group
-    assert kme.proc.wait(30) == 0
+    try:
+        assert kme.proc is not None
+        supervisor = kme.proc.pid
+        pids = _wait_for(lambda: _n_workers(supervisor, workers))
+        os.kill(supervisor, signal.SIGTERM)  # the supervisor alone, not its process group
+        assert kme.proc.wait(30) == 0
+    finally:
+        kme.stop()  # whatever is left, if the test failed half-way
     for pid in pids:
         _wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists() or "Z" in _state(pid), timeout=30)
 
