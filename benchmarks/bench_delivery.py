@@ -21,7 +21,7 @@ py-spy and not checked against the floors.
 Usage::
 
     .venv/bin/python benchmarks/bench_delivery.py --backend both --duration 10
-    .venv/bin/python benchmarks/bench_delivery.py --backend postgres --workers 2
+    .venv/bin/python benchmarks/bench_delivery.py --backend postgres --workers 1
     .venv/bin/python benchmarks/bench_delivery.py --backend sqlite --policy hybrid
     .venv/bin/python benchmarks/bench_delivery.py --backend sqlite --profile
 """
@@ -626,7 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each scenario")
     parser.add_argument("--pairs", type=int, default=16, help="concurrent master/slave SAE pairs")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn processes sharing the database")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="API processes (qkms serve --workers) sharing the database; 2 = one per core here",
+    )
     parser.add_argument(
         "--policy",
         choices=["qkd", "hybrid"],

@@ -410,7 +410,14 @@ class KeyDeliveryService:
             raise InvalidRequest("key_IDs contains the same key_ID twice")
 
         def serve(conn: Connection) -> tuple[list[DeliveredKey], list[AuditEntry]]:
-            return self._serve(conn, slave, master_sae_id, normalised, datetime.now(UTC))
+            now = datetime.now(UTC)
+            if not self.db.is_sqlite:
+                # The plain case in one round trip; anything else (an error to report, multicast)
+                # takes the ordinary path, which changed nothing so far.
+                stored = pool.consume_if_reserved(conn, normalised, master_sae_id, slave.sae_id, now)
+                if stored is not None:
+                    return self._delivered_from(conn, stored, slave, master_sae_id, normalised)
+            return self._serve(conn, slave, master_sae_id, normalised, now)
 
         if self.db.is_sqlite:
             prepared = self._prepare_serve(slave, master_sae_id, normalised)
@@ -454,13 +461,7 @@ class KeyDeliveryService:
                         raise _Changed
             except _Changed:
                 return self._serve(conn, slave, master_sae_id, key_ids, at)
-            entry: AuditEntry = (
-                f"sae:{slave.sae_id}",
-                "keys.delivered",
-                f"{master_sae_id}->{slave.sae_id}",
-                {"key_IDs": key_ids, "consumed": key_ids},
-            )
-            return delivered, [entry]
+            return delivered, [_consumed_entry(slave, master_sae_id, key_ids)]
 
         return serve
 
@@ -489,6 +490,21 @@ class KeyDeliveryService:
             {"key_IDs": key_ids, "consumed": consumed},
         )
         return delivered, [entry]
+
+    def _delivered_from(
+        self,
+        conn: Connection,
+        stored: Mapping[str, pool.StoredKey],
+        slave: SaeInfo,
+        master_sae_id: str,
+        key_ids: list[str],
+    ) -> tuple[list[DeliveredKey], list[AuditEntry]]:
+        """Keys consumed by :func:`pool.consume_if_reserved`, decrypted (and re-derived) for the slave."""
+        exchange_ids = [e for e in (stored[k].kem_exchange_id for k in key_ids) if e is not None]
+        exchanges = pool.load_exchanges(conn, exchange_ids)
+        secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
+        delivered = [self._recover(stored[k], exchanges, secrets) for k in key_ids]
+        return delivered, [_consumed_entry(slave, master_sae_id, key_ids)]
 
     def _decapsulated(self, exchange: pool.StoredExchange) -> KemExchange:
         public = self.identity.public_key("kem", exchange.kem_key_version)
@@ -599,6 +615,16 @@ def _canonical_uuid(value: str) -> str:
     if key_id is None:
         raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, [{"key_ID": str(value)[:64], "reason": "not a UUID"}])
     return key_id
+
+
+def _consumed_entry(slave: SaeInfo, master_sae_id: str, key_ids: list[str]) -> AuditEntry:
+    """The audit entry of single-slave keys served to (and so consumed by) ``slave``."""
+    return (
+        f"sae:{slave.sae_id}",
+        "keys.delivered",
+        f"{master_sae_id}->{slave.sae_id}",
+        {"key_IDs": key_ids, "consumed": key_ids},
+    )
 
 
 def _why_unavailable(key: pool.StoredKey, slave_sae_id: str, now: datetime) -> str | None:

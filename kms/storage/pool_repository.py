@@ -548,6 +548,50 @@ def consume_if_unchanged(conn: Connection, key_ids: Sequence[str], slave_sae_id:
     return int(cur.rowcount) == len(key_ids)
 
 
+def consume_if_reserved(
+    conn: Connection, key_ids: Sequence[str], master_sae_id: str, slave_sae_id: str, at: datetime
+) -> dict[str, StoredKey] | None:
+    """PostgreSQL: in one statement, lock the named keys and — only if every one of them is a
+    single-slave key reserved by ``master_sae_id`` for ``slave_sae_id``, unserved and unexpired —
+    serve and consume them (material zeroised), returning them as they were before. None if any is
+    not: then nothing was changed and the caller takes the ordinary path, which reports why."""
+    raw = Raw(conn)
+    now = raw.ts(at)
+    rows = raw.all(
+        "WITH cand AS (SELECT key_id, material FROM keys WHERE key_id = ANY(?) AND state = 'reserved'"
+        " AND served_at IS NULL AND master_sae_id = ? AND slave_sae_id = ? AND NOT multicast"
+        " AND (material IS NOT NULL OR policy = ?) AND expires_at > ? FOR UPDATE),"
+        " ok AS (SELECT count(*) = ? AS all_ok FROM cand)"
+        " UPDATE keys k SET served_at = ?, state = 'consumed', material = NULL, closed_at = ?"
+        " FROM cand, ok WHERE k.key_id = cand.key_id AND ok.all_ok"
+        " RETURNING k.key_id, k.target_kme_id, k.policy, k.suite, k.kem_exchange_id, k.size_bits,"
+        " k.expires_at, cand.material, k.source_kme_id",
+        [list(key_ids), master_sae_id, slave_sae_id, POLICY_FALLBACK, now, len(key_ids), now, now],
+    )
+    if len(rows) != len(key_ids):
+        return None
+    out = {}
+    for key_id, target, policy, suite, exchange, size, expires, material, source in rows:
+        expires_at = raw.read_ts(expires)
+        assert expires_at is not None
+        out[key_id] = StoredKey(
+            key_id,
+            master_sae_id,
+            slave_sae_id,
+            target,
+            KeyState.RESERVED.value,
+            policy,
+            suite,
+            exchange,
+            size,
+            expires_at,
+            bytes(material) if material is not None else None,
+            {slave_sae_id: None},
+            source,
+        )
+    return out
+
+
 def expire_reserved(conn: Connection, now: datetime, actor: str, limit: int = 1000) -> list[str]:
     """Zeroise reserved keys whose TTL has passed. Returns the expired key_IDs."""
     expired = [

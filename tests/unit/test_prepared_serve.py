@@ -1,12 +1,15 @@
-"""SQLite's prepared Get key with key IDs (``KeyDeliveryService._prepare_serve``): the keys are read,
-checked and decrypted before the write turn and consumed by one guarded UPDATE under it. Whatever
-changes in between — another fetch, expiry, a link suspension — the guarded UPDATE notices and the
-ordinary path decides under the turn, so the outcome is exactly what it would have been without
-the preparation: no key is served twice, and the error is the same."""
+"""The short paths of Get key with key IDs. SQLite (``KeyDeliveryService._prepare_serve``): the keys
+are read, checked and decrypted before the write turn and consumed by one guarded UPDATE under it.
+PostgreSQL (``pool_repository.consume_if_reserved``): one statement locks the keys and consumes them
+only if every one is in the plain state. Whatever changes in between — another fetch, expiry, a link
+suspension — the guard notices and the ordinary path decides, so the outcome is exactly what it
+would have been without the short path: no key is served twice, and the error is the same."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,17 +25,22 @@ from kms.storage import link_repository
 from kms.storage.pool_repository import EventBatch
 from kms.storage.schema import keys
 from kms.workdir import init_workdir
+from tests.conftest import database_url
 
 M, S, T = "SAE-M", "SAE-S", "SAE-T"
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Iterator[Runtime]:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def rt(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Runtime]:
     res = init_workdir(
-        tmp_path / "kme", "KME-T", [M, S, T], link_source="random", pool_overrides={"max_pool_bits": 1 << 20}
+        tmp_path / "kme",
+        "KME-T",
+        [M, S, T],
+        link_source="random",
+        database_url=database_url(request.param, request),
+        pool_overrides={"max_pool_bits": 1 << 20},
     )
     runtime = build_runtime(KmsSettings.load(res.config_path))
-    assert runtime.db.is_sqlite
     runtime.make_filler().fill_once()
     yield runtime
     runtime.close()
@@ -44,9 +52,9 @@ def _sae(rt: Runtime, sae_id: str) -> SaeInfo:
     return info
 
 
-def _prepared(unit: object) -> bool:
-    """Whether the service handed back a prepared unit (not the ordinary one)."""
-    return "_prepare_serve" in getattr(unit, "__qualname__", "")
+def _prepared(rt: Runtime, unit: object) -> bool:
+    """SQLite: whether the service handed back a prepared unit (PostgreSQL has no preparation)."""
+    return not rt.db.is_sqlite or "_prepare_serve" in getattr(unit, "__qualname__", "")
 
 
 def _states(rt: Runtime, key_ids: list[str]) -> dict[str, str]:
@@ -60,7 +68,7 @@ def test_a_prepared_fetch_serves_and_consumes_like_the_ordinary_one(rt: Runtime)
     ids = [k.key_id for k in issued]
     unit, normalised = rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)
     assert normalised == ids
-    assert _prepared(unit)
+    assert _prepared(rt, unit)
     served = run_unit(rt.db, unit)
     assert [(k.key_id, k.material) for k in served] == [(k.key_id, k.material) for k in issued]
     assert set(_states(rt, ids).values()) == {"consumed"}
@@ -75,7 +83,7 @@ def test_keys_fetched_in_between_are_not_served_twice(rt: Runtime) -> None:
     ids = [k.key_id for k in issued]
     first, _ = rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)
     second, _ = rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)
-    assert _prepared(first) and _prepared(second)
+    assert _prepared(rt, first) and _prepared(rt, second)
     assert len(run_unit(rt.db, first)) == 4
     with pytest.raises(InvalidRequest) as err:
         run_unit(rt.db, second)
@@ -86,7 +94,7 @@ def test_a_partial_overlap_rolls_back_the_guarded_update(rt: Runtime) -> None:
     issued = rt.service.get_keys(_sae(rt, M), S, number=4)
     ids = [k.key_id for k in issued]
     prepared, _ = rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)
-    assert _prepared(prepared)
+    assert _prepared(rt, prepared)
     rt.service.get_keys_with_ids(_sae(rt, S), M, ids[:1])  # one of them goes in between
     with pytest.raises(InvalidRequest):
         run_unit(rt.db, prepared)
@@ -123,7 +131,8 @@ def test_requests_the_preparation_cannot_serve_take_the_ordinary_path(rt: Runtim
     # Multicast keys, another slave's keys and unknown keys are judged under the write turn.
     multicast = rt.service.get_keys(_sae(rt, M), S, number=2, additional_slave_sae_ids=[T])
     ids = [k.key_id for k in multicast]
-    assert not _prepared(rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)[0])
+    if rt.db.is_sqlite:
+        assert not _prepared(rt, rt.service.get_keys_with_ids_unit(_sae(rt, S), M, ids)[0])
     assert [k.material for k in rt.service.get_keys_with_ids(_sae(rt, S), M, ids)] == [
         k.material for k in multicast
     ]
@@ -137,3 +146,22 @@ def test_requests_the_preparation_cannot_serve_take_the_ordinary_path(rt: Runtim
         rt.service.get_keys_with_ids(_sae(rt, T), M, [for_s[0].key_id])
     with pytest.raises(InvalidRequest):
         rt.service.get_keys_with_ids(_sae(rt, S), M, ["018f0000-0000-7000-8000-000000000000"])
+
+
+def test_concurrent_fetches_of_the_same_keys_serve_them_once(rt: Runtime) -> None:
+    issued = rt.service.get_keys(_sae(rt, M), S, number=16)
+    ids = [k.key_id for k in issued]
+    barrier = threading.Barrier(4)
+
+    def fetch() -> list[bytes] | str:
+        barrier.wait(timeout=30)
+        try:
+            return [k.material for k in rt.service.get_keys_with_ids(_sae(rt, S), M, ids)]
+        except InvalidRequest as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        outcomes = list(ex.map(lambda _: fetch(), range(4)))
+    served = [o for o in outcomes if isinstance(o, list)]
+    assert served == [[k.material for k in issued]]
+    assert len([o for o in outcomes if isinstance(o, str)]) == 3
