@@ -410,14 +410,7 @@ class KeyDeliveryService:
             raise InvalidRequest("key_IDs contains the same key_ID twice")
 
         def serve(conn: Connection) -> tuple[list[DeliveredKey], list[AuditEntry]]:
-            now = datetime.now(UTC)
-            if not self.db.is_sqlite:
-                # The plain case in one round trip; anything else (an error to report, multicast)
-                # takes the ordinary path, which changed nothing so far.
-                stored = pool.consume_if_reserved(conn, normalised, master_sae_id, slave.sae_id, now)
-                if stored is not None:
-                    return self._delivered_from(conn, stored, slave, master_sae_id, normalised)
-            return self._serve(conn, slave, master_sae_id, normalised, now)
+            return self._serve(conn, slave, master_sae_id, normalised, datetime.now(UTC))
 
         if self.db.is_sqlite:
             prepared = self._prepare_serve(slave, master_sae_id, normalised)
@@ -490,21 +483,6 @@ class KeyDeliveryService:
             {"key_IDs": key_ids, "consumed": consumed},
         )
         return delivered, [entry]
-
-    def _delivered_from(
-        self,
-        conn: Connection,
-        stored: Mapping[str, pool.StoredKey],
-        slave: SaeInfo,
-        master_sae_id: str,
-        key_ids: list[str],
-    ) -> tuple[list[DeliveredKey], list[AuditEntry]]:
-        """Keys consumed by :func:`pool.consume_if_reserved`, decrypted (and re-derived) for the slave."""
-        exchange_ids = [e for e in (stored[k].kem_exchange_id for k in key_ids) if e is not None]
-        exchanges = pool.load_exchanges(conn, exchange_ids)
-        secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
-        delivered = [self._recover(stored[k], exchanges, secrets) for k in key_ids]
-        return delivered, [_consumed_entry(slave, master_sae_id, key_ids)]
 
     def _decapsulated(self, exchange: pool.StoredExchange) -> KemExchange:
         public = self.identity.public_key("kem", exchange.kem_key_version)

@@ -207,6 +207,21 @@ def _candidate_block(raw: Raw, link_id: str, size_bits: int, skip_locked: bool) 
     )
 
 
+def _first_free_block_pg(raw: Raw, target_kme_id: str, size_bits: int) -> Any:
+    """PostgreSQL: the first unlocked block (links in id order, blocks in id order) toward
+    ``target_kme_id`` with ``size_bits`` left, locked — what :func:`_serving_links` then
+    :func:`_candidate_block` per link find, in one statement (the LATERAL subquery runs per link,
+    with ``link_id = l.id``, so each walks the index and stops at its first free block)."""
+    return raw.one(
+        "SELECT b.id, b.link_id, b.source_block_id, b.source_offset_bits, b.bit_length, b.next_bit, b.material"
+        " FROM links l CROSS JOIN LATERAL (SELECT * FROM key_blocks kb WHERE kb.link_id = l.id"
+        " AND kb.state = 'active' AND kb.owner_kme_id IS NULL AND kb.bit_length - kb.next_bit >= ?"
+        " ORDER BY kb.id LIMIT 1 FOR UPDATE SKIP LOCKED) b"
+        " WHERE l.peer_kme_id = ? AND l.state = 'active' ORDER BY l.id LIMIT 1",
+        (size_bits, target_kme_id),
+    )
+
+
 def cut_keys(
     conn: Connection,
     envelope: Envelope,
@@ -225,11 +240,21 @@ def cut_keys(
     size_bytes = size_bits // 8
     cut: list[CutKey] = []
     raw = Raw(conn)
-    serving = _serving_links(raw, target_kme_id)
+    serving: list[str] | None = None
     for skip_locked in (True, False):
-        for link_id in serving:
+        if raw.pg and skip_locked:
+            # One round trip per block: the serving links and, per link in id order, its first free
+            # block (walking ix_key_blocks_pool), in one statement.
+            sources: list[str | None] = [None]
+        else:
+            serving = _serving_links(raw, target_kme_id) if serving is None else serving
+            sources = list(serving)
+        for link_id in sources:
             while len(cut) < number:
-                row = _candidate_block(raw, link_id, size_bits, skip_locked)
+                if link_id is None:
+                    row = _first_free_block_pg(raw, target_kme_id, size_bits)
+                else:
+                    row = _candidate_block(raw, link_id, size_bits, skip_locked)
                 if row is None:
                     break
                 block = _Block(*row)
@@ -546,50 +571,6 @@ def consume_if_unchanged(conn: Connection, key_ids: Sequence[str], slave_sae_id:
         [now, now, *params, slave_sae_id, POLICY_FALLBACK, now],
     )
     return int(cur.rowcount) == len(key_ids)
-
-
-def consume_if_reserved(
-    conn: Connection, key_ids: Sequence[str], master_sae_id: str, slave_sae_id: str, at: datetime
-) -> dict[str, StoredKey] | None:
-    """PostgreSQL: in one statement, lock the named keys and — only if every one of them is a
-    single-slave key reserved by ``master_sae_id`` for ``slave_sae_id``, unserved and unexpired —
-    serve and consume them (material zeroised), returning them as they were before. None if any is
-    not: then nothing was changed and the caller takes the ordinary path, which reports why."""
-    raw = Raw(conn)
-    now = raw.ts(at)
-    rows = raw.all(
-        "WITH cand AS (SELECT key_id, material FROM keys WHERE key_id = ANY(?) AND state = 'reserved'"
-        " AND served_at IS NULL AND master_sae_id = ? AND slave_sae_id = ? AND NOT multicast"
-        " AND (material IS NOT NULL OR policy = ?) AND expires_at > ? FOR UPDATE),"
-        " ok AS (SELECT count(*) = ? AS all_ok FROM cand)"
-        " UPDATE keys k SET served_at = ?, state = 'consumed', material = NULL, closed_at = ?"
-        " FROM cand, ok WHERE k.key_id = cand.key_id AND ok.all_ok"
-        " RETURNING k.key_id, k.target_kme_id, k.policy, k.suite, k.kem_exchange_id, k.size_bits,"
-        " k.expires_at, cand.material, k.source_kme_id",
-        [list(key_ids), master_sae_id, slave_sae_id, POLICY_FALLBACK, now, len(key_ids), now, now],
-    )
-    if len(rows) != len(key_ids):
-        return None
-    out = {}
-    for key_id, target, policy, suite, exchange, size, expires, material, source in rows:
-        expires_at = raw.read_ts(expires)
-        assert expires_at is not None
-        out[key_id] = StoredKey(
-            key_id,
-            master_sae_id,
-            slave_sae_id,
-            target,
-            KeyState.RESERVED.value,
-            policy,
-            suite,
-            exchange,
-            size,
-            expires_at,
-            bytes(material) if material is not None else None,
-            {slave_sae_id: None},
-            source,
-        )
-    return out
 
 
 def expire_reserved(conn: Connection, now: datetime, actor: str, limit: int = 1000) -> list[str]:

@@ -1,9 +1,10 @@
-"""The short paths of Get key with key IDs. SQLite (``KeyDeliveryService._prepare_serve``): the keys
-are read, checked and decrypted before the write turn and consumed by one guarded UPDATE under it.
-PostgreSQL (``pool_repository.consume_if_reserved``): one statement locks the keys and consumes them
-only if every one is in the plain state. Whatever changes in between — another fetch, expiry, a link
-suspension — the guard notices and the ordinary path decides, so the outcome is exactly what it
-would have been without the short path: no key is served twice, and the error is the same."""
+"""Get key with key IDs when the keys change between the request's check and its transaction.
+
+SQLite (``KeyDeliveryService._prepare_serve``): the keys are read, checked and decrypted before the
+write turn and consumed by one guarded UPDATE under it. Whatever changes in between — another fetch,
+expiry, a link suspension — the guard notices and the ordinary path decides under the turn, so the
+outcome is exactly what it would have been without the preparation: no key is served twice, and the
+error is the same. PostgreSQL (row locks in the ordinary path) must give the same outcomes."""
 
 from __future__ import annotations
 
