@@ -116,7 +116,12 @@ def serve(
     config: ConfigOpt,
     host: Annotated[str | None, typer.Option(help="Listen address (default from config: 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (default from config).")] = None,
-    workers: Annotated[int, typer.Option(help="API processes (more than one needs PostgreSQL).")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="API processes sharing the database (SQLite file or PostgreSQL); one per core is a good start. More than one needs a fixed --port."
+        ),
+    ] = 1,
 ) -> None:
     """Run the KME over HTTPS with client certificates required, until interrupted."""
     from kms.crypto.envelope import KekError
