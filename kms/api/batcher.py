@@ -136,7 +136,9 @@ class UnitBatcher:
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():
                 continue
-            if outcome.error is not None:
-                future.set_exception(outcome.error)
+            try:
+                value = outcome.unwrap()  # finishes an AfterCommit result, out of the transaction
+            except Exception as exc:
+                future.set_exception(exc)
             else:
-                future.set_result(outcome.value)
+                future.set_result(value)

@@ -23,7 +23,7 @@ from kms.crypto.identity import KmeIdentity
 from kms.crypto.pqc.base import KemAlgorithm
 from kms.domain import errors
 from kms.domain.errors import InvalidRequest, NotEntitled, ServiceUnavailable
-from kms.domain.group_commit import AuditEntry, Unit, run_unit
+from kms.domain.group_commit import AfterCommit, AuditEntry, Unit, run_unit
 from kms.domain.key_ids import canonical_key_id
 from kms.domain.lifecycle import KeyState
 from kms.domain.policy import POLICY_FALLBACK, Mode, PairPolicy, PolicyBook
@@ -190,7 +190,7 @@ class KeyDeliveryService:
 
     def _reserve(
         self, conn: Connection, master: SaeInfo, request: _KeyRequest
-    ) -> tuple[list[DeliveredKey], list[AuditEntry]]:
+    ) -> tuple[list[DeliveredKey] | AfterCommit[list[DeliveredKey]], list[AuditEntry]]:
         slave, size, policy = request.slave, request.size, request.policy
         events = pool.EventBatch(datetime.now(UTC))
         actor = f"sae:{master.sae_id}"
@@ -216,7 +216,12 @@ class KeyDeliveryService:
             at=events.at,
         )
         events.flush(conn)
-        delivered = self.delivered(cut, exchange, suite, master.sae_id, slave, size)
+        result: list[DeliveredKey] | AfterCommit[list[DeliveredKey]]
+        if exchange is not None:
+            # Deriving a hybrid key per key_ID needs no transaction: done once the batch committed.
+            result = AfterCommit(lambda: self.delivered(cut, exchange, suite, master.sae_id, slave, size))
+        else:
+            result = self.delivered(cut, None, None, master.sae_id, slave, size)
         record: dict[str, Any] = {
             "key_IDs": [c.key_id for c in cut],
             "size": size,
@@ -226,7 +231,7 @@ class KeyDeliveryService:
         }
         if exchange:
             record["kem_ciphertext_sha384"] = hashlib.sha384(exchange.ciphertext).hexdigest()
-        return delivered, [(actor, "keys.reserved", f"{master.sae_id}->{slave.sae_id}", record)]
+        return result, [(actor, "keys.reserved", f"{master.sae_id}->{slave.sae_id}", record)]
 
     def cut(
         self,

@@ -35,7 +35,17 @@ T = TypeVar("T")
 AuditEntry = tuple[str, str, str, Mapping[str, Any]]
 """(actor, action, subject, data), as ``audit_repository.append`` takes them."""
 
-Unit = Callable[[Connection], tuple[T, list[AuditEntry]]]
+
+class AfterCommit(Generic[T]):
+    """A unit's result to be finished after its batch has committed (and, on SQLite, after the write
+    turn is given back): work that needs no transaction — deriving hybrid keys, say — stays out of
+    it. :meth:`Outcome.unwrap` runs ``finish``."""
+
+    def __init__(self, finish: Callable[[], T]) -> None:
+        self.finish = finish
+
+
+Unit = Callable[[Connection], tuple[T | AfterCommit[T], list[AuditEntry]]]
 
 DEADLOCK_RETRIES = 3
 _RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
@@ -55,8 +65,11 @@ class Outcome(Generic[T]):
     error: BaseException | None = None
 
     def unwrap(self) -> T:
+        """The unit's result (finished now if it was :class:`AfterCommit`), or its error raised."""
         if self.error is not None:
             raise self.error
+        if isinstance(self.value, AfterCommit):
+            return self.value.finish()  # type: ignore[no-any-return]
         return self.value  # type: ignore[return-value]
 
 

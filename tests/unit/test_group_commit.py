@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Connection, select, text
 
 from kms.audit.chain import verify_chain
-from kms.domain.group_commit import AuditEntry, Unit, execute_batch, run_unit
+from kms.domain.group_commit import AfterCommit, AuditEntry, Unit, execute_batch, run_unit
 from kms.storage import audit_repository as audit
 from kms.storage import migrate
 from kms.storage import registry_repository as registry
@@ -151,3 +151,33 @@ def test_two_batches_that_deadlock_are_both_committed(request: pytest.FixtureReq
         records = audit.read_records(conn)
     locked = sorted(r.subject for r in records if r.action == "link.locked")
     assert locked == ["X:A", "X:B", "Y:A", "Y:B"]
+
+
+def test_an_after_commit_result_is_finished_once_the_batch_has_committed(db: Database) -> None:
+    seen_committed: list[bool] = []
+
+    def unit(conn: Connection) -> tuple[AfterCommit[str], list[AuditEntry]]:
+        registry.upsert_link(conn, "L-after", "KME-X", "test", {})
+
+        def finish() -> str:
+            seen_committed.append("L-after" in _links(db))  # read through another connection
+            return "finished"
+
+        return AfterCommit(finish), [("test", "link.added", "L-after", {})]
+
+    def failing_finish(conn: Connection) -> tuple[AfterCommit[str], list[AuditEntry]]:
+        registry.upsert_link(conn, "L-kept", "KME-X", "test", {})
+
+        def finish() -> str:
+            raise Refused("derivation failed")
+
+        return AfterCommit(finish), [("test", "link.added", "L-kept", {})]
+
+    outcomes = execute_batch(db, [unit, failing_finish])
+    assert seen_committed == []  # nothing is finished inside the transaction
+    assert outcomes[0].unwrap() == "finished"
+    assert seen_committed == [True]
+    with pytest.raises(Refused):
+        outcomes[1].unwrap()
+    assert {"L-after", "L-kept"} <= _links(db)  # a failed finish does not undo the commit
+    assert run_unit(db, unit) == "finished"
