@@ -15,6 +15,7 @@ import pytest
 
 from kms.launcher import KmeProcess, free_port
 from kms.workdir import init_workdir, sae_credential_paths
+from tests.conftest import database_url
 
 M, S = "SAE-M", "SAE-S"
 
@@ -49,8 +50,18 @@ def _wait_for(predicate, timeout: float = 60.0):  # type: ignore[no-untyped-def]
     raise AssertionError("condition not met in time")
 
 
-def test_a_killed_worker_is_replaced_and_the_kme_keeps_serving(tmp_path: Path) -> None:
-    res = init_workdir(tmp_path / "kme", "KME-T", [M, S], port=free_port(), link_source="random")
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_killed_worker_is_replaced_and_the_kme_keeps_serving(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    res = init_workdir(
+        tmp_path / "kme",
+        "KME-T",
+        [M, S],
+        port=free_port(),
+        link_source="random",
+        database_url=database_url(backend, request),
+    )
     kme = KmeProcess(res.config_path, free_port(), workers=2).start()
     try:
         assert kme.proc is not None
@@ -61,12 +72,18 @@ def test_a_killed_worker_is_replaced_and_the_kme_keeps_serving(tmp_path: Path) -
         second = _wait_for(lambda: _n_workers(supervisor, 2, without=victim))
         assert len(second - first) == 1
         cert, key = sae_credential_paths(tmp_path / "kme", M)
-        with kme.client(tmp_path / "kme" / "pki" / "ca.pem", cert, key) as c:
-            kme.wait_for_keys(c, S, minimum=4)
+        slave_cert, slave_key = sae_credential_paths(tmp_path / "kme", S)
+        ca = tmp_path / "kme" / "pki" / "ca.pem"
+        with kme.client(ca, cert, key) as c, kme.client(ca, slave_cert, slave_key) as sc:
+            kme.wait_for_keys(c, S, minimum=8)
+            c.headers["Connection"] = sc.headers["Connection"] = "close"
             for _ in range(8):  # new connections land on either worker; all are served
-                c.headers["Connection"] = "close"
                 resp = c.post(f"/api/v1/keys/{S}/enc_keys", json={"number": 1})
                 assert resp.status_code == 200, resp.text
+                key_id, material = resp.json()["keys"][0]["key_ID"], resp.json()["keys"][0]["key"]
+                got = sc.post(f"/api/v1/keys/{M}/dec_keys", json={"key_IDs": [{"key_ID": key_id}]})
+                assert got.status_code == 200, got.text
+                assert got.json()["keys"][0]["key"] == material
         assert "worker_exited" in kme.log_tail(200)
     finally:
         kme.stop()

@@ -2,8 +2,8 @@
 
 Endpoints are ``async``; the delivery service is synchronous. Get key and Get key with key IDs for
 this KME's own SAEs are checked on the event loop; their database work is group-committed
-(``kms.api.batcher``): on the loop while it holds the write turn on SQLite, in worker threads on
-PostgreSQL. Keys for a slave at another KME wait on that KME in a thread of their own.
+(``kms.api.batcher``): on the loop (while it holds the write turn, on SQLite), except on PostgreSQL
+served by a single process, where worker threads overlap the round trips. Keys for a slave at another KME wait on that KME in a thread of their own.
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def create_app(
         runtime.db,
         in_flight=runtime.settings.database.batches_in_flight,
         max_batch=runtime.settings.database.max_batch,
-        inline=runtime.db.is_sqlite,
+        # PostgreSQL with several processes also runs batches on the loop: while one process waits
+        # on its round trips the others serve, and no thread hops or GIL hand-offs are paid.
+        inline=runtime.db.is_sqlite or api_processes > 1,
         shared_turn=api_processes > 1,
     )
 

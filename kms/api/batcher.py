@@ -1,17 +1,19 @@
 """Collects the database units of concurrent requests on the event loop and runs them in batches
-(``kms.domain.group_commit``).
+(``kms.domain.group_commit``). A batch starts on the loop iteration after its first unit arrives,
+so every request already parsed in that iteration joins it; requests that arrive while a batch runs
+form the next one.
 
-PostgreSQL: batches run in worker threads, at most ``in_flight`` at once per process, since a
-request mostly waits on its round trips. A batch starts on the loop iteration after its first unit
-arrives, so every request already parsed in that iteration joins it; requests that arrive while the
-batches run form the next ones.
+PostgreSQL served by one API process: batches run in worker threads, at most ``in_flight`` at once,
+since a request mostly waits on its round trips.
 
-SQLite (``inline``): one writer at a time, whatever the number of processes, so the scarce thing is
-the write turn (``Database.acquire_turn``), not a thread. In a lone API process a unit runs at once,
-alone, on the loop if the turn is free and no other unit waits. Otherwise a helper thread waits for the turn while the
-loop goes on parsing requests; once it is held, every unit then pending runs as one transaction *on
-the loop* — no other thread of the process competes for the GIL while the turn is held, and with
-several API processes one commits while the others parse.
+On the loop (``inline``) — SQLite, and PostgreSQL served by several processes: what is scarce is the
+write turn (``Database.acquire_turn``; SQLite: one writer at a time whatever the number of
+processes; PostgreSQL: always free), not a thread. In a lone SQLite process a unit runs at once,
+alone, if the turn is free and no other unit waits. Otherwise a helper thread waits for the turn
+while the loop goes on parsing requests; once it is held, every unit then pending runs as one
+transaction *on the loop*: no other thread of the process competes for the GIL, no thread hop is
+paid per batch, and while one process commits (or waits on PostgreSQL) the others serve. Measured
+on PostgreSQL with two processes: 17,200 keys/s against 11,800-15,500 with batch threads.
 """
 
 from __future__ import annotations

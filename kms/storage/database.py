@@ -41,8 +41,10 @@ class Database:
     def acquire_turn(self, blocking: bool = True) -> bool:
         """SQLite: take this process's write turn — the thread lock, then the file lock that other
         processes share. The turn may be released from another thread (:meth:`release_turn`), so a
-        helper thread can wait for it while the event loop goes on."""
-        assert self._write_lock is not None
+        helper thread can wait for it while the event loop goes on. PostgreSQL has no write turn
+        (writers take row locks): always granted."""
+        if self._write_lock is None:
+            return True
         if not self._write_lock.acquire(blocking=blocking):
             return False
         if self.lock_path is None:
@@ -61,7 +63,8 @@ class Database:
         return True
 
     def release_turn(self) -> None:
-        assert self._write_lock is not None
+        if self._write_lock is None:
+            return
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         self._write_lock.release()
