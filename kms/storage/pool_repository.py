@@ -19,7 +19,7 @@ from kms.crypto.envelope import Envelope
 from kms.domain.key_ids import new_key_ids
 from kms.domain.lifecycle import KeyState, check_transition
 from kms.domain.policy import POLICY_FALLBACK
-from kms.storage.rawsql import Raw
+from kms.storage.rawsql import Raw, joined_array
 from kms.storage.schema import key_blocks, keys, links
 
 _SQLITE_ROWS_PER_INSERT = 2000  # 4 parameters a row, well under SQLite's 32,766
@@ -377,13 +377,28 @@ def insert_reserved_keys(
         " source_kme_id, route"
     )
     if raw.pg:
-        raw.execute(
-            f"INSERT INTO keys ({columns}) SELECT k, b, o, m, ?::int, ?::varchar, ?::varchar, ?::varchar,"
-            " ?::varchar, ?::varchar, ?::varchar, ?::bigint, ?::varchar, ?::timestamptz, ?::timestamptz,"
-            " ?::boolean, ?::varchar, ?::json"
-            " FROM unnest(?::varchar[], ?::bigint[], ?::int[], ?::bytea[]) AS v(k, b, o, m)",
-            [*shared, *(list(col) for col in zip(*varying, strict=True))],
+        scalars = (
+            "?::int, ?::varchar, ?::varchar, ?::varchar, ?::varchar, ?::varchar, ?::varchar, ?::bigint,"
+            " ?::varchar, ?::timestamptz, ?::timestamptz, ?::boolean, ?::varchar, ?::json"
         )
+        ids, blocks, offsets, materials = (list(col) for col in zip(*varying, strict=True))
+        packed = _pack_pg(ids, blocks, offsets, materials)
+        if packed is not None:
+            # The per-key columns as three joined texts and one concatenation of equal-length
+            # sealed materials: four scalar parameters instead of four arrays to build.
+            raw.execute(
+                f"INSERT INTO keys ({columns}) SELECT v.k, v.b::bigint, v.o::int,"
+                f" substring(?::bytea FROM (v.n::int - 1) * ? + 1 FOR ?), {scalars}"
+                " FROM unnest(string_to_array(?, ','), string_to_array(?, ','), string_to_array(?, ','))"
+                " WITH ORDINALITY AS v(k, b, o, n)",
+                [*packed[:3], *shared, *packed[3:]],
+            )
+        else:
+            raw.execute(
+                f"INSERT INTO keys ({columns}) SELECT k, b, o, m, {scalars}"
+                " FROM unnest(?::varchar[], ?::bigint[], ?::int[], ?::bytea[]) AS v(k, b, o, m)",
+                [*shared, ids, blocks, offsets, materials],
+            )
     else:
         for start in range(0, len(varying), _SQLITE_ROWS_PER_INSERT):
             chunk = varying[start : start + _SQLITE_ROWS_PER_INSERT]
@@ -397,6 +412,29 @@ def insert_reserved_keys(
             "INSERT INTO key_recipients (key_id, sae_id) VALUES (?, ?)",
             [(c.key_id, s) for c in cut for s in additional],
         )
+
+
+def _pack_pg(
+    ids: list[Any], blocks: list[Any], offsets: list[Any], materials: list[Any]
+) -> tuple[bytes, int, int, str, str, str] | None:
+    """(materials concatenated, length, length, ids, blocks, offsets joined) when every key has a
+    block, an offset and a sealed material of one length (QKD keys of one request); else None."""
+    if not ids or any(m is None for m in materials) or len({len(m) for m in materials}) != 1:
+        return None
+    if any(b is None for b in blocks) or any(o is None for o in offsets):
+        return None
+    joined = joined_array(ids)
+    if joined is None:
+        return None
+    length = len(materials[0])
+    return (
+        b"".join(materials),
+        length,
+        length,
+        joined[0],
+        ",".join(map(str, blocks)),
+        ",".join(map(str, offsets)),
+    )
 
 
 @dataclass(frozen=True)

@@ -62,10 +62,16 @@ class Raw:
         return list(self.execute(text, params).fetchall())
 
     def in_list(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
-        """``column IN (...)`` for SQLite, ``column = ANY(array)`` for PostgreSQL."""
-        if self.pg:
+        """``column IN (...)`` for SQLite, ``column = ANY(array)`` for PostgreSQL — the array sent as
+        one comma-joined text when the values allow it (psycopg builds a list parameter element by
+        element, ~2 us each: half a millisecond for a 128-key request; one string costs nothing)."""
+        if not self.pg:
+            return f"{column} IN ({','.join('?' * len(values))})", list(values)
+        joined = joined_array(values)
+        if joined is None:
             return f"{column} = ANY(?)", [list(values)]
-        return f"{column} IN ({','.join('?' * len(values))})", list(values)
+        text, cast = joined
+        return f"{column} = ANY(string_to_array(?, ','){cast})", [text]
 
     def for_update(self, of: str | None = None, skip_locked: bool = False) -> str:
         """Row-lock clause (PostgreSQL only; a SQLite write transaction is already exclusive)."""
@@ -85,3 +91,13 @@ class Raw:
         if isinstance(value, datetime):
             return value if value.tzinfo else value.replace(tzinfo=UTC)
         return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def joined_array(values: Sequence[Any]) -> tuple[str, str] | None:
+    """``values`` as one comma-joined text and the cast that turns ``string_to_array`` of it back
+    into the array — for integers, or strings without commas; None for anything else."""
+    if values and all(type(v) is int for v in values):
+        return ",".join(map(str, values)), "::bigint[]"
+    if values and all(type(v) is str and v and "," not in v for v in values):
+        return ",".join(values), ""
+    return None
