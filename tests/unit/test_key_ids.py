@@ -64,13 +64,3 @@ def test_canonical_key_id_accepts_any_uuid_spelling_and_rejects_the_rest() -> No
     assert canonical_key_id(text.replace("-", "")) == text
     for bad in ("", "not-a-uuid", text[:-1], 42, None, ["x"]):
         assert canonical_key_id(bad) is None
-
-
-def test_joined_arrays_only_for_values_that_round_trip() -> None:
-    from kms.storage.rawsql import joined_array
-
-    ids = new_key_ids(3)
-    assert joined_array(ids) == (",".join(ids), "")
-    assert joined_array([3, 1, 2]) == ("3,1,2", "::bigint[]")
-    for unsafe in ([], ["a,b"], [""], [1, "x"], [True, False], [None]):
-        assert joined_array(unsafe) is None
