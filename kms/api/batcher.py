@@ -41,7 +41,8 @@ class UnitBatcher:
         inline: bool = False,
         shared_turn: bool = False,
     ) -> None:
-        """``shared_turn`` (SQLite): other API processes take turns on the same file, so always batch."""
+        """``inline``: run batches on the loop (see the module docstring); ``shared_turn``: other API
+        processes serve the same KME and take turns with this one, so always batch."""
         self.db = db
         self.inline = inline
         self.run_alone_if_free = inline and not shared_turn
