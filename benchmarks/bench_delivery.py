@@ -475,7 +475,7 @@ def _percentile(sorted_values: list[float], pct: float) -> float:
 def _py_spy() -> str:
     found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(found).exists():
-        raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
+        raise SystemExit("--profile needs py-spy (in the dev extras): bash scripts/bootstrap.sh")
     return found
 
 

@@ -444,10 +444,7 @@ class KeyDeliveryService:
                     for k in key_ids
                 ):
                     return None
-                exchange_ids = [e for e in (stored[k].kem_exchange_id for k in key_ids) if e is not None]
-                exchanges = pool.load_exchanges(conn, exchange_ids)
-            secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
-            delivered = [self._recover(stored[k], exchanges, secrets) for k in key_ids]
+                delivered = self._recover_all(conn, stored, key_ids)
         except Exception:  # let the ordinary unit meet (and report) it under the write turn
             return None
 
@@ -476,10 +473,7 @@ class KeyDeliveryService:
         gone = [{"key_ID": k, "reason": r} for k, r in reasons.items() if r]
         if gone:
             raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, gone)
-        exchange_ids = [e for e in (stored[k].kem_exchange_id for k in key_ids) if e is not None]
-        exchanges = pool.load_exchanges(conn, exchange_ids)
-        secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
-        delivered = [self._recover(stored[k], exchanges, secrets) for k in key_ids]
+        delivered = self._recover_all(conn, stored, key_ids)
         consumed = pool.mark_served(conn, (stored[k] for k in key_ids), slave.sae_id, now)
         entry: AuditEntry = (
             f"sae:{slave.sae_id}",
@@ -488,6 +482,16 @@ class KeyDeliveryService:
             {"key_IDs": key_ids, "consumed": consumed},
         )
         return delivered, [entry]
+
+    def _recover_all(
+        self, conn: Connection, stored: Mapping[str, pool.StoredKey], key_ids: list[str]
+    ) -> list[DeliveredKey]:
+        """The named keys as the slave receives them: decrypted and, for hybrid or fallback keys,
+        re-derived with the request's ML-KEM secret (decapsulated once per exchange)."""
+        exchange_ids = [e for e in (stored[k].kem_exchange_id for k in key_ids) if e is not None]
+        exchanges = pool.load_exchanges(conn, exchange_ids)
+        secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
+        return [self._recover(stored[k], exchanges, secrets) for k in key_ids]
 
     def _decapsulated(self, exchange: pool.StoredExchange) -> KemExchange:
         public = self.identity.public_key("kem", exchange.kem_key_version)
