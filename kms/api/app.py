@@ -20,7 +20,9 @@ from fastapi.responses import Response
 from kms import __version__
 from kms.api.audit_routes import audit_router
 from kms.api.batcher import UnitBatcher
+from kms.api.body_limit import BodyLimitMiddleware
 from kms.api.errors import ERROR_RESPONSES, CatchAllMiddleware, install_error_handlers, json_response
+from kms.api.hot_path import HotPathMiddleware
 from kms.api.identity import SaeAuthMiddleware, current_sae
 from kms.api.schemas import KeyContainer, KeyIds, KeyRequest, Status
 from kms.audit.service import AuditService
@@ -69,8 +71,6 @@ def create_app(
         redoc_url=None,
     )
     install_error_handlers(app)
-    app.add_middleware(SaeAuthMiddleware, runtime=runtime)
-    app.add_middleware(CatchAllMiddleware)
     service = runtime.service
     # A few database threads overlap PostgreSQL round trips; more only contend for the GIL. On
     # SQLite too, calls outside group commit run in a thread: one that writes may wait for the
@@ -165,6 +165,32 @@ def create_app(
         keys = await get_keys(master, slave_SAE_ID, number, size)
         return _container(keys)
 
+    async def enc_keys(master: SaeInfo, slave_id: str, req: KeyRequest) -> Response:
+        keys = await get_keys(
+            master,
+            slave_id,
+            req.number,
+            req.size,
+            req.additional_slave_SAE_IDs or (),
+            req.extension_mandatory or (),
+        )
+        return _container(keys)
+
+    async def dec_keys(slave: SaeInfo, master_id: str, body: KeyIds) -> Response:
+        keys = await get_keys_with_ids(slave, master_id, [item.key_ID for item in body.key_IDs])
+        return _container(keys)
+
+    # Ordinary POSTs of the two hot calls skip FastAPI's routing and body handling; the endpoints
+    # below call the same two handlers for everything else (and document the API).
+    app.add_middleware(
+        HotPathMiddleware,
+        enc_keys=enc_keys,
+        dec_keys=dec_keys,
+    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.kme.max_request_bytes)
+    app.add_middleware(SaeAuthMiddleware, runtime=runtime)
+    app.add_middleware(CatchAllMiddleware)
+
     @app.post(
         "/api/v1/keys/{slave_SAE_ID}/enc_keys",
         response_model=KeyContainer,
@@ -175,17 +201,7 @@ def create_app(
     async def enc_keys_post(
         request: Request, slave_SAE_ID: SaeIdPath, body: Annotated[KeyRequest | None, Body()] = None
     ) -> Response:
-        master = current_sae(request.scope)
-        req = body or KeyRequest()
-        keys = await get_keys(
-            master,
-            slave_SAE_ID,
-            req.number,
-            req.size,
-            req.additional_slave_SAE_IDs or (),
-            req.extension_mandatory or (),
-        )
-        return _container(keys)
+        return await enc_keys(current_sae(request.scope), slave_SAE_ID, body or KeyRequest())
 
     @app.get(
         "/api/v1/keys/{master_SAE_ID}/dec_keys",
@@ -215,9 +231,7 @@ def create_app(
     async def dec_keys_post(
         request: Request, master_SAE_ID: SaeIdPath, body: Annotated[KeyIds, Body()]
     ) -> Response:
-        slave = current_sae(request.scope)
-        keys = await get_keys_with_ids(slave, master_SAE_ID, [item.key_ID for item in body.key_IDs])
-        return _container(keys)
+        return await dec_keys(current_sae(request.scope), master_SAE_ID, body)
 
     app.include_router(audit_router(AuditService(runtime.db, runtime.identity, runtime.settings.kme.id), run))
     if runtime.network is not None:

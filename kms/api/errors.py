@@ -42,6 +42,11 @@ def error_response(status: int, message: str, details: list[dict[str, Any]] | No
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def delivery_error_response(exc: DeliveryError) -> JSONResponse:
+    """The Error answer to a refused delivery request (400, 401 or 503)."""
+    return error_response(_status_of(exc), exc.message, [dict(d) for d in exc.details or ()])
+
+
 def _status_of(exc: DeliveryError) -> int:
     if isinstance(exc, NotEntitled):
         return 401
@@ -62,7 +67,7 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DeliveryError)
     async def _delivery(_: Request, exc: DeliveryError) -> JSONResponse:
-        return error_response(_status_of(exc), exc.message, [dict(d) for d in exc.details or ()])
+        return delivery_error_response(exc)
 
     install_etsi_format_handlers(app)
 

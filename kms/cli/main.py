@@ -149,6 +149,33 @@ def db_upgrade(
     console.print(f"database at revision {migrate.current_revision(settings.database.url)}")
 
 
+@db_app.command("check")
+def db_check(config: ConfigOpt) -> None:
+    """Verify the key store's invariants: key blocks referenced, no bit served twice, closed keys
+    zeroised. Exit status 1 if any is broken (run it after a restore, a migration, or as a control)."""
+    from rich.table import Table
+
+    from kms.storage.database import Database
+    from kms.storage.integrity import run_checks
+
+    settings = _settings(config)
+    db = Database(settings.database.url, pool_size=1)
+    try:
+        with db.read() as conn:
+            checks = run_checks(conn)
+    finally:
+        db.dispose()
+    table = Table(title="key store integrity")
+    for column in ("check", "result", "violations", "examples"):
+        table.add_column(column)
+    for c in checks:
+        mark = "[green]ok[/green]" if c.passed else "[red]BROKEN[/red]"
+        table.add_row(c.explanation, mark, str(c.violations), ", ".join(c.examples))
+    console.print(table)
+    if not all(c.passed for c in checks):
+        raise typer.Exit(1)
+
+
 @app.command()
 def status(config: ConfigOpt) -> None:
     """Show links, pool levels and key counts straight from the KME's database."""

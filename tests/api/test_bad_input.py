@@ -212,3 +212,48 @@ def test_plain_http_is_not_served(kme: RunningKme) -> None:
     ):
         resp = client.get(f"/api/v1/keys/{S}/status")
         resp.raise_for_status()
+
+
+def test_oversized_bodies_are_refused_before_they_are_read_whole(kme: RunningKme) -> None:
+    before = _stored(kme)
+    big = b'{"key_IDs": [' + b'{"key_ID": "9b0e1d43-0a7e-4c7a-9f53-1f0f0e2b2d11"},' * 40_000 + b"{}]}"
+    declared = kme.client(S).post(
+        f"/api/v1/keys/{M}/dec_keys", content=big, headers={"content-type": "application/json"}
+    )
+    assert "larger than" in str(_error(declared, 400)["message"])
+
+    def chunks() -> object:  # no Content-Length: counted as it streams in
+        for _ in range(64):
+            yield b" " * 65536
+
+    streamed = kme.client(M).post(
+        f"/api/v1/keys/{S}/enc_keys", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert "larger than" in str(_error(streamed, 400)["message"])
+    assert _stored(kme) == before
+
+
+def test_the_lean_path_and_the_framework_path_answer_alike(kme: RunningKme) -> None:
+    """An ordinary POST takes the lean path (kms.api.hot_path); the same POST with a query string
+    goes through FastAPI. Both must give the same answers, successes and refusals."""
+    client = kme.client(M)
+    by_path: dict[str, list[tuple[int, str]]] = {}
+    for suffix in ("", "?via=framework"):
+        url = f"/api/v1/keys/{S}/enc_keys{suffix}"
+        ok = client.post(url, json={"number": 2, "size": 128})
+        assert ok.status_code == 200 and ok.headers["content-type"] == "application/json"
+        assert [len(k["key"]) for k in ok.json()["keys"]] == [24, 24]
+        ids = [k["key_ID"] for k in ok.json()["keys"]]
+        fetched = kme.client(S).post(
+            f"/api/v1/keys/{M}/dec_keys{suffix}", json={"key_IDs": [{"key_ID": i} for i in ids]}
+        )
+        assert fetched.json() == ok.json()
+        refused = [
+            client.post(url, json={"size": 100}),
+            client.post(url, json={"number": 1, "extension_mandatory": [{"x": 1}]}),
+            kme.client(S).post(f"/api/v1/keys/{M}/dec_keys{suffix}", json={"key_IDs": [{"key_ID": ids[0]}]}),
+            kme.client(T).post(f"/api/v1/keys/{M}/dec_keys{suffix}", json={"key_IDs": [{"key_ID": ids[0]}]}),
+        ]
+        by_path[suffix] = [(r.status_code, r.text.replace(ids[0], "<key_ID>")) for r in refused]
+    assert by_path[""] == by_path["?via=framework"]
+    assert [status for status, _ in by_path[""]] == [400, 400, 400, 401]

@@ -1,0 +1,114 @@
+"""A lean ASGI path for the two calls that carry nearly all traffic: ``POST .../enc_keys`` and
+``POST .../dec_keys`` with a well-formed JSON body.
+
+Routing, dependency solving and FastAPI's generic body validation cost about as much CPU per request
+as the key delivery itself. This middleware sits inside ``SaeAuthMiddleware`` (the caller is already
+authenticated) and handles a request only when everything about it is ordinary: the exact path, no
+query string, a JSON content type, a body that validates against the same pydantic model FastAPI
+would use. It then calls the same handler the FastAPI endpoint calls and answers with the same
+bytes. Anything else — an invalid body, an odd content type, an unknown path — goes on to FastAPI
+untouched (the body it read is replayed), so every error is produced in exactly one place and the
+published OpenAPI document keeps describing what the server does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+
+from kms.api.errors import delivery_error_response
+from kms.api.identity import current_sae
+from kms.api.schemas import KeyIds, KeyRequest
+from kms.domain.errors import DeliveryError
+from kms.domain.saes import SaeInfo
+
+_PREFIX = "/api/v1/keys/"
+_MAX_SAE_ID = 128
+
+Handler = Callable[[SaeInfo, str, Any], Awaitable[Response]]
+
+
+class HotPathMiddleware:
+    """Serves ordinary ``enc_keys`` / ``dec_keys`` POSTs directly; passes everything else on."""
+
+    def __init__(self, app: Any, enc_keys: Handler, dec_keys: Handler) -> None:
+        self.app = app
+        self.routes: dict[str, tuple[type[BaseModel], Handler]] = {
+            "enc_keys": (KeyRequest, enc_keys),
+            "dec_keys": (KeyIds, dec_keys),
+        }
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        route = self._route(scope)
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        sae_id, model, handler = route
+        body, complete = await self._read_body(receive)
+        parsed = _parse(model, body) if complete else None
+        if parsed is None:
+            await self.app(scope, _replay(body, complete, receive), send)
+            return
+        try:
+            response = await handler(current_sae(scope), sae_id, parsed)
+        except DeliveryError as exc:
+            response = delivery_error_response(exc)
+        await response(scope, receive, send)
+
+    def _route(self, scope: Any) -> tuple[str, type[BaseModel], Handler] | None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope.get("query_string"):
+            return None
+        path: str = scope["path"]
+        if not path.startswith(_PREFIX):
+            return None
+        sae_id, _, call = path[len(_PREFIX) :].partition("/")
+        route = self.routes.get(call)
+        if route is None or not 0 < len(sae_id) <= _MAX_SAE_ID or not _json_content(scope):
+            return None
+        return sae_id, route[0], route[1]
+
+    @staticmethod
+    async def _read_body(receive: Any) -> tuple[bytes, bool]:
+        """The body, and whether it is all there (False: the client went away; FastAPI then sees
+        what was read followed by the disconnect). ``BodyLimitMiddleware`` bounds its size."""
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks), False
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks), True
+
+
+def _json_content(scope: Any) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return bool(value.split(b";", 1)[0].strip().lower() == b"application/json")
+    return False
+
+
+def _parse(model: type[BaseModel], body: bytes) -> BaseModel | None:
+    if not body:
+        return None
+    try:
+        return model.model_validate_json(body)
+    except ValidationError:
+        return None
+
+
+def _replay(body: bytes, complete: bool, receive: Any) -> Callable[[], Awaitable[Any]]:
+    """A ``receive`` that first hands back what was already read."""
+    sent = False
+
+    async def replay() -> Any:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": not complete}
+        return await receive()
+
+    return replay
