@@ -33,7 +33,9 @@ from kms.storage import pool_repository as pool
 from kms.storage.database import Database, savepoint
 
 
-@dataclass(frozen=True, repr=False)
+# Not frozen: made per key on the delivery hot path, where a frozen dataclass's __init__ cost
+# ~8x a slotted one's (1.6 against 0.2 us for a StoredKey). Treat instances as read-only.
+@dataclass(repr=False, slots=True)
 class DeliveredKey:
     """A key on its way to an SAE. The repr never shows the material."""
 

@@ -25,7 +25,9 @@ from kms.storage.schema import key_blocks, keys, links
 _SQLITE_ROWS_PER_INSERT = 2000  # 4 parameters a row, well under SQLite's 32,766
 
 
-@dataclass(frozen=True, repr=False)
+# Not frozen: made per key on the delivery hot path, where a frozen dataclass's __init__ cost
+# ~8x a slotted one's (1.6 against 0.2 us for a StoredKey). Treat instances as read-only.
+@dataclass(repr=False, slots=True)
 class CutKey:
     """A key cut from the pool (or, for a PQC-fallback key, no pool bits: block_id None)."""
 
@@ -478,7 +480,9 @@ def _advance_block(
         )
 
 
-@dataclass(frozen=True, repr=False)
+# Not frozen: made per key on the delivery hot path, where a frozen dataclass's __init__ cost
+# ~8x a slotted one's (1.6 against 0.2 us for a StoredKey). Treat instances as read-only.
+@dataclass(repr=False, slots=True)
 class StoredKey:
     key_id: str
     master_sae_id: str
