@@ -25,7 +25,7 @@ from kms.api.body_limit import BodyLimitMiddleware
 from kms.api.errors import ERROR_RESPONSES, CatchAllMiddleware, install_error_handlers, json_response
 from kms.api.hot_path import HotPathMiddleware
 from kms.api.identity import SaeAuthMiddleware, current_sae
-from kms.api.schemas import KeyContainer, KeyIds, KeyRequest, Status
+from kms.api.schemas import SAE_ID_MAX_LENGTH, KeyContainer, KeyIds, KeyRequest, Status
 from kms.audit.service import AuditService
 from kms.domain.delivery import DeliveredKey
 from kms.domain.errors import InvalidRequest, NotEntitled
@@ -37,7 +37,7 @@ T = TypeVar("T")
 _json_text = json.encoder.encode_basestring_ascii
 
 POST_ONLY_QUERY = frozenset({"additional_slave_SAE_IDs", "extension_mandatory", "extension_optional"})
-SaeIdPath = Annotated[str, Path(min_length=1, max_length=128, description="SAE ID")]
+SaeIdPath = Annotated[str, Path(min_length=1, max_length=SAE_ID_MAX_LENGTH, description="SAE ID")]
 
 
 def _container(keys: list[DeliveredKey]) -> Response:

@@ -90,8 +90,7 @@ class UnitBatcher:
         if self.inline:
             asyncio.get_running_loop().create_task(self._run_in_turn())
             return
-        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-        asyncio.get_running_loop().create_task(self._run_in_thread(batch))
+        asyncio.get_running_loop().create_task(self._run_in_thread(self._take()))
 
     def _take(self) -> list[tuple[Unit[Any], asyncio.Future[Any]]]:
         live = [(u, f) for u, f in self._pending if not f.done()]

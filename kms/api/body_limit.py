@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kms.api.errors import error_response
+from kms.api.errors import TrackedSend, error_response
 
 
 class _TooLarge(Exception):
@@ -30,7 +30,6 @@ class BodyLimitMiddleware:
             await self._refuse(scope, receive, send)
             return
         received = 0
-        started = False
 
         async def counting_receive() -> Any:
             nonlocal received
@@ -41,16 +40,11 @@ class BodyLimitMiddleware:
                     raise _TooLarge
             return message
 
-        async def tracking_send(message: Any) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, tracked)
         except _TooLarge:
-            if started:
+            if tracked.started:
                 raise
             await self._refuse(scope, receive, send)
 

@@ -96,6 +96,20 @@ def install_etsi_format_handlers(app: FastAPI) -> None:
         return error_response(400, str(exc.detail)[:200])
 
 
+class TrackedSend:
+    """An ASGI ``send`` that remembers whether the response has started: a middleware may answer
+    with its own Error body only while nothing has been sent."""
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
+
+
 class CatchAllMiddleware:
     """Turns any unexpected exception into a 503 Error body, logging only the exception type.
 
@@ -110,19 +124,12 @@ class CatchAllMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Any) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except Exception as exc:
             log.error("unhandled_error", error=type(exc).__name__, path=scope.get("path"))
-            if started:
+            if tracked.started:
                 raise
             response = error_response(503, "the KME could not process the request; retry later")
             await response(scope, receive, send)

@@ -21,12 +21,11 @@ from starlette.responses import Response
 
 from kms.api.errors import delivery_error_response
 from kms.api.identity import current_sae
-from kms.api.schemas import KeyIds, KeyRequest
+from kms.api.schemas import SAE_ID_MAX_LENGTH, KeyIds, KeyRequest
 from kms.domain.errors import DeliveryError
 from kms.domain.saes import SaeInfo
 
 _PREFIX = "/api/v1/keys/"
-_MAX_SAE_ID = 128
 
 Handler = Callable[[SaeInfo, str, Any], Awaitable[Response]]
 
@@ -66,7 +65,7 @@ class HotPathMiddleware:
             return None
         sae_id, _, call = path[len(_PREFIX) :].partition("/")
         route = self.routes.get(call)
-        if route is None or not 0 < len(sae_id) <= _MAX_SAE_ID or not _json_content(scope):
+        if route is None or not 0 < len(sae_id) <= SAE_ID_MAX_LENGTH or not _json_content(scope):
             return None
         return sae_id, route[0], route[1]
 

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+SAE_ID_MAX_LENGTH = 128
+
 
 class Error(BaseModel):
     message: str
@@ -39,7 +41,9 @@ class KeyRequest(BaseModel):
 
     number: StrictInt | None = None
     size: StrictInt | None = None
-    additional_slave_SAE_IDs: list[Annotated[StrictStr, Field(min_length=1, max_length=128)]] | None = None
+    additional_slave_SAE_IDs: (
+        list[Annotated[StrictStr, Field(min_length=1, max_length=SAE_ID_MAX_LENGTH)]] | None
+    ) = None
     extension_mandatory: list[Extension] | None = None
     extension_optional: list[Extension] | None = None
 
