@@ -446,6 +446,9 @@ class KeyDeliveryService:
                     for k in key_ids
                 ):
                     return None
+                rows = pool.whole_rows(stored.values())
+                if rows is None:  # part of a run: split under the write turn by the ordinary unit
+                    return None
                 delivered = self._recover_all(conn, stored, key_ids)
         except Exception:  # let the ordinary unit meet (and report) it under the write turn
             return None
@@ -454,7 +457,7 @@ class KeyDeliveryService:
             at = datetime.now(UTC)
             try:
                 with savepoint(conn, "qkms_prepared"):
-                    if not pool.consume_if_unchanged(conn, key_ids, slave.sae_id, at):
+                    if not pool.consume_if_unchanged(conn, rows, slave.sae_id, at):
                         raise _Changed
             except _Changed:
                 return self._serve(conn, slave, master_sae_id, key_ids, at)

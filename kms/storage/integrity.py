@@ -40,14 +40,22 @@ _CHECKS: tuple[tuple[str, str, str], ...] = (
         "key inside its block",
         "every key's bits lie within its block",
         "SELECT k.key_id FROM keys k JOIN key_blocks b ON b.id = k.block_id"
-        " WHERE k.bit_offset IS NULL OR k.bit_offset < 0 OR k.bit_offset + k.size_bits > b.bit_length",
+        " WHERE k.bit_offset IS NULL OR k.bit_offset < 0"
+        " OR k.bit_offset + k.size_bits * k.key_count > b.bit_length",
     ),
     (
         "no bit served twice",
         "no two keys share a bit of a block",
-        "SELECT key_id FROM (SELECT key_id, bit_offset, MAX(bit_offset + size_bits) OVER ("
+        "SELECT key_id FROM (SELECT key_id, bit_offset, MAX(bit_offset + size_bits * key_count) OVER ("
         "PARTITION BY block_id ORDER BY bit_offset, key_id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING"
         ") AS covered FROM keys WHERE block_id IS NOT NULL) s WHERE covered > bit_offset",
+    ),
+    (
+        "key runs well formed",
+        "a row holding several keys (a run) names its first key_ID and splits its material evenly",
+        "SELECT key_id FROM keys WHERE key_count < 1 OR key_count > 4096"
+        " OR (key_count > 1 AND substr(key_id, 16, 3) <> '000')"
+        " OR (material IS NOT NULL AND length(material) % key_count <> 0)",
     ),
     (
         "closed keys zeroised",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, select, update
 
 from kms.domain.lifecycle import KeyState
-from kms.storage.pool_repository import EventBatch
+from kms.storage.pool_repository import EventBatch, members
 from kms.storage.schema import key_blocks, keys, links
 
 
@@ -69,25 +69,22 @@ def _move_keys(
     events: EventBatch,
 ) -> int:
     """Lock the keys cut from the link's blocks that are in ``current`` and move them to ``target``."""
-    key_ids = (
-        conn.execute(
-            select(keys.c.key_id)
-            .where(
-                keys.c.block_id.in_(select(key_blocks.c.id).where(key_blocks.c.link_id == link_id)),
-                keys.c.state == current.value,
-            )
-            .with_for_update()
+    rows = conn.execute(
+        select(keys.c.key_id, keys.c.key_count)
+        .where(
+            keys.c.block_id.in_(select(key_blocks.c.id).where(key_blocks.c.link_id == link_id)),
+            keys.c.state == current.value,
         )
-        .scalars()
-        .all()
-    )
+        .with_for_update()
+    ).all()
+    key_ids = members(rows)  # a run's keys move together, each with its own event
     for key_id in key_ids:
         events.add("key", key_id, current, target, actor, reason[:500])
-    if key_ids:
+    if rows:
         values: dict[str, object] = {"state": target.value}
         if target is KeyState.DESTROYED:
             values.update(material=None, closed_at=events.at)
-        conn.execute(update(keys).where(keys.c.key_id.in_(key_ids)).values(**values))
+        conn.execute(update(keys).where(keys.c.key_id.in_([r.key_id for r in rows])).values(**values))
     return len(key_ids)
 
 

@@ -36,6 +36,11 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+def downgrade(url: str, revision: str) -> None:
+    """Step the database at ``url`` back to ``revision`` (an operator's rollback of an upgrade)."""
+    command.downgrade(alembic_config(url), revision)
+
+
 def current_revision(url: str) -> str | None:
     engine = create_engine(url, poolclass=pool.NullPool)
     try:

@@ -1,22 +1,25 @@
 """SQL for the key pool: storing blocks, cutting keys, serving and expiring them.
 
 Every function runs inside a transaction the caller opened (``Database.write``), so a request either
-happens whole or not at all. Reservation locks pool blocks with ``FOR UPDATE SKIP LOCKED`` on
+happens whole or not at all. The keys a request cuts from one block are stored as one *run* row
+(``key_count`` > 1, see ``kms.storage.schema.KeyRow``): one row to insert, lock and consume instead
+of one per key. A run is only ever consumed, expired or moved whole; a slave that fetches part of a
+run splits it into single rows first (:func:`split_run`). Reservation locks pool blocks with ``FOR UPDATE SKIP LOCKED`` on
 PostgreSQL (concurrent requests take different blocks) and falls back to a waiting lock before
 declaring the pool short; on SQLite the write transaction itself is exclusive.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from kms.crypto.envelope import Envelope
-from kms.domain.key_ids import new_key_ids
+from kms.domain.key_ids import RUN_MAX, new_key_id_run, new_key_ids, run_base, run_index, run_member
 from kms.domain.lifecycle import KeyState, check_transition
 from kms.domain.policy import POLICY_FALLBACK
 from kms.storage.rawsql import Raw, joined_array
@@ -264,8 +267,8 @@ def cut_keys(
                     bytes(block.material),
                     block_aad(block.link_id, block.source_block_id, block.source_offset_bits, block.next_bit),
                 )
-                take = min(number - len(cut), len(remainder) // size_bytes)
-                ids = new_key_ids(take)
+                take = min(number - len(cut), len(remainder) // size_bytes, RUN_MAX)
+                ids = new_key_id_run(take)
                 cut.extend(
                     CutKey(
                         ids[i],
@@ -334,7 +337,9 @@ def insert_reserved_keys(
     KME (``source_kme_id``) and, when relayed, the route (JSON text).
 
     The transition itself is recorded on the row (``created_at``, the master as actor) and in the
-    request's audit record, not as one event row per key: this is the hot path.
+    request's audit record, not as one event row per key: this is the hot path. Reserved keys with
+    material for one local slave are stored as runs (:func:`_rows_of`); every other kind (multicast,
+    PQC fallback, keys awaiting or recorded from a peer KME) one row per key.
     """
     if not cut:
         return
@@ -354,9 +359,13 @@ def insert_reserved_keys(
             strict=True,
         )
     )
-    # Only four columns differ between the keys of one request; the rest are sent once, as scalars
-    # (a quarter of the parameters to bind — on PostgreSQL, of the arrays psycopg must build).
-    varying = [(c.key_id, c.block_id, c.bit_offset, sealed.get(c.key_id)) for c in cut]
+    runs = keep_material and not additional and state is KeyState.RESERVED and not source_kme_id and not route
+    # Only five columns differ between the rows of one request; the rest are sent once, as scalars.
+    varying = (
+        _rows_of(cut, sealed, size_bits)
+        if runs
+        else [(c.key_id, c.block_id, c.bit_offset, sealed.get(c.key_id), 1) for c in cut]
+    )
     shared = (
         size_bits,
         state.value,
@@ -374,7 +383,7 @@ def insert_reserved_keys(
         route,
     )
     columns = (
-        "key_id, block_id, bit_offset, material, size_bits, state, master_sae_id, slave_sae_id,"
+        "key_id, block_id, bit_offset, material, key_count, size_bits, state, master_sae_id, slave_sae_id,"
         " target_kme_id, policy, suite, kem_exchange_id, kek_id, created_at, expires_at, multicast,"
         " source_kme_id, route"
     )
@@ -383,30 +392,30 @@ def insert_reserved_keys(
             "?::int, ?::varchar, ?::varchar, ?::varchar, ?::varchar, ?::varchar, ?::varchar, ?::bigint,"
             " ?::varchar, ?::timestamptz, ?::timestamptz, ?::boolean, ?::varchar, ?::json"
         )
-        ids, blocks, offsets, materials = (list(col) for col in zip(*varying, strict=True))
-        packed = _pack_pg(ids, blocks, offsets, materials)
+        ids, blocks, offsets, materials, counts = (list(col) for col in zip(*varying, strict=True))
+        packed = _pack_pg(ids, blocks, offsets, materials) if len(varying) > 1 else None
         if packed is not None:
-            # The per-key columns as three joined texts and one concatenation of equal-length
-            # sealed materials: four scalar parameters instead of four arrays to build.
+            # Many single keys (multicast): the per-key columns as three joined texts and one
+            # concatenation of equal-length sealed materials, not four arrays to build.
             raw.execute(
                 f"INSERT INTO keys ({columns}) SELECT v.k, v.b::bigint, v.o::int,"
-                f" substring(?::bytea FROM (v.n::int - 1) * ? + 1 FOR ?), {scalars}"
+                f" substring(?::bytea FROM (v.n::int - 1) * ? + 1 FOR ?), 1, {scalars}"
                 " FROM unnest(string_to_array(?, ','), string_to_array(?, ','), string_to_array(?, ','))"
                 " WITH ORDINALITY AS v(k, b, o, n)",
                 [*packed[:3], *shared, *packed[3:]],
             )
         else:
             raw.execute(
-                f"INSERT INTO keys ({columns}) SELECT k, b, o, m, {scalars}"
-                " FROM unnest(?::varchar[], ?::bigint[], ?::int[], ?::bytea[]) AS v(k, b, o, m)",
-                [*shared, ids, blocks, offsets, materials],
+                f"INSERT INTO keys ({columns}) SELECT k, b, o, m, c, {scalars}"
+                " FROM unnest(?::varchar[], ?::bigint[], ?::int[], ?::bytea[], ?::int[]) AS v(k, b, o, m, c)",
+                [*shared, ids, blocks, offsets, materials, counts],
             )
     else:
         for start in range(0, len(varying), _SQLITE_ROWS_PER_INSERT):
             chunk = varying[start : start + _SQLITE_ROWS_PER_INSERT]
             raw.execute(
-                f"WITH v(k, b, o, m) AS (VALUES {', '.join(['(?, ?, ?, ?)'] * len(chunk))})"
-                f" INSERT INTO keys ({columns}) SELECT k, b, o, m, {', '.join('?' * len(shared))} FROM v",
+                f"WITH v(k, b, o, m, c) AS (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * len(chunk))})"
+                f" INSERT INTO keys ({columns}) SELECT k, b, o, m, c, {', '.join('?' * len(shared))} FROM v",
                 [*(x for row in chunk for x in row), *shared],
             )
     if additional:
@@ -414,6 +423,44 @@ def insert_reserved_keys(
             "INSERT INTO key_recipients (key_id, sae_id) VALUES (?, ?)",
             [(c.key_id, s) for c in cut for s in additional],
         )
+
+
+def _rows_of(
+    cut: Sequence[CutKey], sealed: dict[str, bytes], size_bits: int
+) -> list[tuple[str, int | None, int | None, bytes | None, int]]:
+    """The rows for ``cut``: each stretch of keys with consecutive bits of one block and the
+    consecutive IDs of one run (as :func:`cut_keys` makes them) becomes one run row; any other key
+    (no block, no material) a row of its own."""
+    rows: list[tuple[str, int | None, int | None, bytes | None, int]] = []
+    members: list[bytes] = []
+    first: CutKey | None = None
+    for c in cut:
+        material = sealed.get(c.key_id)
+        if (
+            first is not None
+            and material is not None
+            and c.block_id == first.block_id
+            and c.bit_offset is not None
+            and first.bit_offset is not None
+            and c.bit_offset == first.bit_offset + len(members) * size_bits
+            and len(members) < RUN_MAX
+            and c.key_id == run_member(first.key_id, len(members))
+        ):
+            members.append(material)
+            continue
+        if first is not None:
+            rows.append(_run_row(first, members))
+        first, members = c, [material] if material is not None else []
+        if material is None or c.block_id is None or c.bit_offset is None or c.key_id != run_base(c.key_id):
+            rows.append((c.key_id, c.block_id, c.bit_offset, material, 1))
+            first, members = None, []
+    if first is not None:
+        rows.append(_run_row(first, members))
+    return rows
+
+
+def _run_row(first: CutKey, members: list[bytes]) -> tuple[str, int | None, int | None, bytes | None, int]:
+    return (first.key_id, first.block_id, first.bit_offset, b"".join(members), len(members))
 
 
 def _pack_pg(
@@ -497,18 +544,53 @@ class StoredKey:
     material: bytes | None
     recipients: dict[str, datetime | None]  # the named slave first, then any additional slaves
     source_kme_id: str | None = None  # the master's KME, when it is another one
+    row_id: str = ""  # the keys row holding it: its own key_ID, or its run's first
+    row_count: int = 1  # keys in that row
+
+
+def member_of(key_id: str, counts: Mapping[str, int]) -> tuple[str, int] | None:
+    """Which row holds ``key_id`` and at which position, given the ``key_count`` of the rows found
+    under ``key_id`` and under :func:`run_base` of it; None if neither holds it."""
+    if counts.get(key_id) == 1:
+        return key_id, 0
+    base = run_base(key_id)
+    count = counts.get(base, 0)
+    index = run_index(key_id)
+    return (base, index) if count > 1 and index < count else None
+
+
+def rows_to_find(key_ids: Iterable[str]) -> list[str]:
+    """The row key_IDs under which ``key_ids`` may be stored (each one and its run's first)."""
+    return list(dict.fromkeys(x for k in key_ids for x in (k, run_base(k))))
 
 
 def load_keys_for_update(conn: Connection, key_ids: Sequence[str]) -> dict[str, StoredKey]:
-    """The named keys and their recipients, locked against concurrent slaves (PostgreSQL)."""
+    """The named keys and their recipients, locked against concurrent slaves (PostgreSQL). A run
+    member's material is its slice of the run's; keys not stored are left out."""
     raw = Raw(conn)
-    where, params = raw.in_list("key_id", key_ids)
-    rows = raw.all(
-        "SELECT key_id, master_sae_id, slave_sae_id, target_kme_id, state, policy, suite, kem_exchange_id,"
-        f" size_bits, expires_at, material, served_at, multicast, source_kme_id FROM keys WHERE {where}"
-        + raw.for_update(),
-        params,
-    )
+
+    def locked_rows(wanted: Sequence[str]) -> dict[str, Any]:
+        where, params = raw.in_list("key_id", wanted)
+        return {
+            r[0]: r
+            for r in raw.all(
+                "SELECT key_id, master_sae_id, slave_sae_id, target_kme_id, state, policy, suite,"
+                " kem_exchange_id, size_bits, expires_at, material, served_at, multicast, source_kme_id,"
+                f" key_count FROM keys WHERE {where}" + raw.for_update(),
+                params,
+            )
+        }
+
+    # Runs first: the 128 key_IDs of a request share one run_base, so one index probe finds them;
+    # only key_IDs no run holds (single keys) are looked up as themselves.
+    found = locked_rows(list(dict.fromkeys(run_base(k) for k in key_ids)))
+    counts = {i: r[14] for i, r in found.items()}
+    rest = [k for k in key_ids if k not in found and member_of(k, counts) is None]
+    if rest:
+        found.update(locked_rows(rest))
+        counts = {i: r[14] for i, r in found.items()}
+    located = {k: m for k in key_ids if (m := member_of(k, counts))}
+    rows = [r for r in found.values() if r[14] == 1 and r[0] in located]
     recipients: dict[str, dict[str, datetime | None]] = {r[0]: {r[2]: raw.read_ts(r[11])} for r in rows}
     multicast = [r[0] for r in rows if r[12]]
     if multicast:
@@ -518,24 +600,29 @@ def load_keys_for_update(conn: Connection, key_ids: Sequence[str]) -> dict[str, 
         ):
             recipients[key_id][sae_id] = raw.read_ts(served_at)
     out = {}
-    for (
-        key_id,
-        master,
-        slave,
-        target,
-        state,
-        policy,
-        suite,
-        exchange,
-        size,
-        expires,
-        material,
-        _,
-        _,
-        src,
-    ) in rows:
+    for key_id, (row_id, index) in located.items():
+        (
+            _,
+            master,
+            slave,
+            target,
+            state,
+            policy,
+            suite,
+            exchange,
+            size,
+            expires,
+            material,
+            served,
+            _,
+            src,
+            count,
+        ) = found[row_id]
         expires_at = raw.read_ts(expires)
         assert expires_at is not None
+        if material is not None and count > 1:
+            step = len(material) // count
+            material = material[index * step : (index + 1) * step]
         out[key_id] = StoredKey(
             key_id,
             master,
@@ -548,10 +635,50 @@ def load_keys_for_update(conn: Connection, key_ids: Sequence[str]) -> dict[str, 
             size,
             expires_at,
             bytes(material) if material is not None else None,
-            recipients[key_id],
+            recipients[key_id] if count == 1 else {slave: raw.read_ts(served)},
             src,
+            row_id,
+            count,
         )
     return out
+
+
+def whole_rows(keys_: Iterable[StoredKey]) -> list[str] | None:
+    """The rows holding ``keys_`` if every run among them is named whole, else None."""
+    named: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for k in keys_:
+        named[k.row_id] = named.get(k.row_id, 0) + 1
+        counts[k.row_id] = k.row_count
+    return None if any(named[r] != counts[r] for r in named) else list(named)
+
+
+def split_run(conn: Connection, run_id: str) -> list[str]:
+    """Replace the run stored under ``run_id`` by one row per member (same state and history, each
+    with its own bit offset and sealed material). Returns the members' key_IDs. A slave fetching
+    part of a run needs this: a row is consumed and zeroised whole."""
+    split = _one_per_key(conn.execute(select(keys).where(keys.c.key_id == run_id)).mappings().one())
+    conn.execute(delete(keys).where(keys.c.key_id == run_id))
+    conn.execute(insert(keys), split)
+    return [m["key_id"] for m in split]
+
+
+def _one_per_key(row: Mapping[Any, Any]) -> list[dict[str, Any]]:
+    """A ``keys`` row as one record per key it holds (itself, or each member of its run)."""
+    count, material = row["key_count"], row["material"]
+    if count == 1:
+        return [dict(row)]
+    step = len(material) // count if material is not None else 0
+    return [
+        {
+            **row,
+            "key_id": run_member(row["key_id"], i),
+            "bit_offset": None if row["bit_offset"] is None else row["bit_offset"] + i * row["size_bits"],
+            "material": None if material is None else bytes(material[i * step : (i + 1) * step]),
+            "key_count": 1,
+        }
+        for i in range(count)
+    ]
 
 
 def mark_served(conn: Connection, served: Iterable[StoredKey], slave_sae_id: str, at: datetime) -> list[str]:
@@ -560,6 +687,16 @@ def mark_served(conn: Connection, served: Iterable[StoredKey], slave_sae_id: str
     served = list(served)
     if not served:
         return []
+    named_whole = whole_rows(served)
+    if named_whole is None:  # part of a run: split the runs named in part, then serve single rows
+        per_row: dict[str, list[StoredKey]] = {}
+        for k in served:
+            per_row.setdefault(k.row_id, []).append(k)
+        for row_id, members in per_row.items():
+            if len(members) != members[0].row_count:
+                split_run(conn, row_id)
+                for k in members:
+                    k.row_id, k.row_count = k.key_id, 1
     raw = Raw(conn)
     now = raw.ts(at)
     done = [
@@ -567,9 +704,10 @@ def mark_served(conn: Connection, served: Iterable[StoredKey], slave_sae_id: str
         for k in served
         if all(when is not None or sae == slave_sae_id for sae, when in k.recipients.items())
     ]
-    named = [k.key_id for k in served if k.slave_sae_id == slave_sae_id]
+    # Rows, not keys: a run (always one slave, always served whole here) is one row.
+    named = list(dict.fromkeys(k.row_id for k in served if k.slave_sae_id == slave_sae_id))
     extra = [k.key_id for k in served if k.slave_sae_id != slave_sae_id]
-    finished = set(done)
+    finished = set(done) | {k.row_id for k in served if k.row_count > 1}
     # The named slave's delivery and, when it completes the key, consumption, in one statement.
     for ids, consume in (
         ([i for i in named if i in finished], True),
@@ -598,46 +736,62 @@ def mark_served(conn: Connection, served: Iterable[StoredKey], slave_sae_id: str
     return done
 
 
-def consume_if_unchanged(conn: Connection, key_ids: Sequence[str], slave_sae_id: str, at: datetime) -> bool:
-    """Serve and consume single-slave keys read earlier, outside this transaction, as reserved for
-    ``slave_sae_id``: True if every one of them still was (and now is consumed, material zeroised);
-    False if any was not — the caller then rolls back to its savepoint, since some rows may have
-    been updated."""
+def consume_if_unchanged(conn: Connection, row_ids: Sequence[str], slave_sae_id: str, at: datetime) -> bool:
+    """Serve and consume the rows (single keys or whole runs, :func:`whole_rows`) of single-slave
+    keys read earlier, outside this transaction, as reserved for ``slave_sae_id``: True if every
+    one of them still was (and now is consumed, material zeroised); False if any was not — the
+    caller then rolls back to its savepoint, since some rows may have been updated."""
     raw = Raw(conn)
     now = raw.ts(at)
-    where, params = raw.in_list("key_id", key_ids)
+    where, params = raw.in_list("key_id", row_ids)
     cur = raw.execute(
         f"UPDATE keys SET served_at = ?, state = 'consumed', material = NULL, closed_at = ? WHERE {where}"
         " AND state = 'reserved' AND served_at IS NULL AND slave_sae_id = ? AND NOT multicast"
         " AND (material IS NOT NULL OR policy = ?) AND expires_at > ?",
         [now, now, *params, slave_sae_id, POLICY_FALLBACK, now],
     )
-    return int(cur.rowcount) == len(key_ids)
+    return int(cur.rowcount) == len(row_ids)
 
 
 def expire_reserved(conn: Connection, now: datetime, actor: str, limit: int = 1000) -> list[str]:
     """Zeroise reserved keys whose TTL has passed. Returns the expired key_IDs."""
-    expired = [
-        r.key_id
-        for r in conn.execute(
-            select(keys.c.key_id)
-            .where(keys.c.state == KeyState.RESERVED.value, keys.c.expires_at < now)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-    ]
-    if not expired:
+    rows = conn.execute(
+        select(keys.c.key_id, keys.c.key_count)
+        .where(keys.c.state == KeyState.RESERVED.value, keys.c.expires_at < now)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
         return []
     conn.execute(
         update(keys)
-        .where(keys.c.key_id.in_(expired), keys.c.state == KeyState.RESERVED.value)
+        .where(keys.c.key_id.in_([r.key_id for r in rows]), keys.c.state == KeyState.RESERVED.value)
         .values(state=KeyState.EXPIRED.value, material=None, closed_at=now)
     )
+    expired = members(rows)
     events = EventBatch(now)
     for key_id in expired:
         events.add("key", key_id, KeyState.RESERVED, KeyState.EXPIRED, actor, "TTL passed; material zeroised")
     events.flush(conn)
     return expired
+
+
+def key_records(conn: Connection, key_ids: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Every stored key (or the named ones that are stored), each as its own record: the ``keys``
+    columns, with a run member's own key_ID, bit offset and slice of sealed material and a
+    ``key_count`` of 1. For inspection, tools and tests; not the delivery path."""
+    stmt = select(keys).order_by(keys.c.key_id)
+    if key_ids is not None:
+        stmt = stmt.where(keys.c.key_id.in_(rows_to_find(key_ids)))
+    out = {k["key_id"]: k for row in conn.execute(stmt).mappings() for k in _one_per_key(row)}
+    if key_ids is not None:
+        out = {k: out[k] for k in key_ids if k in out}
+    return out
+
+
+def members(rows: Iterable[Any]) -> list[str]:
+    """The key_IDs held by ``(key_id, key_count)`` rows, in order."""
+    return [run_member(key_id, i) if count > 1 else key_id for key_id, count in rows for i in range(count)]
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,13 @@ Metadata only: no query here selects a material column.
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Connection, select
 
 from kms.storage import audit_repository as audit
-from kms.storage.pool_repository import utc
+from kms.storage.pool_repository import member_of, rows_to_find, utc
 from kms.storage.schema import kem_exchanges, key_blocks, key_recipients, keys, lifecycle_events, links
 
 
@@ -20,29 +21,39 @@ def _iso(value: Any) -> str | None:
 
 
 def key_provenance(conn: Connection, key_id: str, kme_id: str) -> dict[str, Any] | None:
-    key = conn.execute(
-        select(
-            keys.c.key_id,
-            keys.c.block_id,
-            keys.c.bit_offset,
-            keys.c.size_bits,
-            keys.c.state,
-            keys.c.master_sae_id,
-            keys.c.slave_sae_id,
-            keys.c.target_kme_id,
-            keys.c.policy,
-            keys.c.suite,
-            keys.c.kem_exchange_id,
-            keys.c.created_at,
-            keys.c.expires_at,
-            keys.c.served_at,
-            keys.c.closed_at,
-            keys.c.source_kme_id,
-            keys.c.route,
-        ).where(keys.c.key_id == key_id)
-    ).first()
-    if key is None:
+    found = {
+        r.key_id: r
+        for r in conn.execute(
+            select(
+                keys.c.key_id,
+                keys.c.key_count,
+                keys.c.block_id,
+                keys.c.bit_offset,
+                keys.c.size_bits,
+                keys.c.state,
+                keys.c.master_sae_id,
+                keys.c.slave_sae_id,
+                keys.c.target_kme_id,
+                keys.c.policy,
+                keys.c.suite,
+                keys.c.kem_exchange_id,
+                keys.c.created_at,
+                keys.c.expires_at,
+                keys.c.served_at,
+                keys.c.closed_at,
+                keys.c.source_kme_id,
+                keys.c.route,
+            ).where(keys.c.key_id.in_(rows_to_find([key_id])))
+        )
+    }
+    where = member_of(key_id, {i: r.key_count for i, r in found.items()})
+    if where is None:
         return None
+    row_id, index = where
+    row = found[row_id]
+    # A run member: its own ID and bits; everything else is the run's.
+    bit_offset = None if row.bit_offset is None else row.bit_offset + index * row.size_bits
+    key = SimpleNamespace(**{**row._asdict(), "key_id": key_id, "bit_offset": bit_offset})
     record: dict[str, Any] = {
         "key_ID": key.key_id,
         "state": key.state,

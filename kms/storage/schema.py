@@ -127,7 +127,11 @@ class KeyRow(Base):
         ),
     )
 
+    # A run (key_count > 1, migration 0008): the keys one request cut from one block, stored as one
+    # row under the first key_ID; member i's ID has i in its UUIDv7 counter bits, its bits start at
+    # bit_offset + i * size_bits and its sealed material is the i-th equal slice of ``material``.
     key_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key_count: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default="1")
     # The key_blocks row the bits were cut from. Not a declared foreign key: PostgreSQL checked it
     # with a trigger per key, a third of the cost of recording a request; blocks are never deleted,
     # and ``qkms db check`` (kms.storage.integrity) verifies the reference.

@@ -74,7 +74,9 @@ def pool_report(url: str) -> PoolReport:
                 )
             report.keys_by_state = {
                 r.state: int(r.n)
-                for r in conn.execute(select(keys.c.state, func.count().label("n")).group_by(keys.c.state))
+                for r in conn.execute(
+                    select(keys.c.state, func.sum(keys.c.key_count).label("n")).group_by(keys.c.state)
+                )
             }
             report.saes = [r.id for r in conn.execute(select(saes.c.id).order_by(saes.c.id))]
             return report

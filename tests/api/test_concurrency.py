@@ -9,11 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine
 
 from kms.audit.service import AuditService
 from kms.runtime import build_runtime
-from kms.storage.schema import keys as keys_table
 from tests.conftest import database_url
 from tests.kme_harness import running_kme
 
@@ -52,13 +51,12 @@ def test_32_concurrent_masters(backend: str, tmp_path: Path, request: pytest.Fix
         # No two keys share pool bits: their (block, offset, size) intervals are disjoint.
         engine = create_engine(kme.settings.database.url)
         with engine.connect() as conn:
-            rows = conn.execute(
-                select(keys_table.c.block_id, keys_table.c.bit_offset, keys_table.c.size_bits)
-            ).all()
+            records = pool.key_records(conn)  # one record per key, run members included
         engine.dispose()
+        assert set(ids) <= records.keys()
         by_block: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        for block_id, offset, size in rows:
-            by_block[block_id].append((offset, offset + size))
+        for r in records.values():
+            by_block[r["block_id"]].append((r["bit_offset"], r["bit_offset"] + r["size_bits"]))
         for spans in by_block.values():
             spans.sort()
             for (_, end), (start, _) in itertools.pairwise(spans):

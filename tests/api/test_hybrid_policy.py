@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import create_engine, select
@@ -14,6 +15,7 @@ from kms.crypto.envelope import Envelope, load_kek_file
 from kms.crypto.hybrid import LABEL_FALLBACK, LABEL_HYBRID, SALT
 from kms.crypto.pqc.base import KemAlgorithm
 from kms.crypto.pqc.registry import get_kem_provider
+from kms.storage import pool_repository as pool
 from kms.storage.schema import kem_exchanges, keys, kme_keys
 from tests.conftest import database_url
 from tests.kme_harness import running_kme
@@ -39,7 +41,7 @@ def _recompute(workdir: Path, url: str, key_id: str) -> bytes:
     env = Envelope(load_kek_file(workdir / "kek.bin"), "kek-1")
     engine = create_engine(url)
     with engine.connect() as conn:
-        key = conn.execute(select(keys).where(keys.c.key_id == key_id)).one()
+        key = SimpleNamespace(**pool.key_records(conn, [key_id])[key_id])  # a run member too
         ex = conn.execute(select(kem_exchanges).where(kem_exchanges.c.id == key.kem_exchange_id)).one()
         kk = conn.execute(
             select(kme_keys).where(kme_keys.c.purpose == "kem", kme_keys.c.version == ex.kem_key_version)

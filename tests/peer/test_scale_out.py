@@ -23,11 +23,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine
 
 from kms.config import KmsSettings
 from kms.launcher import KmeProcess, free_port
-from kms.storage.schema import keys as keys_table
+from kms.storage import pool_repository as pool
 from kms.workdir import init_workdir, sae_credential_paths
 from tests.conftest import database_url
 
@@ -135,14 +135,12 @@ def test_two_processes_one_database_32_concurrent_masters(scaled_kme: ScaledKme)
     engine = create_engine(kme.settings.database.url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(
-                select(keys_table.c.block_id, keys_table.c.bit_offset, keys_table.c.size_bits)
-            ).all()
+            records = pool.key_records(conn)  # one record per key, run members included
     finally:
         engine.dispose()
     spans: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for block_id, offset, size in rows:
-        spans[block_id].append((offset, offset + size))
+    for r in records.values():
+        spans[r["block_id"]].append((r["bit_offset"], r["bit_offset"] + r["size_bits"]))
     for block in spans.values():
         block.sort()
         for (_, end), (begin, _) in itertools.pairwise(block):

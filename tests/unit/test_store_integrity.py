@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, select, update
 from kms.config import KmsSettings
 from kms.runtime import Runtime, build_runtime
 from kms.storage import migrate
+from kms.storage import pool_repository as pool
 from kms.storage.integrity import run_checks
 from kms.storage.schema import Base, keys
 from kms.workdir import init_workdir
@@ -55,13 +56,19 @@ def test_migrations_build_exactly_the_declared_schema_and_step_back(site: tuple[
     assert migrate.current_revision(url) == migrate.head_revision()
     assert _schema_drift(url) == []
     issued = runtime.service.get_keys(runtime.registry.get(M), S, number=3)  # type: ignore[arg-type]
+    ids = [k.key_id for k in issued]
+    with runtime.db.read() as conn:
+        assert conn.execute(select(keys.c.key_count).where(keys.c.key_id == ids[0])).scalar_one() == 3
+        before = pool.key_records(conn, ids)
     runtime.db.dispose()
-    migrate.upgrade(url, "0006")  # re-declares the foreign key over existing keys ...
-    migrate.upgrade(url)  # ... and drops it again, keeping every row and the partial indexes
+    migrate.downgrade(url, "0006")  # splits the run into rows, re-declares the foreign key ...
+    assert migrate.current_revision(url) == "0006"
+    migrate.upgrade(url)  # ... and drops it again, keeping every key and the partial indexes
     assert _schema_drift(url) == []
     with runtime.db.read() as conn:
-        held = conn.execute(select(keys.c.key_id).where(keys.c.key_id.in_([k.key_id for k in issued])))
-        assert sorted(held.scalars()) == sorted(k.key_id for k in issued)
+        held = conn.execute(select(keys.c.key_id, keys.c.key_count).where(keys.c.key_id.in_(ids)))
+        assert sorted(tuple(r) for r in held) == sorted((k, 1) for k in ids)
+        assert pool.key_records(conn, ids) == before
 
 
 def _db_check(config: Path) -> subprocess.CompletedProcess[str]:
@@ -80,6 +87,7 @@ def test_db_check_passes_a_healthy_store_and_names_each_broken_invariant(site: t
     assert master is not None and slave is not None
     issued = runtime.service.get_keys(master, S, number=6)
     runtime.service.get_keys_with_ids(slave, M, [issued[0].key_id])  # one consumed, five reserved
+    run = runtime.service.get_keys(master, S, number=3)  # stays one row
     healthy = _db_check(config)
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     with runtime.db.read() as conn:
@@ -94,6 +102,8 @@ def test_db_check_passes_a_healthy_store_and_names_each_broken_invariant(site: t
         conn.execute(update(keys).where(keys.c.key_id == ids[3]).values(block_id=10**9))
         conn.execute(update(keys).where(keys.c.key_id == ids[4]).values(bit_offset=10**8))
         conn.execute(update(keys).where(keys.c.key_id == ids[0]).values(material=b"\x00" * 60))
+        # A run stored under its second member's ID instead of its first.
+        conn.execute(update(keys).where(keys.c.key_id == run[0].key_id).values(key_id=run[1].key_id))
     with runtime.db.read() as conn:
         found = {c.name: c for c in run_checks(conn)}
     assert found["key block exists"].examples == (ids[3],)
@@ -101,7 +111,8 @@ def test_db_check_passes_a_healthy_store_and_names_each_broken_invariant(site: t
     assert found["no bit served twice"].violations == 1
     assert found["no bit served twice"].examples[0] in (ids[1], ids[2])
     assert found["closed keys zeroised"].examples == (ids[0],)
+    assert found["key runs well formed"].examples == (run[1].key_id,)
 
     broken = _db_check(config)
     assert broken.returncode == 1
-    assert broken.stdout.count("BROKEN") == 4
+    assert broken.stdout.count("BROKEN") == 5
