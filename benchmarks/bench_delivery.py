@@ -217,6 +217,16 @@ def _proc_cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def _stolen_ticks() -> int:
+    """Host-wide CPU time the hypervisor gave to other guests (``steal`` in /proc/stat), so that a
+    slow run on a shared VM can be told apart from a slow KME."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _pids(pred_pgid: int | None = None, parent: int | None = None) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
@@ -268,6 +278,7 @@ class Figures:
     client_cores: float
     server_cores: float
     pg_cores: float | None
+    stolen_cores: float = 0.0  # CPU the hypervisor gave to other guests during the window
     profiled: bool = False
 
     @property
@@ -402,14 +413,17 @@ class Bench:
         kme0: dict[int, int] = {}
         pg0: dict[int, int] = {}
         kme_s = pg_s = 0.0
+        steal0 = steal = 0
         for line in child.stdout:
             if line.startswith("MEASURE_START"):
                 kme0, pg0 = kme_cpu.sample(), pg.sample() if pg else {}
+                steal0 = _stolen_ticks()
                 if profile_to is not None:
                     spy = _start_py_spy(kme_cpu, profile_to, spec["duration"])
             elif line.startswith("MEASURE_END"):
                 kme_s = CpuGroup.seconds(kme0, kme_cpu.sample())
                 pg_s = CpuGroup.seconds(pg0, pg.sample()) if pg else 0.0
+                steal = _stolen_ticks() - steal0
             elif line.startswith("RESULT "):
                 result = json.loads(line[len("RESULT ") :])
         if child.wait() != 0 or result is None:
@@ -431,6 +445,7 @@ class Bench:
             client_cores=result["client_cpu_s"] / dur,
             server_cores=kme_s / dur,
             pg_cores=pg_s / dur if pg else None,
+            stolen_cores=steal / CLK_TCK / dur,
         )
 
 
@@ -595,7 +610,7 @@ def _short(frame: str) -> str:
 
 HEADER = (
     f"{'backend':<9}{'wk':>3} {'scenario':<8}{'rt/s':>9}{'keys/s':>10}{'p50 ms':>8}{'p99 ms':>8}"
-    f"{'errors':>8}{'cli cpu':>8}{'kme cpu':>8}{'pg cpu':>7}  verdict"
+    f"{'errors':>8}{'cli cpu':>8}{'kme cpu':>8}{'pg cpu':>7}{'stolen':>7}  verdict"
 )
 
 
@@ -605,7 +620,7 @@ def _print_row(f: Figures) -> None:
     print(
         f"{f.backend:<9}{f.workers:>3} {f.scenario:<8}{f.rt_per_s:9.0f}{f.keys_per_s:10.0f}"
         f"{f.p50_ms:8.1f}{f.p99_ms:8.1f}{sum(f.errors.values()):8d}{f.client_cores:8.2f}"
-        f"{f.server_cores:8.2f}{pg}  {verdict}",
+        f"{f.server_cores:8.2f}{pg}{f.stolen_cores:7.2f}  {verdict}",
         flush=True,
     )
     if f.errors:
