@@ -13,6 +13,7 @@ from sqlalchemy import create_engine
 
 from kms.audit.service import AuditService
 from kms.runtime import build_runtime
+from kms.storage import pool_repository
 from tests.conftest import database_url
 from tests.kme_harness import running_kme
 
@@ -51,7 +52,7 @@ def test_32_concurrent_masters(backend: str, tmp_path: Path, request: pytest.Fix
         # No two keys share pool bits: their (block, offset, size) intervals are disjoint.
         engine = create_engine(kme.settings.database.url)
         with engine.connect() as conn:
-            records = pool.key_records(conn)  # one record per key, run members included
+            records = pool_repository.key_records(conn)  # one record per key, run members included
         engine.dispose()
         assert set(ids) <= records.keys()
         by_block: dict[int, list[tuple[int, int]]] = defaultdict(list)
