@@ -19,8 +19,8 @@ import functools
 import hashlib
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 LABEL_HYBRID = b"QKMS hybrid key v1: ML-KEM || QKD"
 LABEL_FALLBACK = b"QKMS PQC fallback key v1: ML-KEM only"
@@ -42,18 +42,7 @@ class HybridContext:
     kem_ciphertext: bytes
 
     def encode(self, length_bytes: int) -> bytes:
-        fields = [
-            self.suite.encode(),
-            self.key_id.encode(),
-            self.master_kme_id.encode(),
-            self.slave_kme_id.encode(),
-            self.master_sae_id.encode(),
-            self.slave_sae_id.encode(),
-            _sha384(self.kem_public_key),
-            _sha384(self.kem_ciphertext),
-            (length_bytes * 8).to_bytes(4, "big"),
-        ]
-        return b"".join(lp(f) for f in fields)
+        return KeyDeriver(b"", self).context(self.key_id, length_bytes)
 
 
 @functools.lru_cache(maxsize=256)
@@ -67,22 +56,72 @@ def lp(field: bytes) -> bytes:
     return len(field).to_bytes(4, "big") + field
 
 
+# HKDF-Extract is HMAC keyed with the salt, which never changes: keyed once, copied per derivation
+# (RFC 5869 extract, then pyca's HKDF-Expand; 6.1 against 8.1 us a key with HKDF from scratch).
+_SHA384 = hashes.SHA384()
+_EXTRACT = hmac.HMAC(SALT, _SHA384)
+
+
 def _hkdf(ikm: bytes, info: bytes, length_bytes: int) -> bytes:
     if not 0 < length_bytes <= MAX_OUTPUT_BYTES:
         raise ValueError(f"output length must be 1..{MAX_OUTPUT_BYTES} bytes")
-    return HKDF(algorithm=hashes.SHA384(), length=length_bytes, salt=SALT, info=info).derive(ikm)
+    extract = _EXTRACT.copy()
+    extract.update(ikm)
+    return HKDFExpand(_SHA384, length_bytes, info).derive(extract.finalize())
+
+
+class KeyDeriver:
+    """Derives the keys of one request (one ML-KEM secret, one context but for the key_ID).
+
+    The context fields its keys share are encoded once: building and encoding the whole context per
+    key cost more than the HKDF itself (5.5 against 7.5 us), and a request derives up to 128 keys at
+    each end. ``shared.key_id`` is not used; each derivation names its key.
+    """
+
+    def __init__(self, kem_secret: bytes, shared: HybridContext) -> None:
+        self._secret = kem_secret
+        self._before = lp(shared.suite.encode())
+        self._after = b"".join(
+            lp(f)
+            for f in (
+                shared.master_kme_id.encode(),
+                shared.slave_kme_id.encode(),
+                shared.master_sae_id.encode(),
+                shared.slave_sae_id.encode(),
+                _sha384(shared.kem_public_key),
+                _sha384(shared.kem_ciphertext),
+            )
+        )
+
+    def context(self, key_id: str, length_bytes: int) -> bytes:
+        """The encoded context of ``key_id`` (every field length-prefixed, the length in bits last)."""
+        return b"".join(
+            (self._before, lp(key_id.encode()), self._after, lp((length_bytes * 8).to_bytes(4, "big")))
+        )
+
+    def hybrid(self, qkd_key: bytes, key_id: str) -> bytes:
+        """The delivered key for ``hybrid`` policy: as long as the QKD key it replaces."""
+        if not qkd_key or not self._secret:
+            raise ValueError("both the QKD key and the ML-KEM secret are required")
+        length = len(qkd_key)
+        return _hkdf(self._secret + qkd_key, _LP_HYBRID + self.context(key_id, length), length)
+
+    def fallback(self, key_id: str, length_bytes: int) -> bytes:
+        """The delivered key for the PQC fallback: ML-KEM alone, under its own label."""
+        if not self._secret:
+            raise ValueError("the ML-KEM secret is required")
+        return _hkdf(self._secret, _LP_FALLBACK + self.context(key_id, length_bytes), length_bytes)
+
+
+_LP_HYBRID = lp(LABEL_HYBRID)
+_LP_FALLBACK = lp(LABEL_FALLBACK)
 
 
 def combine_hybrid(qkd_key: bytes, kem_secret: bytes, ctx: HybridContext) -> bytes:
     """The delivered key for ``hybrid`` policy: as long as the QKD key it replaces."""
-    if not qkd_key or not kem_secret:
-        raise ValueError("both the QKD key and the ML-KEM secret are required")
-    length = len(qkd_key)
-    return _hkdf(kem_secret + qkd_key, lp(LABEL_HYBRID) + ctx.encode(length), length)
+    return KeyDeriver(kem_secret, ctx).hybrid(qkd_key, ctx.key_id)
 
 
 def derive_fallback(kem_secret: bytes, ctx: HybridContext, length_bytes: int) -> bytes:
     """The delivered key for the PQC fallback: ML-KEM alone, under its own label."""
-    if not kem_secret:
-        raise ValueError("the ML-KEM secret is required")
-    return _hkdf(kem_secret, lp(LABEL_FALLBACK) + ctx.encode(length_bytes), length_bytes)
+    return KeyDeriver(kem_secret, ctx).fallback(ctx.key_id, length_bytes)

@@ -18,7 +18,7 @@ from sqlalchemy import Connection
 
 from kms.config import PoolSection
 from kms.crypto.envelope import Envelope
-from kms.crypto.hybrid import HybridContext, combine_hybrid, derive_fallback
+from kms.crypto.hybrid import HybridContext, KeyDeriver
 from kms.crypto.identity import KmeIdentity
 from kms.crypto.pqc.base import KemAlgorithm
 from kms.domain import errors
@@ -315,31 +315,24 @@ class KeyDeliveryService:
         size: int,
     ) -> list[DeliveredKey]:
         """What the master receives: the QKD bits, or the hybrid / fallback keys derived with ML-KEM."""
-        return [
-            DeliveredKey(
-                c.key_id,
-                self.derive_key(c.material, exchange, suite, c.key_id, master_sae_id, slave, size)
-                if exchange and suite
-                else c.material or b"",
-            )
-            for c in cut
-        ]
+        if not (exchange and suite):
+            return [DeliveredKey(c.key_id, c.material or b"") for c in cut]
+        deriver = self.key_deriver(exchange, suite, master_sae_id, slave)
+        return [DeliveredKey(c.key_id, _derived(deriver, c.material, c.key_id, size)) for c in cut]
 
-    def derive_key(
+    def key_deriver(
         self,
-        qkd: bytes | None,
         exchange: KemExchange,
         suite: str,
-        key_id: str,
         master_sae_id: str,
         slave: SaeInfo,
-        size: int,
         master_kme_id: str | None = None,
-    ) -> bytes:
-        """The delivered key: QKD bits and the ML-KEM secret combined (DESIGN.md #4), or ML-KEM alone."""
-        ctx = HybridContext(
+    ) -> KeyDeriver:
+        """How a request's keys are derived: QKD bits and the ML-KEM secret combined (DESIGN.md #4),
+        or ML-KEM alone; each key binds its own key_ID."""
+        shared = HybridContext(
             suite=suite,
-            key_id=key_id,
+            key_id="",
             master_kme_id=master_kme_id or self.kme_id,
             slave_kme_id=slave.kme_id,
             master_sae_id=master_sae_id,
@@ -347,9 +340,7 @@ class KeyDeliveryService:
             kem_public_key=exchange.public_key,
             kem_ciphertext=exchange.ciphertext,
         )
-        if qkd is None:
-            return derive_fallback(exchange.secret, ctx, size // 8)
-        return combine_hybrid(qkd, exchange.secret, ctx)
+        return KeyDeriver(exchange.secret, shared)
 
     def _check_number_and_size(self, number: int, size: int) -> None:
         if number < 1:
@@ -496,7 +487,8 @@ class KeyDeliveryService:
         exchange_ids = [e for e in (stored[k].kem_exchange_id for k in key_ids) if e is not None]
         exchanges = pool.load_exchanges(conn, exchange_ids)
         secrets = {ex_id: self._decapsulated(ex) for ex_id, ex in exchanges.items()}
-        return [self._recover(stored[k], exchanges, secrets) for k in key_ids]
+        derivers: dict[tuple[Any, ...], KeyDeriver] = {}
+        return [self._recover(stored[k], secrets, derivers) for k in key_ids]
 
     def _decapsulated(self, exchange: pool.StoredExchange) -> KemExchange:
         public = self.identity.public_key("kem", exchange.kem_key_version)
@@ -506,28 +498,22 @@ class KeyDeliveryService:
     def _recover(
         self,
         key: pool.StoredKey,
-        exchanges: Mapping[int, pool.StoredExchange],
         secrets: Mapping[int, KemExchange],
+        derivers: dict[tuple[Any, ...], KeyDeriver],
     ) -> DeliveredKey:
         qkd = self.envelope.open(key.material, pool.key_aad(key.key_id)) if key.material is not None else None
         if key.kem_exchange_id is None or key.suite is None:
             assert qkd is not None  # a plain QKD key always has material while deliverable
             return DeliveredKey(key.key_id, qkd)
-        slave = self.registry.get(key.slave_sae_id) or SaeInfo(key.slave_sae_id, key.target_kme_id, "")
-        exchange = secrets[key.kem_exchange_id]
-        return DeliveredKey(
-            key.key_id,
-            self.derive_key(
-                qkd,
-                exchange,
-                key.suite,
-                key.key_id,
-                key.master_sae_id,
-                slave,
-                key.size_bits,
-                key.source_kme_id,
-            ),
-        )
+        # One deriver per request's context (the keys of one request share it).
+        shared = (key.kem_exchange_id, key.suite, key.master_sae_id, key.slave_sae_id, key.source_kme_id)
+        deriver = derivers.get(shared)
+        if deriver is None:
+            slave = self.registry.get(key.slave_sae_id) or SaeInfo(key.slave_sae_id, key.target_kme_id, "")
+            deriver = derivers[shared] = self.key_deriver(
+                secrets[key.kem_exchange_id], key.suite, key.master_sae_id, slave, key.source_kme_id
+            )
+        return DeliveredKey(key.key_id, _derived(deriver, qkd, key.key_id, key.size_bits))
 
     def audit_denied(self, slave: SaeInfo, master_sae_id: str, key_ids: list[str]) -> None:
         """Record a refused Get key with key IDs (401): its own transaction, after the refusal."""
@@ -600,6 +586,11 @@ class _Changed(Exception):
 
 class _PoolShort(Exception):
     """Internal: unwinds the savepoint when the pool cannot serve and the fallback may."""
+
+
+def _derived(deriver: KeyDeriver, qkd: bytes | None, key_id: str, size_bits: int) -> bytes:
+    """A hybrid key from the QKD bits, or a PQC-fallback key where there are none."""
+    return deriver.fallback(key_id, size_bits // 8) if qkd is None else deriver.hybrid(qkd, key_id)
 
 
 def _canonical_uuid(value: str) -> str:

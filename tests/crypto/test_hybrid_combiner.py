@@ -14,6 +14,7 @@ from kms.crypto.hybrid import (
     LABEL_HYBRID,
     SALT,
     HybridContext,
+    KeyDeriver,
     combine_hybrid,
     derive_fallback,
 )
@@ -111,3 +112,14 @@ def test_refuses_missing_inputs() -> None:
         derive_fallback(b"", _ctx(), 32)
     with pytest.raises(ValueError):
         derive_fallback(os.urandom(32), _ctx(), 0)
+
+
+def test_one_deriver_per_request_gives_each_key_its_own_context() -> None:
+    ss, ctx = os.urandom(32), _ctx()
+    deriver = KeyDeriver(ss, dataclasses.replace(ctx, key_id="not used"))
+    for key_id in ("01a20994-c169-7000-8d30-37e0a3124e1b", "01a20994-c169-7001-8d30-37e0a3124e1b"):
+        one = dataclasses.replace(ctx, key_id=key_id)
+        qkd = os.urandom(32)
+        assert deriver.hybrid(qkd, key_id) == combine_hybrid(qkd, ss, one)
+        assert deriver.fallback(key_id, 32) == derive_fallback(ss, one, 32)
+        assert deriver.context(key_id, 32) == _independent_context(one, 32)
