@@ -425,13 +425,15 @@ def insert_reserved_keys(
         )
 
 
-def _rows_of(
-    cut: Sequence[CutKey], sealed: dict[str, bytes], size_bits: int
-) -> list[tuple[str, int | None, int | None, bytes | None, int]]:
+# The per-row columns of an insert: key_id, block_id, bit_offset, material, key_count.
+_RowValues = tuple[str, int | None, int | None, bytes | None, int]
+
+
+def _rows_of(cut: Sequence[CutKey], sealed: dict[str, bytes], size_bits: int) -> list[_RowValues]:
     """The rows for ``cut``: each stretch of keys with consecutive bits of one block and the
     consecutive IDs of one run (as :func:`cut_keys` makes them) becomes one run row; any other key
     (no block, no material) a row of its own."""
-    rows: list[tuple[str, int | None, int | None, bytes | None, int]] = []
+    rows: list[_RowValues] = []
     members: list[bytes] = []
     first: CutKey | None = None
     for c in cut:
@@ -459,7 +461,7 @@ def _rows_of(
     return rows
 
 
-def _run_row(first: CutKey, members: list[bytes]) -> tuple[str, int | None, int | None, bytes | None, int]:
+def _run_row(first: CutKey, members: list[bytes]) -> _RowValues:
     return (first.key_id, first.block_id, first.bit_offset, b"".join(members), len(members))
 
 

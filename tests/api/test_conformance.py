@@ -82,6 +82,19 @@ def test_get_key_post_and_get_key_with_ids_both_verbs(kme: RunningKme) -> None:
     assert by_post == {keys[1]["key_ID"]: keys[1]["key"]}
 
 
+def test_the_keys_of_one_request_can_be_fetched_in_any_pieces(kme: RunningKme) -> None:
+    # One request's keys are stored together (a key run); fetching them in pieces, out of order,
+    # serves each exactly once.
+    keys = _keys(kme.client(M).post(f"/api/v1/keys/{S}/enc_keys", json={"number": 8}))
+    ids = [k["key_ID"] for k in keys]
+    expected = {k["key_ID"]: k["key"] for k in keys}
+    for piece in ([ids[5]], [ids[7], ids[0]], [ids[3], ids[1], ids[6]], [ids[2], ids[4]]):
+        assert _fetch_post(kme, S, M, piece) == {k: expected[k] for k in piece}
+    again = kme.client(S).post(f"/api/v1/keys/{M}/dec_keys", json={"key_IDs": [{"key_ID": ids[6]}]})
+    assert again.status_code == 400
+    assert again.json()["details"] == [{"key_ID": ids[6], "reason": "key is consumed"}]
+
+
 def test_post_with_empty_body_uses_defaults(kme: RunningKme) -> None:
     client = kme.client(M)
     for kwargs in ({}, {"json": {}}, {"content": b"", "headers": {"content-type": "application/json"}}):
