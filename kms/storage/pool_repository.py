@@ -622,9 +622,6 @@ def load_keys_for_update(conn: Connection, key_ids: Sequence[str]) -> dict[str, 
         ) = found[row_id]
         expires_at = raw.read_ts(expires)
         assert expires_at is not None
-        if material is not None and count > 1:
-            step = len(material) // count
-            material = material[index * step : (index + 1) * step]
         out[key_id] = StoredKey(
             key_id,
             master,
@@ -636,7 +633,7 @@ def load_keys_for_update(conn: Connection, key_ids: Sequence[str]) -> dict[str, 
             exchange,
             size,
             expires_at,
-            bytes(material) if material is not None else None,
+            _member_material(material, count, index),
             recipients[key_id] if count == 1 else {slave: raw.read_ts(served)},
             src,
             row_id,
@@ -667,20 +664,27 @@ def split_run(conn: Connection, run_id: str) -> list[str]:
 
 def _one_per_key(row: Mapping[Any, Any]) -> list[dict[str, Any]]:
     """A ``keys`` row as one record per key it holds (itself, or each member of its run)."""
-    count, material = row["key_count"], row["material"]
+    count = row["key_count"]
     if count == 1:
         return [dict(row)]
-    step = len(material) // count if material is not None else 0
     return [
         {
             **row,
             "key_id": run_member(row["key_id"], i),
             "bit_offset": None if row["bit_offset"] is None else row["bit_offset"] + i * row["size_bits"],
-            "material": None if material is None else bytes(material[i * step : (i + 1) * step]),
+            "material": _member_material(row["material"], count, i),
             "key_count": 1,
         }
         for i in range(count)
     ]
+
+
+def _member_material(material: bytes | None, count: int, index: int) -> bytes | None:
+    """Member ``index``'s sealed material: its equal slice of the row's (all of it for a single key)."""
+    if material is None:
+        return None
+    step = len(material) // count
+    return bytes(material[index * step : (index + 1) * step])
 
 
 def mark_served(conn: Connection, served: Iterable[StoredKey], slave_sae_id: str, at: datetime) -> list[str]:
@@ -689,16 +693,14 @@ def mark_served(conn: Connection, served: Iterable[StoredKey], slave_sae_id: str
     served = list(served)
     if not served:
         return []
-    named_whole = whole_rows(served)
-    if named_whole is None:  # part of a run: split the runs named in part, then serve single rows
-        per_row: dict[str, list[StoredKey]] = {}
-        for k in served:
-            per_row.setdefault(k.row_id, []).append(k)
-        for row_id, members in per_row.items():
-            if len(members) != members[0].row_count:
-                split_run(conn, row_id)
-                for k in members:
-                    k.row_id, k.row_count = k.key_id, 1
+    per_row: dict[str, list[StoredKey]] = {}
+    for k in served:
+        per_row.setdefault(k.row_id, []).append(k)
+    for row_id, members in per_row.items():
+        if len(members) != members[0].row_count:  # part of a run: split it, then serve single rows
+            split_run(conn, row_id)
+            for k in members:
+                k.row_id, k.row_count = k.key_id, 1
     raw = Raw(conn)
     now = raw.ts(at)
     done = [
