@@ -253,6 +253,41 @@ class PostgresServer:
             self._tmp = None
             atexit.unregister(self.stop)
 
+    def halt(self, mode: str = "fast") -> None:
+        """Stop the server (``pg_ctl stop -m fast|immediate``) but keep its data and port, so an
+        outage test can bring the same cluster back with ``resume()``; ``immediate`` is a crash
+        (no shutdown checkpoint: the next start runs WAL recovery)."""
+        if mode not in ("smart", "fast", "immediate"):
+            raise ValueError(f"unknown pg_ctl stop mode {mode!r}")
+        if not self._running:
+            return
+        proc = self._run(
+            self._cmd("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "30", "stop"), timeout=60
+        )
+        if proc.returncode != 0:
+            raise PostgresStartError(f"pg_ctl stop -m {mode} failed:\n{proc.stdout[-2000:]}")
+        self._running = False
+
+    def resume(self) -> None:
+        """Start a halted server again on the same port (clients reconnect to the same address)."""
+        if self._running:
+            return
+        proc = self._run(
+            self._cmd(
+                "pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-w", "-t", "60", "start"
+            ),
+            timeout=90,
+        )
+        if proc.returncode != 0:
+            raise PostgresStartError(f"pg_ctl start failed:\n{proc.stdout[-2000:]}\n{_tail(self.log_file)}")
+        self._running = True
+        self._wait_ready()
+
+    def restart(self, mode: str = "fast") -> None:
+        """``halt(mode)`` then ``resume()``: the same cluster back on the same port."""
+        self.halt(mode)
+        self.resume()
+
     def __enter__(self) -> PostgresServer:
         return self.start()
 
