@@ -24,6 +24,33 @@ class KmeSection(BaseModel):
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
 
 
+class ServerSection(BaseModel):
+    """Limits of the HTTP server in front of the API: what one connection may make the KME hold,
+    and for how long. A request over a limit is answered 400 (ETSI Error body) and its connection
+    closed. The defaults leave ample room for ETSI GS QKD 014 requests: a GET of dec_keys naming 128
+    key_IDs has a URL of about 6 KiB; ordinary clients send under 1 KiB of headers."""
+
+    # Request line plus every header line, counted as they arrive (an endless header line too).
+    max_head_bytes: int = Field(default=32 * 1024, ge=4096)
+    max_url_bytes: int = Field(default=16 * 1024, ge=1024)
+    max_header_line_bytes: int = Field(default=8 * 1024, ge=1024)
+    max_headers: int = Field(default=64, ge=8)
+    # A connection with no request in progress (fresh, or kept alive after an answer) is closed.
+    idle_timeout_seconds: float = Field(default=30.0, gt=0)
+    # From a request's first byte to the end of its headers; from there to the end of its body.
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Refused authentications (401 before routing) are logged and audited as access.denied once per
+    # certificate and reason per window; repeats within the window are counted into the next record.
+    denial_window_seconds: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerSection:
+        if max(self.max_url_bytes, self.max_header_line_bytes) > self.max_head_bytes:
+            raise ValueError("server.max_url_bytes and max_header_line_bytes cannot exceed max_head_bytes")
+        return self
+
+
 class TlsSection(BaseModel):
     ca_cert: Path
     server_cert: Path
@@ -178,6 +205,7 @@ class KmsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QKMS_", env_nested_delimiter="__", extra="forbid")
 
     kme: KmeSection
+    server: ServerSection = ServerSection()
     tls: TlsSection
     database: DatabaseSection = DatabaseSection()
     kek: KekSection

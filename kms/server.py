@@ -29,9 +29,9 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from kms.api.app import create_app
-from kms.api.tls_identity import TlsIdentityProtocol
+from kms.api.http_limits import hardened_protocol
 from kms.audit.checkpointer import write_checkpoint
-from kms.config import KmsSettings
+from kms.config import KmsSettings, ServerSection
 from kms.ingest import PoolFiller
 from kms.logs import configure_logging
 from kms.runtime import Runtime, build_runtime
@@ -221,17 +221,22 @@ def _ssl_factory_from_env(_config: Any, _default: Callable[[], ssl.SSLContext]) 
     return server_ssl_context(KmsSettings.load(Path(os.environ[CONFIG_ENV])))
 
 
-def _uvicorn_config(host: str, port: int) -> uvicorn.Config:
+def _uvicorn_config(host: str, port: int, limits: ServerSection) -> uvicorn.Config:
+    """uvicorn with the hardened protocol (``kms.api.http_limits``); no proxy headers (an SAE could
+    otherwise claim another client address or scheme with ``X-Forwarded-*``) and no WebSocket
+    upgrades: the ETSI API is plain HTTPS."""
     return uvicorn.Config(
         "kms.server:app_from_env",
         factory=True,
         host=host,
         port=port,
-        http=TlsIdentityProtocol,
+        http=hardened_protocol(limits),
+        ws="none",
+        proxy_headers=False,
         ssl_context_factory=_ssl_factory_from_env,
         access_log=False,
         log_config=None,
-        timeout_keep_alive=30,
+        timeout_keep_alive=max(1, round(limits.idle_timeout_seconds)),
         timeout_graceful_shutdown=3,
         server_header=False,
     )
@@ -251,7 +256,7 @@ def serve(config_path: Path, host: str | None = None, port: int | None = None, w
     host = host or settings.kme.host
     port = settings.kme.port if port is None else port
     if workers <= 1:
-        uvicorn.Server(_uvicorn_config(host, port)).run()
+        uvicorn.Server(_uvicorn_config(host, port, settings.server)).run()
         return
     if port == 0:
         raise SystemExit("several worker processes need a fixed port (each binds it with SO_REUSEPORT)")
@@ -326,4 +331,4 @@ def _worker_main(config_path: str, host: str, port: int, processes: int) -> None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
-    uvicorn.Server(_uvicorn_config(host, port)).run(sockets=[sock])
+    uvicorn.Server(_uvicorn_config(host, port, settings.server)).run(sockets=[sock])

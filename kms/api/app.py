@@ -22,6 +22,7 @@ from kms import __version__
 from kms.api.audit_routes import audit_router
 from kms.api.batcher import UnitBatcher
 from kms.api.body_limit import BodyLimitMiddleware
+from kms.api.denials import DenialAggregator, write_denials
 from kms.api.errors import ERROR_RESPONSES, CatchAllMiddleware, install_error_handlers, json_response
 from kms.api.hot_path import HotPathMiddleware
 from kms.api.identity import SaeAuthMiddleware, current_sae
@@ -60,6 +61,8 @@ def create_app(
     """The KME's ASGI app. ``lifespan_hooks`` (start, stop) run background work in the server process;
     ``api_processes``: how many processes serve this KME (``qkms serve --workers``)."""
 
+    denials = DenialAggregator(runtime.settings.server.denial_window_seconds)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if lifespan_hooks:
@@ -67,6 +70,10 @@ def create_app(
         try:
             yield
         finally:
+            # Denials counted but not yet recorded, before the final audit checkpoint is signed.
+            pending = denials.flush()
+            if pending:
+                await anyio.to_thread.run_sync(write_denials, runtime.db, pending)
             if lifespan_hooks:
                 lifespan_hooks[1]()
 
@@ -77,6 +84,9 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        # A path with a trailing slash is no ETSI endpoint: a 400 Error, never a redirect (whose
+        # Location would be built from the client's Host header).
+        redirect_slashes=False,
     )
     install_error_handlers(app)
     service = runtime.service
@@ -196,7 +206,7 @@ def create_app(
         dec_keys=dec_keys,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.kme.max_request_bytes)
-    app.add_middleware(SaeAuthMiddleware, runtime=runtime)
+    app.add_middleware(SaeAuthMiddleware, runtime=runtime, denials=denials)
     app.add_middleware(CatchAllMiddleware)
 
     @app.post(

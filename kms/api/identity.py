@@ -6,6 +6,9 @@ import functools
 from collections.abc import MutableMapping
 from typing import Any
 
+import anyio
+
+from kms.api.denials import Denial, DenialAggregator, write_denials
 from kms.api.errors import error_response
 from kms.domain.errors import NotEntitled
 from kms.domain.saes import SaeInfo
@@ -42,11 +45,13 @@ SCOPE_KEY = "qkms.sae"
 
 
 class SaeAuthMiddleware:
-    """Authenticates every HTTP request before routing or body parsing: 401 Error body if unknown."""
+    """Authenticates every HTTP request before routing or body parsing: 401 Error body if unknown.
+    Each refusal is logged and audited (``access.denied``), aggregated by ``denials``."""
 
-    def __init__(self, app: Any, runtime: Runtime) -> None:
+    def __init__(self, app: Any, runtime: Runtime, denials: DenialAggregator) -> None:
         self.app = app
         self.runtime = runtime
+        self.denials = denials
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -55,9 +60,18 @@ class SaeAuthMiddleware:
                 _check_role(scope.get("path", ""), info)
                 scope[SCOPE_KEY] = info
             except NotEntitled as exc:
+                records = self.denials.note(_denial(scope, exc.message))
+                if records:
+                    await anyio.to_thread.run_sync(write_denials, self.runtime.db, records)
                 await error_response(401, exc.message)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _denial(scope: Any, reason: str) -> Denial:
+    der = scope.get("extensions", {}).get("tls", {}).get("client_cert_der")
+    fingerprint, common_name, role = _cert_identity(der) if der else ("", "", None)
+    return Denial(fingerprint, common_name, role, reason, scope.get("method", ""), scope.get("path", ""))
 
 
 def _check_role(path: str, info: SaeInfo) -> None:
