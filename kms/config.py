@@ -66,6 +66,8 @@ class DatabaseSection(BaseModel):
     # requests per batch (SQLite runs each request inline).
     batches_in_flight: int = Field(default=2, ge=1)
     max_batch: int = Field(default=64, ge=1)
+    # SQLite: a commit that leaves the WAL larger than this truncates it (TRUNCATE checkpoint).
+    wal_limit_mib: int = Field(default=64, ge=1)
 
 
 class Pkcs11KekSection(BaseModel):

@@ -130,7 +130,12 @@ def build_runtime(settings: KmsSettings, sync_registry: bool = True, server: boo
     """Open the database and, with ``sync_registry``, write the configured SAEs, auditors and links
     into it and make sure the KME has its PQC identity keys. ``server``: the caller runs the
     background work (WAL checkpoints included)."""
-    db = Database(settings.database.url, settings.database.pool_size, background_checkpoints=server)
+    db = Database(
+        settings.database.url,
+        settings.database.pool_size,
+        background_checkpoints=server,
+        wal_limit_bytes=settings.database.wal_limit_mib * 1024 * 1024,
+    )
     envelope = load_envelope(settings)
     identity = KmeIdentity(
         db,

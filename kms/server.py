@@ -139,13 +139,28 @@ class Background:
                 log.error("peer_sync_failed", error=type(exc).__name__, detail=str(exc)[:200])
 
     def _wal_checkpoint(self) -> None:
-        """SQLite: fold the WAL into the database file off the request path, once a second."""
+        """SQLite: fold the WAL into the database file off the request path, once a second; truncate
+        it when nobody wrote for a second or it passed its limit (``Database.truncate_wal``), and
+        once more on a clean stop, after the other background threads (whose last act may be a
+        write: the audit checkpoint's) have finished, so that a stopped KME leaves an empty WAL."""
+        db = self.runtime.db
+        frames = 0
         while not self._stop.wait(1.0):
             try:
-                self.runtime.db.checkpoint()
+                previous, frames = frames, db.checkpoint()
+                idle = frames > 0 and frames == previous
+                if idle or db.wal_bytes() > db.wal_limit_bytes:
+                    db.truncate_wal(blocking=False)
             except Exception as exc:
                 log.error("wal_checkpoint_failed", error=type(exc).__name__)
-        self.runtime.db.checkpoint()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+        try:
+            if not db.truncate_wal():
+                log.warning("wal_not_truncated_at_stop", wal_bytes=db.wal_bytes())
+        except Exception as exc:
+            log.error("wal_checkpoint_failed", error=type(exc).__name__)
 
     def _lead_and_fill(self) -> None:
         """Do the leader's work only while holding the KME's leader lock, so that one process of

@@ -9,6 +9,9 @@ Layout::
     DIR/pki/sae/<SAE>.pem, <SAE>.key   one client certificate per SAE, named after the SAE ID
     DIR/kek.bin            the key-encryption key, mode 0600
     DIR/qkms.db            the SQLite database (unless a database URL is given)
+
+Everything is created owner-only (directories 0700, files 0600, certificates included): the config
+can hold a database password, and the rest are keys, the KEK and the key store.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import tomli_w
 from kms import pki
 from kms.config import KmsSettings
 from kms.crypto.envelope import generate_kek_file
+from kms.file_modes import PRIVATE_DIR_MODE, owner_only_umask
 from kms.runtime import build_runtime
 from kms.storage import migrate
 
@@ -92,9 +96,38 @@ def init_workdir(
     policy: dict[str, Any] | None = None,
     pkcs11: dict[str, Any] | None = None,
 ) -> InitResult:
-    """``pkcs11`` (module, token_label, optional key_label, pin_env) keeps the KEK wrapped by an HSM
+    """Create everything a KME needs in ``directory`` (which must be empty or absent), owner-only.
+
+    ``pkcs11`` (module, token_label, optional key_label, pin_env) keeps the KEK wrapped by an HSM
     key instead of in a file; the token's PIN must be in the environment variable ``pin_env``."""
-    """Create everything a KME needs in ``directory`` (which must be empty or absent)."""
+    with owner_only_umask():
+        return _init_workdir(
+            directory,
+            kme_id,
+            sae_ids,
+            port=port,
+            database_url=database_url,
+            link_source=link_source,
+            pool_overrides=pool_overrides,
+            auditor_ids=auditor_ids,
+            policy=policy,
+            pkcs11=pkcs11,
+        )
+
+
+def _init_workdir(
+    directory: Path,
+    kme_id: str,
+    sae_ids: list[str],
+    *,
+    port: int,
+    database_url: str | None,
+    link_source: str | None,
+    pool_overrides: dict[str, Any] | None,
+    auditor_ids: list[str] | None,
+    policy: dict[str, Any] | None,
+    pkcs11: dict[str, Any] | None,
+) -> InitResult:
     auditor_ids = auditor_ids or []
     for ident in [kme_id, *sae_ids, *auditor_ids]:
         if not SAFE_ID.match(ident):
@@ -103,6 +136,8 @@ def init_workdir(
         raise InitError("SAE and auditor IDs must be distinct")
     if directory.exists() and any(directory.iterdir()):
         raise InitError(f"{directory} is not empty; choose a new directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(PRIVATE_DIR_MODE)  # an existing empty directory may have been 0755
     (directory / "pki" / "sae").mkdir(parents=True, exist_ok=True)
 
     ca = pki.create_ca(f"QKMS CA for {kme_id}")

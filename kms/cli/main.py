@@ -15,6 +15,7 @@ from kms.cli.peer import peer_app
 from kms.cli.pilot import pilot_app
 from kms.cli.sim import sim_app
 from kms.config import ConfigError, KmsSettings
+from kms.file_modes import restrict_umask
 
 app = typer.Typer(
     name="qkms",
@@ -28,6 +29,13 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to the KME's qkms.toml.")]
+
+
+@app.callback()
+def _owner_only_files() -> None:
+    """Every qkms command creates its files owner-only (umask 077): configs, databases, keys, anchors
+    and whatever the server writes, including the database's -wal and -shm files."""
+    restrict_umask()
 
 
 def _settings(path: Path) -> KmsSettings:

@@ -15,6 +15,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
+from kms.storage.database import secure_sqlite_files
+
 
 def migrations_dir() -> Path:
     override = os.environ.get("QKMS_MIGRATIONS_DIR")
@@ -33,6 +35,7 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database at ``url`` to ``revision`` (default: the newest)."""
+    secure_sqlite_files(url)  # a SQLite file it creates is owner-only, like the server's
     command.upgrade(alembic_config(url), revision)
 
 
