@@ -27,10 +27,13 @@ RETRY_AFTER_FAILURE = 1.0
 
 
 class PeerError(Exception):
-    def __init__(self, peer: str, reason: str) -> None:
+    def __init__(self, peer: str, reason: str, sent: PeerMessage | None = None) -> None:
+        """``sent``: the request the peer may have received (for ``PeerUncertain``), so that a
+        ``keys.cancel`` can name it and the peer never acts on it if it arrives late."""
         super().__init__(f"KME {peer}: {reason}")
         self.peer = peer
         self.reason = reason
+        self.sent = sent
 
 
 class PeerUnavailable(PeerError):
@@ -89,12 +92,14 @@ class PeerClient:
             self._down_until[peer_id] = time.monotonic() + RETRY_AFTER_FAILURE
             raise PeerUnavailable(peer_id, f"unreachable ({type(exc).__name__}: {str(exc)[:120]})") from exc
         except httpx.TimeoutException as exc:
-            raise PeerUncertain(peer_id, f"no answer within {self.cfg.timeout_seconds:g} s") from exc
+            raise PeerUncertain(peer_id, f"no answer within {self.cfg.timeout_seconds:g} s", request) from exc
         except httpx.HTTPError as exc:
-            raise PeerUncertain(peer_id, f"connection failed mid-request ({type(exc).__name__})") from exc
+            raise PeerUncertain(
+                peer_id, f"connection failed mid-request ({type(exc).__name__})", request
+            ) from exc
         self._down_until.pop(peer_id, None)
         if response.status_code >= 500:
-            raise PeerUncertain(peer_id, f"answered {response.status_code}")
+            raise PeerUncertain(peer_id, f"answered {response.status_code}", request)
         if response.status_code != 200:
             raise PeerRefused(peer_id, f"answered {response.status_code}: {_message(response)}")
         try:
@@ -107,9 +112,9 @@ class PeerClient:
                 authenticated_sender=peer_id,
             )
         except MessageRejected as exc:
-            raise PeerUncertain(peer_id, f"its reply was rejected: {exc.reason}") from exc
+            raise PeerUncertain(peer_id, f"its reply was rejected: {exc.reason}", request) from exc
         if reply.reply_to != request.nonce:
-            raise PeerUncertain(peer_id, "its reply answers another request")
+            raise PeerUncertain(peer_id, "its reply answers another request", request)
         if reply.type == "error":
             raise PeerRefused(peer_id, str(reply.body.get("message", "refused"))[:300])
         return reply

@@ -52,6 +52,8 @@ from qkd_adapters.keyblock import FollowerKeySource, KeyBlock, KeySourceError
 
 log = structlog.get_logger(__name__)
 OWN_EDGES_MAX_AGE = 0.5
+# Requests that record keys at the peer: the ones a ``keys.cancel`` may void.
+LEDGER_REQUESTS = frozenset({"keys.record", "keys.record.batch"})
 
 
 class PeerNetwork:
@@ -368,22 +370,34 @@ class PeerNetwork:
         record = {"peer": peer_id, "reason": exc.reason}
         self._settle_many([(actor, subject, key_ids, False, record) for actor, subject, key_ids in requests])
         if isinstance(exc, PeerUncertain):
-            self._cancel_later(peer_id, origin, [k for _, _, key_ids in requests for k in key_ids])
+            self._cancel_later(peer_id, origin, [k for _, _, key_ids in requests for k in key_ids], exc.sent)
         return ServiceUnavailable(
             f"KME {peer_id} did not record the keys ({exc.reason}); no key was delivered and their bits"
             " were discarded; retry later",
             [{"peer_KME_ID": peer_id}],
         )
 
-    def _cancel_later(self, peer_id: str, origin: str, key_ids: list[str]) -> None:
+    def _cancel_later(
+        self, peer_id: str, origin: str, key_ids: list[str], sent: PeerMessage | None = None
+    ) -> None:
         """The peer may have recorded keys we discarded: ask it to withdraw them (best effort; its
-        reserved-key TTL zeroises them anyway)."""
+        reserved-key TTL zeroises them anyway). The cancel names the unanswered request (``sent``):
+        it may still be on its way — queued in a frozen peer's socket, or waiting there for the write
+        turn — and reach the peer after the cancel, which then makes the peer refuse it."""
+        body: dict[str, Any] = {"origin": origin, "key_IDs": key_ids}
+        if sent is not None:
+            body["message"] = {
+                "nonce": sent.nonce,
+                "session": sent.session,
+                "seq": sent.seq,
+                "type": sent.type,
+            }
 
         def cancel() -> None:
             for delay in (0.0, 1.0, 2.0, 4.0, 8.0, 16.0):
                 time.sleep(delay)
                 try:
-                    self.client.call(peer_id, "keys.cancel", {"origin": origin, "key_IDs": key_ids})
+                    self.client.call(peer_id, "keys.cancel", body)
                     return
                 except PeerError as exc:
                     log.info("peer_cancel_failed", peer=peer_id, error=exc.reason)
@@ -433,24 +447,25 @@ class PeerNetwork:
         return {"edges": [e.to_json() for e in [*self.own_edges(), *self.topology.learned()]]}
 
     def _on_cancel(self, message: PeerMessage) -> dict[str, Any]:
+        """Withdraw keys the sender discarded. If the cancel names the request that carried them and
+        that request has not arrived yet, it is voided: remembered as seen, so that when it does
+        arrive it is refused as a replay instead of recording keys its sender already discarded."""
         key_ids = [str(uuid.UUID(str(k))) for k in message.body["key_IDs"]][: self.cfg.max_key_per_request]
+        voided = _voided_request(message.body.get("message"))
+        at = datetime.now(UTC)
+        actor = f"kme:{message.sender}"
         with self.db.write() as conn:
             self._remember(conn, message)
+            overtook = voided is not None and peers.void_message(conn, message.sender, *voided, at)
             gone = peers.destroy_recorded(
-                conn,
-                str(message.body["origin"]),
-                message.sender,
-                key_ids,
-                f"kme:{message.sender}",
-                datetime.now(UTC),
+                conn, str(message.body["origin"]), message.sender, key_ids, actor, at
             )
-            if gone:
-                audit.append(
-                    conn,
-                    datetime.now(UTC),
-                    [(f"kme:{message.sender}", "keys.withdrawn", "peer", {"key_IDs": gone})],
-                )
-        return {"withdrawn": len(gone)}
+            if gone or overtook:
+                detail: dict[str, Any] = {"key_IDs": gone}
+                if overtook:
+                    detail["never_recorded"] = key_ids
+                audit.append(conn, at, [(actor, "keys.withdrawn", "peer", detail)])
+        return {"withdrawn": len(gone), "voided": overtook}
 
     def _on_record(self, message: PeerMessage) -> dict[str, Any]:
         b = message.body
@@ -891,6 +906,19 @@ def _kem_json(exchange: KemExchange, algorithm: str) -> dict[str, Any]:
         "public_key_sha384": hashlib.sha384(exchange.public_key).hexdigest(),
         "ciphertext": base64.b64encode(exchange.ciphertext).decode(),
     }
+
+
+def _voided_request(descriptor: Any) -> tuple[str, str, int, str] | None:
+    """(nonce, session, seq, type) of the request a ``keys.cancel`` names, or None if it names none."""
+    if descriptor is None:
+        return None
+    if not isinstance(descriptor, dict):
+        raise MessageRejected("keys.cancel: 'message' must name the cancelled request")
+    nonce, session, seq = str(descriptor["nonce"]), str(descriptor["session"]), int(descriptor["seq"])
+    msg_type = str(descriptor["type"])
+    if len(nonce) != 32 or not 0 < len(session) <= 64 or seq < 0 or msg_type not in LEDGER_REQUESTS:
+        raise MessageRejected("keys.cancel: 'message' does not name a ledger request")
+    return nonce, session, seq, msg_type
 
 
 def _xor(a: bytes, b: bytes) -> bytes:

@@ -44,6 +44,21 @@ def remember_message(
     return True
 
 
+def void_message(
+    conn: Connection, sender: str, nonce: str, session: str, seq: int, msg_type: str, at: datetime
+) -> bool:
+    """Mark a request of ``sender`` as seen before it arrives (its sender withdrew it), so that
+    :func:`remember_message` refuses it as a replay. False if it had arrived already. On PostgreSQL a
+    concurrent transaction remembering the same request makes this wait for it and then do nothing."""
+    raw = Raw(conn)
+    inserted = raw.execute(
+        "INSERT INTO peer_messages (sender, nonce, session, seq, msg_type, received_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (sender, nonce, session, seq, msg_type, raw.ts(at)),
+    ).rowcount
+    return bool(inserted == 1)
+
+
 def prune_messages(conn: Connection, before: datetime) -> int:
     """Forget messages older than the freshness window: their timestamps alone now reject replays."""
     raw = Raw(conn)

@@ -9,6 +9,7 @@ import sqlite3
 import time
 import tomllib
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -16,10 +17,14 @@ import pytest
 import tomli_w
 
 from kms.config import KmsSettings
+from kms.domain.lifecycle import KeyState
 from kms.launcher import client_ssl_context
+from kms.peer.batching import KeyRequest
 from kms.peer.messages import SIGNATURE_HEADER, MessageSealer
 from kms.pilot import running_network
-from kms.runtime import build_runtime
+from kms.runtime import Runtime, build_runtime
+from kms.storage import pool_repository as pool
+from kms.storage.peer_repository import close_pending_keys
 from tests.peer.conftest import Network, open_network, wait_for_remote_keys
 
 
@@ -80,11 +85,26 @@ def test_peer_down_gives_503_and_loses_no_bits_silently(net: Network) -> None:
     assert r.status_code == 200
 
 
+def cancels_handled(site_dir: Path, sender: str) -> int:
+    """``keys.cancel`` messages from ``sender`` that this site acted on (remembered in its transaction)."""
+    with sqlite3.connect(site_dir / "qkms.db") as db:
+        row = db.execute(
+            "SELECT COUNT(*) FROM peer_messages WHERE sender = ? AND msg_type = 'keys.cancel'", (sender,)
+        ).fetchone()
+        return int(row[0])
+
+
 def test_peer_frozen_mid_request_keys_are_withdrawn_at_both_ends(net: Network) -> None:
+    """A's ledger request to a frozen B times out: A discards the keys and sends ``keys.cancel``.
+    Whether B ever got the request is chance — its bytes may sit in B's socket, or never have left A
+    when the request needed a new TLS connection (the handshake waits on B) — and so is the order in
+    which B, thawed, handles request and cancel. What must hold in every case, once B has handled the
+    cancel: the keys are not servable at B (never recorded, or destroyed)."""
     site_a, site_b = net.sites["KME-A"], net.sites["KME-B"]
     assert site_b.process is not None and site_b.process.proc is not None
     pid = site_b.process.proc.pid
     before = set(discarded_key_ids(site_a.workdir))
+    cancels_before = cancels_handled(site_b.workdir, "KME-A")
     os.kill(pid, signal.SIGSTOP)
     try:
         r = enc(net)
@@ -94,30 +114,35 @@ def test_peer_frozen_mid_request_keys_are_withdrawn_at_both_ends(net: Network) -
         os.kill(pid, signal.SIGCONT)
     lost = sorted(set(discarded_key_ids(site_a.workdir)) - before)
     assert len(lost) == 2
-    # B handles the queued request once it runs again, then the master's withdrawal: never served.
-    deadline = time.monotonic() + 30
-    states: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        states = key_states(site_b.workdir, lost)
-        if states and all(s == "destroyed" for s in states.values()):
-            break
-        time.sleep(0.5)
-    assert states, "KME B never handled the request it received while frozen"
+    # The real condition: B has acted on A's cancel (A retries it for about 30 s).
+    deadline = time.monotonic() + 40
+    while cancels_handled(site_b.workdir, "KME-A") == cancels_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cancels_handled(site_b.workdir, "KME-A") > cancels_before, "B never handled A's keys.cancel"
+    states = key_states(site_b.workdir, lost)
     assert all(s == "destroyed" for s in states.values()), states
     refused = net.sae("KME-B", "SAE-B1").post(
         "/api/v1/keys/SAE-A1/dec_keys", json={"key_IDs": [{"key_ID": k} for k in lost]}
     )
     assert refused.status_code == 400
+    # Whatever of A's request B still had queued is refused now: nothing of it is ever recorded.
+    assert all(s == "destroyed" for s in key_states(site_b.workdir, lost).values())
 
 
 @pytest.fixture(scope="module")
-def sealer(net: Network) -> Iterator[MessageSealer]:
+def runtime_a(net: Network) -> Iterator[Runtime]:
+    """KME A's own code, in this process, on A's database (shared with A's server process)."""
     settings = KmsSettings.load(net.sites["KME-A"].config_path)
     rt = build_runtime(settings, sync_registry=False)
     try:
-        yield MessageSealer("KME-A", rt.identity)
+        yield rt
     finally:
         rt.close()
+
+
+@pytest.fixture(scope="module")
+def sealer(runtime_a: Runtime) -> MessageSealer:
+    return MessageSealer("KME-A", runtime_a.identity)
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +212,44 @@ def test_sae_certificate_cannot_speak_the_peer_protocol(net: Network, sealer: Me
         headers={SIGNATURE_HEADER: header, "content-type": "application/json"},
     )
     assert r.status_code == 401
+
+
+def test_cancel_that_overtakes_its_ledger_request_voids_it(
+    net: Network, runtime_a: Runtime, as_kme_a: httpx.Client, sealer: MessageSealer
+) -> None:
+    """The order a thawed peer may see: A's ``keys.cancel`` first, then the request it cancels. A's
+    real code cuts the keys and writes the entry; the test sends the two signed messages in that order.
+    B must refuse the late request (before the fix it recorded keys A had discarded, servable to B's
+    slave until their TTL)."""
+    network = runtime_a.network
+    assert network is not None
+    master = runtime_a.registry.get("SAE-A1")
+    assert master is not None
+    wanted = runtime_a.service._key_request(master, "SAE-B1", 2, None, (), ())
+    request = KeyRequest(master, wanted.slave, wanted.recipients, 2, wanted.size, wanted.policy)
+    at = datetime.now(UTC)
+    events = pool.EventBatch(at)
+    with runtime_a.db.write() as conn:
+        cut, exchange, suite = network._prepare(conn, request, "KME-B", events, at)
+        events.flush(conn)
+    key_ids = [c.key_id for c in cut]
+    try:
+        entry = network._entry_body(["KME-A", "KME-B"], request, cut, exchange, suite)
+        ledger, raw_ledger, ledger_header = sealer.seal("KME-B", "keys.record.batch", {"entries": [entry]})
+        named = {"nonce": ledger.nonce, "session": ledger.session, "seq": ledger.seq, "type": ledger.type}
+        _, raw_cancel, cancel_header = sealer.seal(
+            "KME-B", "keys.cancel", {"origin": "KME-A", "key_IDs": key_ids, "message": named}
+        )
+        cancelled = post(as_kme_a, raw_cancel, cancel_header)
+        assert cancelled.status_code == 200 and b'"type":"keys.cancel.ok"' in cancelled.content
+        late = post(as_kme_a, raw_ledger, ledger_header)
+        assert late.status_code == 200
+        assert b'"type":"error"' in late.content and b"replayed" in late.content
+        assert key_states(net.sites["KME-B"].workdir, key_ids) == {}
+        refused = net.sae("KME-B", "SAE-B1").post(
+            "/api/v1/keys/SAE-A1/dec_keys", json={"key_IDs": [{"key_ID": k} for k in key_ids]}
+        )
+        assert refused.status_code == 400
+    finally:  # A discards what it cut, as after any failed request
+        with runtime_a.db.write() as conn:
+            close_pending_keys(conn, key_ids, KeyState.DESTROYED, "test", "cancelled", datetime.now(UTC))
