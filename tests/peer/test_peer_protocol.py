@@ -23,8 +23,11 @@ from kms.peer.batching import KeyRequest
 from kms.peer.messages import SIGNATURE_HEADER, MessageSealer
 from kms.pilot import running_network
 from kms.runtime import Runtime, build_runtime
+from kms.storage import migrate
 from kms.storage import pool_repository as pool
-from kms.storage.peer_repository import close_pending_keys
+from kms.storage.database import Database
+from kms.storage.peer_repository import close_pending_keys, remember_message, void_message
+from tests.conftest import database_url
 from tests.peer.conftest import Network, open_network, wait_for_remote_keys
 
 
@@ -253,3 +256,25 @@ def test_cancel_that_overtakes_its_ledger_request_voids_it(
     finally:  # A discards what it cut, as after any failed request
         with runtime_a.db.write() as conn:
             close_pending_keys(conn, key_ids, KeyState.DESTROYED, "test", "cancelled", datetime.now(UTC))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_voided_request_is_refused_and_an_arrived_one_is_not_voided(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The storage half of the cancel, on both backends: voiding marks a request as seen (its late
+    arrival is then a replay); a request that arrived first is not voided (it is withdrawn instead)."""
+    url = database_url(backend, request) or f"sqlite:///{tmp_path / 'void.db'}"
+    migrate.upgrade(url)
+    db = Database(url)
+    at = datetime.now(UTC)
+    try:
+        with db.write() as conn:
+            assert void_message(conn, "KME-A", "a" * 32, "s1", 1, "keys.record.batch", at)
+            assert not remember_message(conn, "KME-A", "a" * 32, "s1", 1, "keys.record.batch", at)
+            assert remember_message(conn, "KME-A", "b" * 32, "s1", 2, "keys.record.batch", at)
+            assert not void_message(conn, "KME-A", "b" * 32, "s1", 2, "keys.record.batch", at)
+            # Another sender's request of the same nonce is not affected.
+            assert remember_message(conn, "KME-C", "a" * 32, "s9", 1, "keys.record.batch", at)
+    finally:
+        db.dispose()
