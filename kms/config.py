@@ -108,6 +108,10 @@ class PoolSection(BaseModel):
     storage_block_bits: int = Field(default=65536, gt=0)
     reserved_ttl_seconds: float = Field(default=300.0, gt=0)
     expiry_sweep_seconds: float = Field(default=2.0, gt=0)
+    # How long a consumed key's sealed material is kept so that a slave whose answer was lost may
+    # fetch the same key_IDs again (audited as keys.redelivered); 0 zeroises at consumption. Bounded:
+    # every second is a second longer that a delivered key exists, encrypted, at rest.
+    redelivery_seconds: float = Field(default=60.0, ge=0, le=3600)
 
     @model_validator(mode="after")
     def _consistent(self) -> PoolSection:
@@ -160,7 +164,28 @@ class AuditorSection(BaseModel):
 
 
 class AuditSection(BaseModel):
+    """Signed checkpoints and where they are anchored (docs/SECURITY.md, "full database write access").
+
+    A checkpoint is written once ``checkpoint_records`` records are unsigned, or ``checkpoint_seconds``
+    after the last one if any record is unsigned. ``audit verify`` accepts at most
+    ``max_unsigned_records`` records after the last checkpoint, spanning at most
+    ``max_unsigned_seconds`` by their own timestamps; more means checkpoints were deleted. Anchors go to
+    ``anchor_dir`` (relative to the config file's directory) — put it on storage the database's
+    administrators cannot write."""
+
     checkpoint_seconds: float = Field(default=5.0, gt=0)
+    checkpoint_records: int = Field(default=1000, ge=1)
+    max_unsigned_records: int = Field(default=10_000, ge=1)
+    max_unsigned_seconds: float = Field(default=60.0, gt=0)
+    anchor_dir: Path = Path("audit-anchors")
+
+    @model_validator(mode="after")
+    def _window_covers_cadence(self) -> AuditSection:
+        if self.max_unsigned_records < 2 * self.checkpoint_records:
+            raise ValueError("audit.max_unsigned_records must be at least twice audit.checkpoint_records")
+        if self.max_unsigned_seconds < 2 * self.checkpoint_seconds:
+            raise ValueError("audit.max_unsigned_seconds must be at least twice audit.checkpoint_seconds")
+        return self
 
 
 class LinkHealthSection(BaseModel):

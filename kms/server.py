@@ -30,7 +30,8 @@ from sqlalchemy import text
 
 from kms.api.app import create_app
 from kms.api.http_limits import hardened_protocol
-from kms.audit.checkpointer import write_checkpoint
+from kms.audit.checkpointer import AuditIntegrityError, CheckpointWriter
+from kms.audit.startup import anchor_file, refuse_unless_audit_intact
 from kms.config import KmsSettings, ServerSection
 from kms.ingest import PoolFiller
 from kms.logs import configure_logging
@@ -101,12 +102,20 @@ class Background:
                 log.error("expiry_sweep_failed", error=type(exc).__name__)
 
     def _checkpoint(self) -> None:
-        """Sign the audit head periodically, and once more on shutdown."""
-        rt = self.runtime
+        """Sign and anchor the audit head every ``audit.checkpoint_records`` records or
+        ``audit.checkpoint_seconds``, and once more on shutdown; never over a rewritten database."""
+        rt, cfg = self.runtime, self.runtime.settings.audit
+        writer = CheckpointWriter(rt.db, rt.identity, rt.settings.kme.id, anchor_file(rt.settings))
+        pause = min(0.5, cfg.checkpoint_seconds)
         while True:
-            stopping = self._stop.wait(rt.settings.audit.checkpoint_seconds)
+            stopping = self._stop.wait(pause)
             try:
-                write_checkpoint(rt.db, rt.identity, rt.settings.kme.id)
+                if stopping or writer.due(cfg.checkpoint_records, cfg.checkpoint_seconds):
+                    writer.write()
+                pause = min(0.5, cfg.checkpoint_seconds)
+            except AuditIntegrityError as exc:
+                log.error("audit_checkpoint_refused", problems=exc.problems)
+                pause = 30.0
             except Exception as exc:
                 log.error("audit_checkpoint_failed", error=type(exc).__name__)
             if stopping:
@@ -220,6 +229,7 @@ def build_app(settings: KmsSettings, fill: bool = True) -> FastAPI:
     # while requests wait on the event loop.
     sys.setswitchinterval(0.001)
     runtime = build_runtime(settings, server=True)
+    refuse_unless_audit_intact(runtime.db, runtime.identity, settings)  # exits 3 on a rewritten audit
     background = Background(runtime, fill=fill)
     processes = int(os.environ.get(PROCESSES_ENV, "1"))
     return create_app(runtime, lifespan_hooks=(background.start, background.stop), api_processes=processes)

@@ -251,7 +251,8 @@ def create_app(
     ) -> Response:
         return await dec_keys(current_sae(request.scope), master_SAE_ID, body)
 
-    app.include_router(audit_router(AuditService(runtime.db, runtime.identity, runtime.settings.kme.id), run))
+    audit = AuditService.for_settings(runtime.db, runtime.identity, runtime.settings)
+    app.include_router(audit_router(audit, run))
     if runtime.network is not None:
         from kms.api.peer_routes import peer_router
 

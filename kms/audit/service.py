@@ -7,7 +7,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kms.audit.chain import CHECKPOINT_CONTEXT, AuditRecord, Checkpoint, VerificationReport, verify_chain
+from kms.audit.anchors import AnchorFile, anchor_problems
+from kms.audit.chain import (
+    DEFAULT_WINDOW,
+    AnyCheckpoint,
+    AuditRecord,
+    Checkpoint,
+    TailWindow,
+    VerificationReport,
+    checkpoint_from_json,
+    verify_chain,
+)
+from kms.config import KmsSettings
 from kms.crypto.identity import KmeIdentity, PublicKeyInfo
 from kms.crypto.pqc.base import SignatureAlgorithm, SignatureProvider
 from kms.storage import audit_repository as audit
@@ -24,16 +35,35 @@ def report_json(report: VerificationReport) -> dict[str, Any]:
         "records": report.records,
         "checkpoints_valid": report.checkpoints_valid,
         "last_signed_seq": report.last_signed_seq,
+        "checkpoints_chained": report.checkpoints_chained,
         "unsigned_tail": report.unsigned_tail,
+        "unsigned_tail_seconds": round(report.tail_seconds, 3),
+        "anchors_checked": report.anchors,
         "problems": report.problems,
     }
 
 
 class AuditService:
-    def __init__(self, db: Database, identity: KmeIdentity, kme_id: str) -> None:
+    def __init__(
+        self,
+        db: Database,
+        identity: KmeIdentity,
+        kme_id: str,
+        window: TailWindow = DEFAULT_WINDOW,
+        anchors: AnchorFile | None = None,
+    ) -> None:
         self.db = db
         self.identity = identity
         self.kme_id = kme_id
+        self.window = window
+        self.anchors = anchors
+
+    @classmethod
+    def for_settings(cls, db: Database, identity: KmeIdentity, settings: KmsSettings) -> AuditService:
+        """With the configured tail window and the KME's anchor file."""
+        from kms.audit.startup import anchor_file, tail_window
+
+        return cls(db, identity, settings.kme.id, tail_window(settings), anchor_file(settings))
 
     def provenance(self, key_id: str) -> dict[str, Any] | None:
         with self.db.read() as conn:
@@ -44,6 +74,10 @@ class AuditService:
             records = audit.read_records(conn, since_seq=after_seq, limit=limit, since_time=since)
             seq, head = audit.head(conn)
         return {"records": [r.to_json() for r in records], "head": {"seq": seq, "hash": head}}
+
+    def checkpoints_raw(self) -> list[AnyCheckpoint]:
+        with self.db.read() as conn:
+            return audit.read_checkpoints(conn)
 
     def checkpoints(self) -> dict[str, Any]:
         with self.db.read() as conn:
@@ -56,19 +90,29 @@ class AuditService:
             "keys": [k.to_json() for k in self.identity.public_keys()],
         }
 
-    def verify(self) -> VerificationReport:
+    def verify(self, anchors: AnchorFile | None = None) -> VerificationReport:
+        """The whole chain, checkpoints and tail window; and against ``anchors`` (default: the KME's
+        own anchor file, when it has one)."""
         with self.db.read() as conn:
+            audit.snapshot(conn)
             records = audit.read_records(conn)
             checkpoints = audit.read_checkpoints(conn)
-        return verify_chain(
-            records, checkpoints, lambda v, m, sig: self.identity.verify(v, m, sig, CHECKPOINT_CONTEXT)
+        report = verify_chain(
+            records,
+            checkpoints,
+            lambda v, m, sig, ctx: self.identity.verify(v, m, sig, ctx),
+            self.window,
         )
+        keys = {k.version: k.public_key for k in self.identity.public_keys() if k.purpose == "sign"}
+        check_anchors(report, anchors or self.anchors, checkpoints, records, keys)
+        return report
 
     def verify_report(self) -> dict[str, Any]:
         return report_json(self.verify())
 
     def export(self) -> dict[str, Any]:
         with self.db.read() as conn:
+            audit.snapshot(conn)
             records = audit.read_records(conn)
             checkpoints = audit.read_checkpoints(conn)
         return {
@@ -91,22 +135,53 @@ def load_public_keys(path: Path) -> list[PublicKeyInfo]:
     ]
 
 
+def check_anchors(
+    report: VerificationReport,
+    anchors: AnchorFile | None,
+    checkpoints: Sequence[AnyCheckpoint],
+    records: Sequence[AuditRecord],
+    signer_keys: Mapping[int, bytes] | None,
+) -> None:
+    """Add what the anchors say is missing or changed. A chained checkpoint with no anchor file at
+    all is a problem too: the file is what pins the newest checkpoints."""
+    if anchors is None:
+        return
+    chained = [c for c in checkpoints if isinstance(c, Checkpoint)]
+    try:
+        anchored = anchors.read()
+    except (OSError, ValueError) as exc:
+        report.problems.append(f"anchor file {anchors.path} cannot be read: {exc}")
+        return
+    report.anchors = len(anchored)
+    if not anchored and chained:
+        report.problems.append(
+            f"the anchor file {anchors.path} is missing or empty, but {len(chained)} chained checkpoints exist"
+        )
+    last_seq = records[-1].seq if records else 0
+    report.problems.extend(anchor_problems(anchored, chained, last_seq, signer_keys, str(anchors.path)))
+
+
 def verify_export(
-    export: Mapping[str, Any], public_keys: Sequence[PublicKeyInfo], signer: SignatureProvider
+    export: Mapping[str, Any],
+    public_keys: Sequence[PublicKeyInfo],
+    signer: SignatureProvider,
+    window: TailWindow = DEFAULT_WINDOW,
+    anchors: AnchorFile | None = None,
 ) -> VerificationReport:
-    """Verify an exported log with nothing but the KME's public signing key(s)."""
+    """Verify an exported log with nothing but the KME's public signing key(s) (and its anchors)."""
     if export.get("format") != EXPORT_FORMAT:
         raise ValueError("not a QKMS audit export")
     by_version = {k.version: k for k in public_keys if k.purpose == "sign"}
     records = [AuditRecord.from_json(r) for r in export["records"]]
-    checkpoints = [Checkpoint.from_json(c) for c in export["checkpoints"]]
+    checkpoints = [checkpoint_from_json(c) for c in export["checkpoints"]]
 
-    def check(version: int, message: bytes, signature: bytes) -> bool:
+    def check(version: int, message: bytes, signature: bytes, context: bytes) -> bool:
         key = by_version.get(version)
         if key is None:
             return False
-        return signer.verify(
-            SignatureAlgorithm(key.algorithm), key.public_key, message, signature, CHECKPOINT_CONTEXT
-        )
+        return signer.verify(SignatureAlgorithm(key.algorithm), key.public_key, message, signature, context)
 
-    return verify_chain(records, checkpoints, check)
+    report = verify_chain(records, checkpoints, check, window)
+    keys = {v: k.public_key for v, k in by_version.items()}
+    check_anchors(report, anchors, checkpoints, records, keys)
+    return report

@@ -43,7 +43,19 @@ def _audit_service(config: Path):  # type: ignore[no-untyped-def]
     from kms.audit.service import AuditService
 
     rt = _runtime(config)
-    return rt, AuditService(rt.db, rt.identity, rt.settings.kme.id)
+    return rt, AuditService.for_settings(rt.db, rt.identity, rt.settings)
+
+
+def _sign_pending(rt: Any) -> None:
+    """Sign and anchor what a CLI command just appended to the audit, so that records written while
+    the server is stopped do not sit unsigned past the tail window."""
+    from kms.audit.checkpointer import AuditIntegrityError, CheckpointWriter
+    from kms.audit.startup import anchor_file
+
+    try:
+        CheckpointWriter(rt.db, rt.identity, rt.settings.kme.id, anchor_file(rt.settings)).write()
+    except AuditIntegrityError as exc:
+        err.print(f"[red]warning:[/red] audit not signed, it no longer matches its anchors: {exc}")
 
 
 @audit_app.command("show")
@@ -96,11 +108,23 @@ def audit_verify(
         Path | None,
         typer.Option("--public-key", help="The KME's public keys (from `qkms keys export-public`)."),
     ] = None,
+    anchors: Annotated[
+        Path | None,
+        typer.Option(
+            "--anchors",
+            help="An anchor file (<KME>.anchors.jsonl) to check against; with --config the KME's own is the default.",
+        ),
+    ] = None,
 ) -> None:
-    """Check the audit chain and signed checkpoints; name every edited, deleted, inserted or reordered record."""
+    """Check the audit chain, the checkpoint chain and the anchors; name every edited, deleted,
+    inserted or reordered record and every missing, altered or forged checkpoint."""
+    from kms.audit.anchors import AnchorFile
     from kms.audit.service import load_public_keys, report_json, verify_export
     from kms.crypto.pqc.registry import get_signature_provider
 
+    anchor_file = AnchorFile(anchors) if anchors is not None else None
+    if anchors is not None and not anchors.is_file():
+        raise typer.BadParameter(f"--anchors: no file {anchors}")
     if file is not None:
         if public_key is None:
             raise typer.BadParameter("--file needs --public-key")
@@ -108,11 +132,12 @@ def audit_verify(
             json.loads(file.read_text(encoding="utf-8")),
             load_public_keys(public_key),
             get_signature_provider(),
+            anchors=anchor_file,
         )
     elif config is not None:
         rt, service = _audit_service(config)
         try:
-            report = service.verify()
+            report = service.verify(anchor_file)
         finally:
             rt.close()
     else:
@@ -120,14 +145,49 @@ def audit_verify(
     result = report_json(report)
     for problem in report.problems:
         console.print(f"[red]TAMPERED[/red] {problem}")
+    anchored = "no anchor file checked" if report.anchors is None else f"{report.anchors} anchors checked"
     console.print(
-        f"{result['records']} records, {result['checkpoints_valid']} valid signed checkpoints, "
-        f"signed up to seq {result['last_signed_seq']}, {result['unsigned_tail']} records after the last checkpoint"
+        f"{result['records']} records, {result['checkpoints_valid']} valid signed checkpoints"
+        f" ({result['checkpoints_chained']} chained), signed up to seq {result['last_signed_seq']},"
+        f" {result['unsigned_tail']} records after the last checkpoint, {anchored}"
     )
     console.print(
         "[green]audit trail intact[/green]" if report.ok else "[red]audit trail FAILED verification[/red]"
     )
     raise typer.Exit(0 if report.ok else 1)
+
+
+@audit_app.command("adopt-anchors")
+def audit_adopt_anchors(config: ConfigOpt) -> None:
+    """After a lost anchor file: verify the whole audit, then anchor the database's checkpoints anew.
+
+    Only for an anchor file that is truly lost: anchors exist to catch a database whose newest
+    checkpoints were deleted, which this command cannot tell from a loss. It refuses if the file
+    still holds anchors."""
+    from kms.audit.anchors import Anchor
+    from kms.audit.chain import Checkpoint
+
+    rt, service = _audit_service(config)
+    try:
+        book_file = service.anchors
+        assert book_file is not None
+        if book_file.read():
+            err.print(f"[red]error:[/red] {book_file.path} holds anchors; it is not lost")
+            raise typer.Exit(1)
+        report = service.verify()
+        problems = [p for p in report.problems if "anchor file" not in p]
+        if problems:
+            for problem in problems:
+                console.print(f"[red]TAMPERED[/red] {problem}")
+            err.print("[red]error:[/red] the audit does not verify; nothing anchored")
+            raise typer.Exit(1)
+        chained = [c for c in service.checkpoints_raw() if isinstance(c, Checkpoint)]
+        keys = {k.version: k.public_key for k in rt.identity.public_keys() if k.purpose == "sign"}
+        with book_file.locked() as book:
+            book.append([Anchor.of(cp, keys[cp.key_version]) for cp in chained])
+    finally:
+        rt.close()
+    console.print(f"anchored {len(chained)} checkpoints in {book_file.path}")
 
 
 @audit_app.command("export")
@@ -139,7 +199,8 @@ def audit_export(
 
     rt, service = _audit_service(config)
     try:
-        write_checkpoint(rt.db, rt.identity, rt.settings.kme.id)  # sign the head so the export is complete
+        # Sign the head so the export is complete (anchored like the server's checkpoints).
+        write_checkpoint(rt.db, rt.identity, rt.settings.kme.id, service.anchors)
         data = service.export()
     finally:
         rt.close()
@@ -190,6 +251,7 @@ def keys_rotate(
     rt = _runtime(config)
     try:
         version = rt.identity.rotate(purpose)
+        _sign_pending(rt)
     finally:
         rt.close()
     console.print(f"{purpose} key is now version {version}")
@@ -211,6 +273,7 @@ def keys_destroy(
         if not rt.identity.destroy_retired(purpose, version):
             err.print(f"[red]error:[/red] {purpose} key version {version} is not a retired key")
             raise typer.Exit(1)
+        _sign_pending(rt)
     finally:
         rt.close()
     console.print(f"{purpose} key version {version}: private seed destroyed")
@@ -240,6 +303,7 @@ def _link_transition(
             events.flush(conn)
             record = {**data, "blocks": result.blocks, "keys": result.keys}
             audit_repository.append(conn, events.at, [("operator", action, link_id, record)])
+        _sign_pending(rt)
     finally:
         rt.close()
     return result

@@ -17,7 +17,15 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
 
-from kms.audit.chain import RECORD_LABEL, AuditRecord, Checkpoint, canonical_json, record_hash
+from kms.audit.chain import (
+    RECORD_LABEL,
+    AnyCheckpoint,
+    AuditRecord,
+    Checkpoint,
+    LegacyCheckpoint,
+    canonical_json,
+    record_hash,
+)
 from kms.storage.rawsql import Raw
 from kms.storage.schema import audit_checkpoints, audit_head, audit_records
 
@@ -140,6 +148,95 @@ def head(conn: Connection) -> tuple[int, str]:
     return int(row.seq), str(row.hash)
 
 
+def snapshot(conn: Connection) -> None:
+    """Make the rest of this read transaction one snapshot on PostgreSQL too (records, head and
+    checkpoints read by separate statements must agree while other processes append); call first."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+
+def head_row(conn: Connection) -> tuple[int, str] | None:
+    row = conn.execute(select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)).first()
+    return None if row is None else (int(row.seq), str(row.hash))
+
+
+def last_record(conn: Connection) -> tuple[int, str] | None:
+    """The highest-numbered record actually stored (``audit_head`` is only what appends believe)."""
+    row = conn.execute(
+        select(audit_records.c.seq, audit_records.c.hash).order_by(audit_records.c.seq.desc()).limit(1)
+    ).first()
+    return None if row is None else (int(row.seq), str(row.hash))
+
+
+def record_at(conn: Connection, seq: int) -> AuditRecord | None:
+    row = conn.execute(select(audit_records).where(audit_records.c.seq == seq)).first()
+    return None if row is None else _record(row)
+
+
+def records_after(conn: Connection, seq: int, limit: int) -> list[AuditRecord]:
+    return read_records(conn, since_seq=seq, limit=limit)
+
+
+def count_after(conn: Connection, seq: int) -> int:
+    return int(
+        conn.execute(
+            select(func.count()).select_from(audit_records).where(audit_records.c.seq > seq)
+        ).scalar_one()
+    )
+
+
+def _chained(row: Any) -> Checkpoint:
+    return Checkpoint(
+        int(row.number),
+        str(row.prev_hash),
+        int(row.from_seq),
+        int(row.upto_seq),
+        row.head_hash,
+        row.kme_id,
+        int(row.key_version),
+        row.algorithm,
+        row.at,
+        row.signature,
+    )
+
+
+def last_chained_checkpoint(conn: Connection) -> Checkpoint | None:
+    row = conn.execute(
+        select(audit_checkpoints)
+        .where(audit_checkpoints.c.number.is_not(None))
+        .order_by(audit_checkpoints.c.number.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else _chained(row)
+
+
+def chained_checkpoints(conn: Connection, after_number: int = 0) -> list[Checkpoint]:
+    rows = conn.execute(
+        select(audit_checkpoints)
+        .where(audit_checkpoints.c.number > after_number)
+        .order_by(audit_checkpoints.c.number)
+    )
+    return [_chained(r) for r in rows]
+
+
+def pinned_records(conn: Connection) -> list[tuple[int, int, str, str | None]]:
+    """(number, upto_seq, head_hash, hash of the stored record at upto_seq or None) per chained checkpoint."""
+    stmt = (
+        select(
+            audit_checkpoints.c.number,
+            audit_checkpoints.c.upto_seq,
+            audit_checkpoints.c.head_hash,
+            audit_records.c.hash,
+        )
+        .select_from(
+            audit_checkpoints.outerjoin(audit_records, audit_records.c.seq == audit_checkpoints.c.upto_seq)
+        )
+        .where(audit_checkpoints.c.number.is_not(None))
+        .order_by(audit_checkpoints.c.number)
+    )
+    return [(int(r[0]), int(r[1]), str(r[2]), r[3]) for r in conn.execute(stmt)]
+
+
 def last_checkpoint_seq(conn: Connection) -> int:
     return int(conn.execute(select(func.coalesce(func.max(audit_checkpoints.c.upto_seq), 0))).scalar_one())
 
@@ -147,6 +244,9 @@ def last_checkpoint_seq(conn: Connection) -> int:
 def insert_checkpoint(conn: Connection, cp: Checkpoint) -> None:
     conn.execute(
         insert(audit_checkpoints).values(
+            number=cp.number,
+            prev_hash=cp.prev_hash,
+            from_seq=cp.from_seq,
             upto_seq=cp.upto_seq,
             head_hash=cp.head_hash,
             kme_id=cp.kme_id,
@@ -158,8 +258,16 @@ def insert_checkpoint(conn: Connection, cp: Checkpoint) -> None:
     )
 
 
-def read_checkpoints(conn: Connection) -> list[Checkpoint]:
+def read_checkpoints(conn: Connection) -> list[AnyCheckpoint]:
+    """Legacy (unchained) checkpoints by seq, then the chained ones by number."""
+    rows = conn.execute(
+        select(audit_checkpoints).order_by(
+            audit_checkpoints.c.number.is_not(None), audit_checkpoints.c.number, audit_checkpoints.c.upto_seq
+        )
+    )
     return [
-        Checkpoint(r.upto_seq, r.head_hash, r.kme_id, r.key_version, r.algorithm, r.at, r.signature)
-        for r in conn.execute(select(audit_checkpoints).order_by(audit_checkpoints.c.upto_seq))
+        LegacyCheckpoint(r.upto_seq, r.head_hash, r.kme_id, r.key_version, r.algorithm, r.at, r.signature)
+        if r.number is None
+        else _chained(r)
+        for r in rows
     ]

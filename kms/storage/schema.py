@@ -216,9 +216,16 @@ class AuditHead(Base):
 
 
 class AuditCheckpoint(Base):
+    """A signed checkpoint. Since migration 0009 they form a chain: ``number`` 1, 2, ... each signing
+    ``prev_hash`` (the previous checkpoint's hash) and its range ``from_seq..upto_seq``. Rows from
+    before 0009 keep NULL there (legacy, unchained)."""
+
     __tablename__ = "audit_checkpoints"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    number: Mapped[int | None] = mapped_column(BigInteger, nullable=True, unique=True, index=True)
+    prev_hash: Mapped[str | None] = mapped_column(String(96), nullable=True)
+    from_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     upto_seq: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
     head_hash: Mapped[str] = mapped_column(String(96), nullable=False)
     kme_id: Mapped[str] = mapped_column(String(64), nullable=False)
