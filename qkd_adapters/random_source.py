@@ -94,7 +94,10 @@ class RandomTestSource:
         n = self._block_bits // 8
         if self._seed_key is None:
             return os.urandom(n)
-        nonce = self._counter.to_bytes(16, "big")
+        # The block number is the high half of CTR's initial counter block, so each block's keystream
+        # starts 2^64 AES blocks after the previous one's: blocks never share bits. (The whole counter
+        # block once was the number, making block k+1 block k shifted by 16 bytes: repeated keys.)
+        nonce = self._counter.to_bytes(8, "big") + bytes(8)
         encryptor = Cipher(algorithms.AES(self._seed_key), modes.CTR(nonce)).encryptor()
         return encryptor.update(bytes(n)) + encryptor.finalize()
 
