@@ -448,7 +448,7 @@ class KeyDeliveryService:
             at = datetime.now(UTC)
             try:
                 with savepoint(conn, "qkms_prepared"):
-                    if not pool.consume_if_unchanged(conn, rows, slave.sae_id, at):
+                    if not pool.consume_if_unchanged(conn, rows, slave.sae_id, at, self._redeliver_until(at)):
                         raise _Changed
             except _Changed:
                 return self._serve(conn, slave, master_sae_id, key_ids, at)
@@ -468,14 +468,65 @@ class KeyDeliveryService:
         reasons = {k: _why_unavailable(stored[k], slave.sae_id, now) for k in key_ids}
         gone = [{"key_ID": k, "reason": r} for k, r in reasons.items() if r]
         if gone:
+            if self._redeliverable(stored, key_ids, slave.sae_id, now):
+                return self._redeliver(conn, stored, slave, master_sae_id, key_ids)
             raise InvalidRequest(errors.MSG_KEYS_NOT_FOUND, gone)
         delivered = self._recover_all(conn, stored, key_ids)
-        consumed = pool.mark_served(conn, (stored[k] for k in key_ids), slave.sae_id, now)
+        consumed = pool.mark_served(
+            conn, (stored[k] for k in key_ids), slave.sae_id, now, self._redeliver_until(now)
+        )
         entry: AuditEntry = (
             f"sae:{slave.sae_id}",
             "keys.delivered",
             f"{master_sae_id}->{slave.sae_id}",
             {"key_IDs": key_ids, "consumed": consumed},
+        )
+        return delivered, [entry]
+
+    # -- redelivery window ----------------------------------------------------------------------
+    def _redeliver_until(self, at: datetime) -> datetime | None:
+        """Until when keys consumed at ``at`` keep their sealed material for a lost answer."""
+        window = self.cfg.redelivery_seconds
+        return at + timedelta(seconds=window) if window > 0 else None
+
+    def _redeliverable(
+        self, stored: Mapping[str, pool.StoredKey], key_ids: list[str], slave_sae_id: str, now: datetime
+    ) -> bool:
+        """Whether the request is a retry by a slave whose answer was lost: every key already
+        served to *this* SAE less than ``pool.redelivery_seconds`` ago and still held (consumed
+        inside its window, or a multicast key still reserved for other slaves). All or nothing:
+        a request mixing such keys with others gets today's answer."""
+        window = timedelta(seconds=self.cfg.redelivery_seconds)
+        if not window:
+            return False
+        for k in key_ids:
+            key = stored[k]
+            served = key.recipients.get(slave_sae_id)
+            if (
+                served is None
+                or served + window <= now
+                or key.state not in _REDELIVERABLE_STATES
+                or key.expires_at <= now
+                or (key.material is None and key.policy != POLICY_FALLBACK)
+            ):
+                return False
+        return True
+
+    def _redeliver(
+        self,
+        conn: Connection,
+        stored: Mapping[str, pool.StoredKey],
+        slave: SaeInfo,
+        master_sae_id: str,
+        key_ids: list[str],
+    ) -> tuple[list[DeliveredKey], list[AuditEntry]]:
+        """The same keys again, identical bytes, changing no key row: audited as its own action."""
+        delivered = self._recover_all(conn, stored, key_ids)
+        entry: AuditEntry = (
+            f"sae:{slave.sae_id}",
+            "keys.redelivered",
+            f"{master_sae_id}->{slave.sae_id}",
+            {"key_IDs": key_ids},
         )
         return delivered, [entry]
 
@@ -608,6 +659,9 @@ def _consumed_entry(slave: SaeInfo, master_sae_id: str, key_ids: list[str]) -> A
         f"{master_sae_id}->{slave.sae_id}",
         {"key_IDs": key_ids, "consumed": key_ids},
     )
+
+
+_REDELIVERABLE_STATES = frozenset({KeyState.CONSUMED.value, KeyState.RESERVED.value})
 
 
 def _why_unavailable(key: pool.StoredKey, slave_sae_id: str, now: datetime) -> str | None:

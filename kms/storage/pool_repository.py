@@ -687,9 +687,17 @@ def _member_material(material: bytes | None, count: int, index: int) -> bytes | 
     return bytes(material[index * step : (index + 1) * step])
 
 
-def mark_served(conn: Connection, served: Iterable[StoredKey], slave_sae_id: str, at: datetime) -> list[str]:
+def mark_served(
+    conn: Connection,
+    served: Iterable[StoredKey],
+    slave_sae_id: str,
+    at: datetime,
+    redeliver_until: datetime | None = None,
+) -> list[str]:
     """Record delivery to ``slave_sae_id``; a key whose every slave is served is consumed and its
-    material zeroised. Returns the key_IDs consumed."""
+    material zeroised — or, with ``redeliver_until`` after ``at``, kept until then (its
+    ``expires_at``) for a slave whose answer was lost (:func:`consuming`). Returns the key_IDs
+    consumed."""
     served = list(served)
     if not served:
         return []
@@ -703,6 +711,7 @@ def mark_served(conn: Connection, served: Iterable[StoredKey], slave_sae_id: str
                 k.row_id, k.row_count = k.key_id, 1
     raw = Raw(conn)
     now = raw.ts(at)
+    closing, until = consuming(raw, at, redeliver_until)
     done = [
         k.key_id
         for k in served
@@ -719,10 +728,9 @@ def mark_served(conn: Connection, served: Iterable[StoredKey], slave_sae_id: str
     ):
         if ids:
             where, params = raw.in_list("key_id", ids)
-            closing = ", state = 'consumed', material = NULL, closed_at = ?" if consume else ""
             raw.execute(
-                f"UPDATE keys SET served_at = ?{closing} WHERE {where}",
-                [now, now, *params] if consume else [now, *params],
+                f"UPDATE keys SET served_at = ?{', ' + closing if consume else ''} WHERE {where}",
+                [now, until, now, *params] if consume else [now, *params],
             )
     if extra:
         where, params = raw.in_list("key_id", extra)
@@ -733,32 +741,49 @@ def mark_served(conn: Connection, served: Iterable[StoredKey], slave_sae_id: str
         closing_ids = [i for i in extra if i in finished]
         if closing_ids:
             where, params = raw.in_list("key_id", closing_ids)
-            raw.execute(
-                f"UPDATE keys SET state = 'consumed', material = NULL, closed_at = ? WHERE {where}",
-                [now, *params],
-            )
+            raw.execute(f"UPDATE keys SET {closing} WHERE {where}", [until, now, *params])
     return done
 
 
-def consume_if_unchanged(conn: Connection, row_ids: Sequence[str], slave_sae_id: str, at: datetime) -> bool:
+def consuming(raw: Raw, at: datetime, redeliver_until: datetime | None) -> tuple[str, Any]:
+    """The SET clause that consumes a key at ``at`` and its ``expires_at`` parameter (the clause
+    then takes ``closed_at``). For a consumed key ``expires_at`` is the end of its redelivery
+    window: ``redeliver_until`` when that is after ``at`` (material kept, sealed, until the sweep
+    zeroises it: :func:`close_redelivery_windows`), else ``at`` itself (material zeroised now)."""
+    if redeliver_until is not None and redeliver_until > at:
+        return "state = 'consumed', expires_at = ?, closed_at = ?", raw.ts(redeliver_until)
+    return "state = 'consumed', material = NULL, expires_at = ?, closed_at = ?", raw.ts(at)
+
+
+def consume_if_unchanged(
+    conn: Connection,
+    row_ids: Sequence[str],
+    slave_sae_id: str,
+    at: datetime,
+    redeliver_until: datetime | None = None,
+) -> bool:
     """Serve and consume the rows (single keys or whole runs, :func:`whole_rows`) of single-slave
     keys read earlier, outside this transaction, as reserved for ``slave_sae_id``: True if every
-    one of them still was (and now is consumed, material zeroised); False if any was not — the
-    caller then rolls back to its savepoint, since some rows may have been updated."""
+    one of them still was (and now is consumed, material zeroised or kept for redelivery as in
+    :func:`mark_served`); False if any was not — the caller then rolls back to its savepoint,
+    since some rows may have been updated."""
     raw = Raw(conn)
     now = raw.ts(at)
+    closing, until = consuming(raw, at, redeliver_until)
     where, params = raw.in_list("key_id", row_ids)
     cur = raw.execute(
-        f"UPDATE keys SET served_at = ?, state = 'consumed', material = NULL, closed_at = ? WHERE {where}"
+        f"UPDATE keys SET served_at = ?, {closing} WHERE {where}"
         " AND state = 'reserved' AND served_at IS NULL AND slave_sae_id = ? AND NOT multicast"
         " AND (material IS NOT NULL OR policy = ?) AND expires_at > ?",
-        [now, now, *params, slave_sae_id, POLICY_FALLBACK, now],
+        [now, until, now, *params, slave_sae_id, POLICY_FALLBACK, now],
     )
     return int(cur.rowcount) == len(row_ids)
 
 
 def expire_reserved(conn: Connection, now: datetime, actor: str, limit: int = 1000) -> list[str]:
-    """Zeroise reserved keys whose TTL has passed. Returns the expired key_IDs."""
+    """Zeroise reserved keys whose TTL has passed, and the material of consumed keys whose
+    redelivery window has (:func:`close_redelivery_windows`). Returns the expired key_IDs."""
+    close_redelivery_windows(conn, now, limit)
     rows = conn.execute(
         select(keys.c.key_id, keys.c.key_count)
         .where(keys.c.state == KeyState.RESERVED.value, keys.c.expires_at < now)
@@ -778,6 +803,44 @@ def expire_reserved(conn: Connection, now: datetime, actor: str, limit: int = 10
         events.add("key", key_id, KeyState.RESERVED, KeyState.EXPIRED, actor, "TTL passed; material zeroised")
     events.flush(conn)
     return expired
+
+
+# Consumed keys still holding material, by the end of their window: the partial index
+# ix_keys_redelivery (migration 0010) holds exactly these rows, so the sweep and the check read only
+# them. Literal predicates, so that SQLite matches the index's WHERE clause.
+_HELD_CONSUMED = "state = 'consumed' AND material IS NOT NULL"
+
+
+def close_redelivery_windows(conn: Connection, now: datetime, limit: int = 1000) -> int:
+    """Zeroise the material of up to ``limit`` rows of consumed keys whose redelivery window ended
+    by ``now`` (the rest wait for the next sweep); the metadata stays. Returns the rows zeroised."""
+    raw = Raw(conn)
+    rows = raw.all(
+        f"SELECT key_id FROM keys WHERE {_HELD_CONSUMED} AND expires_at <= ? ORDER BY expires_at"
+        f" LIMIT {int(limit)}" + raw.for_update(skip_locked=True),
+        (raw.ts(now),),
+    )
+    if not rows:
+        return 0
+    where, params = raw.in_list("key_id", [r[0] for r in rows])
+    raw.execute(f"UPDATE keys SET material = NULL WHERE {where} AND state = 'consumed'", params)
+    return len(rows)
+
+
+def consumed_material_overdue(conn: Connection, now: datetime, limit: int | None = None) -> list[str]:
+    """The key_IDs (run members each) of consumed keys still holding material although their
+    redelivery window ended before ``now`` — a broken promise, for ``qkms db check``. The sweep
+    runs every ``pool.expiry_sweep_seconds``, so a checker should pass ``now`` minus a grace of a
+    few sweeps; consumed keys inside their window legitimately hold material."""
+    raw = Raw(conn)
+    cap = "" if limit is None else f" LIMIT {int(limit)}"
+    rows = raw.all(
+        # The index's order (ORDER BY key_id would walk the whole table on SQLite).
+        f"SELECT key_id, key_count FROM keys WHERE {_HELD_CONSUMED} AND expires_at < ?"
+        f" ORDER BY expires_at{cap}",
+        (raw.ts(now),),
+    )
+    return sorted(members(rows))
 
 
 def key_records(conn: Connection, key_ids: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:

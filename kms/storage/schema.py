@@ -125,6 +125,14 @@ class KeyRow(Base):
             postgresql_where=text("state IN ('reserved', 'suspended')"),
             sqlite_where=text("state IN ('reserved', 'suspended')"),
         ),
+        # Consumed keys still holding material, by the end of their redelivery window (migration
+        # 0010): what the expiry sweep zeroises and ``qkms db check`` inspects.
+        Index(
+            "ix_keys_redelivery",
+            "expires_at",
+            postgresql_where=text("state = 'consumed' AND material IS NOT NULL"),
+            sqlite_where=text("state = 'consumed' AND material IS NOT NULL"),
+        ),
     )
 
     # A run (key_count > 1, migration 0008): the keys one request cut from one block, stored as one
@@ -148,6 +156,8 @@ class KeyRow(Base):
     material: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     kek_id: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # Reserved: the end of the TTL. Consumed: the end of the redelivery window, until which the
+    # sealed material may be kept for a slave whose answer was lost (its consumption time if none).
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

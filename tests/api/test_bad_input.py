@@ -136,11 +136,17 @@ def test_missing_key_id_query(kme: RunningKme) -> None:
 
 def test_already_consumed_key(kme: RunningKme) -> None:
     key_id = _enc(kme).json()["keys"][0]["key_ID"]
+    fresh = _enc(kme).json()["keys"][0]["key_ID"]
     assert kme.client(S).get(f"/api/v1/keys/{M}/dec_keys", params={"key_ID": key_id}).status_code == 200
-    resp = kme.client(S).get(f"/api/v1/keys/{M}/dec_keys", params={"key_ID": key_id})
+    # With a fresh key beside it the request is no retry (which the redelivery window would answer):
+    # the consumed key is refused, and the fresh one is not served either.
+    resp = kme.client(S).post(
+        f"/api/v1/keys/{M}/dec_keys", json={"key_IDs": [{"key_ID": key_id}, {"key_ID": fresh}]}
+    )
     body = _error(resp, 400)
     assert body["message"] == "one or more keys specified are not found on KME"
     assert body["details"] == [{"key_ID": key_id, "reason": "key is consumed"}]
+    assert kme.client(S).get(f"/api/v1/keys/{M}/dec_keys", params={"key_ID": fresh}).status_code == 200
 
 
 def test_wrong_master_in_path_is_not_found(kme: RunningKme) -> None:
@@ -248,10 +254,16 @@ def test_the_lean_path_and_the_framework_path_answer_alike(kme: RunningKme) -> N
             f"/api/v1/keys/{M}/dec_keys{suffix}", json={"key_IDs": [{"key_ID": i} for i in ids]}
         )
         assert fetched.json() == ok.json()
+        # ids[0] alone would be a retry inside the redelivery window (served again); beside a fresh
+        # key it is refused as consumed.
+        fresh = client.post(url, json={"number": 1, "size": 128}).json()["keys"][0]["key_ID"]
         refused = [
             client.post(url, json={"size": 100}),
             client.post(url, json={"number": 1, "extension_mandatory": [{"x": 1}]}),
-            kme.client(S).post(f"/api/v1/keys/{M}/dec_keys{suffix}", json={"key_IDs": [{"key_ID": ids[0]}]}),
+            kme.client(S).post(
+                f"/api/v1/keys/{M}/dec_keys{suffix}",
+                json={"key_IDs": [{"key_ID": ids[0]}, {"key_ID": fresh}]},
+            ),
             kme.client(T).post(f"/api/v1/keys/{M}/dec_keys{suffix}", json={"key_IDs": [{"key_ID": ids[0]}]}),
         ]
         by_path[suffix] = [(r.status_code, r.text.replace(ids[0], "<key_ID>")) for r in refused]

@@ -40,7 +40,9 @@ def rt(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Runtime]:
         [M, S, T],
         link_source="random",
         database_url=database_url(request.param, request),
-        pool_overrides={"max_pool_bits": 1 << 20},
+        # No redelivery window: these tests judge a second fetch by the same slave as refused
+        # (tests/unit/test_redelivery.py covers the window, on the prepared path too).
+        pool_overrides={"max_pool_bits": 1 << 20, "redelivery_seconds": 0},
     )
     runtime = build_runtime(KmsSettings.load(res.config_path))
     runtime.make_filler().fill_once()
