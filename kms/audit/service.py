@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kms.audit.anchors import AnchorFile, anchor_problems
+from kms.audit.anchors import AnchorFile, AnchorFileError, anchor_problems
 from kms.audit.chain import (
     DEFAULT_WINDOW,
     AnyCheckpoint,
@@ -149,7 +149,7 @@ def check_anchors(
     chained = [c for c in checkpoints if isinstance(c, Checkpoint)]
     try:
         anchored = anchors.read()
-    except (OSError, ValueError) as exc:
+    except (OSError, AnchorFileError) as exc:
         report.problems.append(f"anchor file {anchors.path} cannot be read: {exc}")
         return
     report.anchors = len(anchored)

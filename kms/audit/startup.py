@@ -69,6 +69,7 @@ def check_audit_at_start(
         audit.snapshot(conn)
         head = audit.head_row(conn)
         last_record = audit.last_record(conn)
+        stored_count = audit.count_after(conn, 0)
         chained = audit.chained_checkpoints(conn)
         pinned = audit.pinned_records(conn)
         signed_seq = audit.last_checkpoint_seq(conn)
@@ -82,6 +83,10 @@ def check_audit_at_start(
         problems.append(
             f"the audit chain head says seq {head[0]} but the last stored record is seq {stored[0]}"
             " (records deleted or inserted behind the head)"
+        )
+    if stored_count != stored[0]:
+        problems.append(
+            f"{stored_count} records are stored for seq 1..{stored[0]}: records were deleted or inserted"
         )
     if not anchored and chained:
         problems.append(

@@ -173,10 +173,6 @@ def record_at(conn: Connection, seq: int) -> AuditRecord | None:
     return None if row is None else _record(row)
 
 
-def records_after(conn: Connection, seq: int, limit: int) -> list[AuditRecord]:
-    return read_records(conn, since_seq=seq, limit=limit)
-
-
 def count_after(conn: Connection, seq: int) -> int:
     return int(
         conn.execute(
