@@ -90,6 +90,9 @@ class DenialAggregator:
             if len(self._windows) >= self.max_tracked:
                 key = _OVERFLOW
                 window = self._windows.get(key)
+                denial = replace(
+                    denial, fingerprint=_OVERFLOW[0], common_name="", role=None, reason=_OVERFLOW[1]
+                )
         if window is not None and now - window.started < self.window_seconds:
             window.repeats += 1
             window.last = denial

@@ -23,6 +23,7 @@ import pytest
 import tomli_w
 
 from kms import pki
+from kms.api.denials import Denial, DenialAggregator
 from kms.config import KmsSettings
 from kms.launcher import KmeProcess, client_ssl_context, free_port
 from kms.workdir import auditor_credential_paths, init_workdir, sae_credential_paths
@@ -402,3 +403,37 @@ def test_a_flood_of_denials_is_aggregated_and_counted_at_stop(dkme: Kme) -> None
     records = _denials(dkme, fingerprint)
     assert len(records) == 2 and records[1]["data"]["summary"] is True
     assert 1 + records[1]["data"]["repeats"] == 30
+
+
+# -- the aggregation rule, with a clock of our own ---------------------------------------------------
+def _d(fingerprint: str, reason: str = "unpinned") -> Denial:
+    return Denial(fingerprint, "CN", "sae", reason, "GET", "/api/v1/keys/SAE-S/status")
+
+
+def test_aggregator_records_once_per_certificate_and_reason_per_window() -> None:
+    now = [0.0]
+    agg = DenialAggregator(window_seconds=60.0, clock=lambda: now[0])
+    assert [d.repeats for d in agg.note(_d("a"))] == [0]
+    assert agg.note(_d("a")) == [] and agg.note(_d("a")) == []
+    assert [d.reason for d in agg.note(_d("a", "other reason"))] == ["other reason"]
+    now[0] = 61.0
+    (next_record,) = agg.note(_d("a"))
+    assert next_record.repeats == 2 and not next_record.summary  # the two counted ones
+    agg.note(_d("a"))
+    (summary,) = agg.flush()
+    assert summary.summary and summary.repeats == 1 and agg.flush() == []
+
+
+def test_aggregator_is_bounded_and_overflows_into_one_bucket() -> None:
+    now = [0.0]
+    agg = DenialAggregator(window_seconds=60.0, max_tracked=4, clock=lambda: now[0])
+    written = [r for i in range(4) for r in agg.note(_d(f"fp{i}"))]
+    agg.note(_d("fp0"))  # counted
+    written += [r for i in range(4, 100) for r in agg.note(_d(f"fp{i}"))]
+    assert len(written) == 5 and written[4].fingerprint == "*"  # then one record for 96 more
+    assert len(agg._windows) == 5
+    now[0] = 61.0
+    evicted = agg.note(_d("fresh"))
+    summaries = {(r.fingerprint, r.repeats) for r in evicted if r.summary}
+    assert summaries == {("fp0", 1), ("*", 95)}  # 96 overflowed: one recorded, 95 counted
+    assert evicted[-1].fingerprint == "fresh" and len(agg._windows) <= 5
