@@ -13,6 +13,7 @@ import socket
 import ssl
 import time
 import tomllib
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,6 +337,11 @@ def test_ordinary_requests_still_work_on_one_kept_alive_connection(kme: Kme) -> 
             time.sleep(0.3)
         long_ok = sae.get("/api/v1/keys/SAE-S/status", headers={"X-Long": "v" * 7000})
         assert long_ok.status_code == 200
+        # The default URL limit leaves room for a GET naming max_key_per_request (128) key_IDs:
+        # refused for what the keys are (not found), not for the URL's length.
+        ids = [str(uuid.uuid4()) for _ in range(128)]
+        many = sae.get("/api/v1/keys/SAE-S/dec_keys", params={"key_ID": ids})
+        assert many.status_code == 400 and "not found" in many.json()["message"]
 
 
 # -- finding 5: refused authentications are logged and audited -------------------------------------
