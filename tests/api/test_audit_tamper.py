@@ -12,6 +12,7 @@ records, checkpoints, keys and anchors one way each and checks every one is dete
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -150,8 +151,6 @@ def _rechain(conn: Connection, keep: Callable[[str], bool]) -> int:
         if r.seq < first or not keep(r.action):
             continue
         seq += 1
-        import json
-
         body = {"seq": seq, "at": r.at, "actor": r.actor, "action": r.action, "subject": r.subject}
         body["data"] = json.loads(r.data)
         digest = record_hash(body, prev)
@@ -321,7 +320,6 @@ def _anchor_lines(config: Path, change: Callable[[list[bytes]], list[bytes]]) ->
 
 
 def _edit_anchor(lines: list[bytes]) -> list[bytes]:
-    import json
 
     obj = json.loads(lines[1])
     obj["hash"] = "cd" * 48
@@ -329,7 +327,6 @@ def _edit_anchor(lines: list[bytes]) -> list[bytes]:
 
 
 def _forge_anchor(lines: list[bytes]) -> list[bytes]:
-    import json
 
     last = json.loads(lines[-1])
     forged = {**last, "number": last["number"] + 1, "from_seq": last["upto_seq"] + 1}
@@ -411,3 +408,42 @@ def test_every_tampering_is_detected(site: Site, tmp_path: Path, kind: str) -> N
             assert start_refuses is None, f"{kind}: the KME would have started"
     finally:
         rt.close()
+
+
+def test_offline_verify_of_a_truncated_export_fails_only_with_the_anchors(site: Site, tmp_path: Path) -> None:
+    """An export cut back to an earlier checkpoint is self-consistent; the anchor file exposes it."""
+    config = _clone(site, tmp_path)
+    out = tmp_path / "audit.json"
+    pub = tmp_path / "pub.json"
+    for args in (("audit", "export", "--out", str(out)), ("keys", "export-public", "--out", str(pub))):
+        res = subprocess.run(
+            [sys.executable, "-m", "kms", *args, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    keep = data["checkpoints"][1]["upto_seq"]
+    data["checkpoints"] = data["checkpoints"][:2]
+    data["records"] = [r for r in data["records"] if r["seq"] <= keep]
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps(data))
+    offline = [sys.executable, "-m", "kms", "audit", "verify", "--file", str(cut), "--public-key", str(pub)]
+    plain = subprocess.run(
+        offline, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"}
+    )
+    assert plain.returncode == 0 and "no anchor file checked" in plain.stdout, plain.stdout
+    anchors = str(_anchors(config))
+    anchored = subprocess.run(
+        [*offline, "--anchors", anchors],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "400"},
+    )
+    assert (
+        anchored.returncode == 1
+        and "checkpoint #3" in anchored.stdout
+        and "audit truncated" in anchored.stdout
+    )
