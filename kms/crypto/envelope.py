@@ -18,6 +18,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KEK_BYTES = 32
 _NONCE_BYTES = 12
+_TAG_BYTES = 16
+
+
+def sealed_length(plaintext_bytes: int) -> int:
+    """The stored length of ``plaintext_bytes`` sealed (nonce, ciphertext, tag): what ``qkms db
+    check`` expects of every stored key's material."""
+    return _NONCE_BYTES + plaintext_bytes + _TAG_BYTES
 
 
 class KekError(RuntimeError):

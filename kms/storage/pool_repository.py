@@ -174,9 +174,13 @@ def stored_bits_by_link(conn: Connection) -> dict[str, int]:
 
 
 def count_available_keys(conn: Connection, target_kme_id: str, key_size: int) -> int:
-    """Keys of ``key_size`` bits that the active pool toward ``target_kme_id`` could serve now."""
+    """Keys of ``key_size`` bits that the active pool toward ``target_kme_id`` could serve now.
+
+    Floor division per block (``//``): a key never spans two blocks, so the fractions of keys left in
+    several blocks add up to nothing servable. (SQLAlchemy 2's ``/`` is true division: summing
+    0.75 + 0.25 reported a key that Get key then refused with 503.)"""
     stmt = (
-        select(func.coalesce(func.sum((key_blocks.c.bit_length - key_blocks.c.next_bit) / key_size), 0))
+        select(func.coalesce(func.sum((key_blocks.c.bit_length - key_blocks.c.next_bit) // key_size), 0))
         .select_from(key_blocks.join(links, links.c.id == key_blocks.c.link_id))
         .where(
             links.c.peer_kme_id == target_kme_id,
@@ -393,7 +397,10 @@ def insert_reserved_keys(
             " ?::varchar, ?::timestamptz, ?::timestamptz, ?::boolean, ?::varchar, ?::json"
         )
         ids, blocks, offsets, materials, counts = (list(col) for col in zip(*varying, strict=True))
-        packed = _pack_pg(ids, blocks, offsets, materials) if len(varying) > 1 else None
+        # Only rows of one key each may take the packed form: it writes a key_count of 1, so a run
+        # row there (a request straddling two blocks: 2+2 keys of equal sealed length) lost keys.
+        single = all(c == 1 for c in counts)
+        packed = _pack_pg(ids, blocks, offsets, materials) if single and len(varying) > 1 else None
         if packed is not None:
             # Many single keys (multicast): the per-key columns as three joined texts and one
             # concatenation of equal-length sealed materials, not four arrays to build.

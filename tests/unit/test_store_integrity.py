@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,11 @@ def test_db_check_passes_a_healthy_store_and_names_each_broken_invariant(site: t
         conn.execute(update(keys).where(keys.c.key_id == ids[2]).values(bit_offset=first.bit_offset))
         conn.execute(update(keys).where(keys.c.key_id == ids[3]).values(block_id=10**9))
         conn.execute(update(keys).where(keys.c.key_id == ids[4]).values(bit_offset=10**8))
-        conn.execute(update(keys).where(keys.c.key_id == ids[0]).values(material=b"\x00" * 60))
+        # (its redelivery window over: expires_at is the window's end for a consumed key).
+        past = datetime.now(UTC) - timedelta(hours=1)
+        conn.execute(
+            update(keys).where(keys.c.key_id == ids[0]).values(material=b"\x00" * 60, expires_at=past)
+        )
         # A run stored under its second member's ID instead of its first.
         conn.execute(update(keys).where(keys.c.key_id == run[0].key_id).values(key_id=run[1].key_id))
     with runtime.db.read() as conn:
@@ -115,4 +120,37 @@ def test_db_check_passes_a_healthy_store_and_names_each_broken_invariant(site: t
 
     broken = _db_check(config)
     assert broken.returncode == 1
-    assert broken.stdout.count("BROKEN") == 5
+    assert found["run IDs consistent"].examples == (run[1].key_id,)  # the renamed run holds itself twice
+    assert broken.stdout.count("BROKEN") == 6, broken.stdout
+
+
+def test_db_check_opens_material_and_accounts_for_every_consumed_key(site: tuple[Runtime, Path]) -> None:
+    """The checks issue 13 added: material lengths, material that no longer opens with the KEK,
+    consumption without an audit record, a key reachable through two rows."""
+    runtime, _ = site
+    master, slave = runtime.registry.get(M), runtime.registry.get(S)
+    assert master is not None and slave is not None
+    issued = runtime.service.get_keys(master, S, number=5)
+    ids = [k.key_id for k in issued]
+    runtime.service.get_keys_with_ids(slave, M, ids[:1])
+    with runtime.db.read() as conn:
+        assert all(c.passed for c in run_checks(conn, runtime.envelope))
+        assert all(c.passed for c in run_checks(conn, runtime.envelope, sample=2))
+    single = runtime.service.get_keys(master, S, number=1)[0].key_id
+    with runtime.db.write() as conn:
+        # One key's sealed material one byte short; another's replaced by a third key's (it no
+        # longer authenticates under its own key_ID); a fourth consumed with no delivery record.
+        conn.execute(update(keys).where(keys.c.key_id == single).values(material=b"\x01" * 59))
+        moved = conn.execute(select(keys.c.material).where(keys.c.key_id == ids[3])).scalar_one()
+        conn.execute(update(keys).where(keys.c.key_id == ids[2]).values(material=moved))
+        conn.execute(update(keys).where(keys.c.key_id == ids[1]).values(state="consumed", material=None))
+    with runtime.db.read() as conn:
+        found = {c.name: c for c in run_checks(conn, runtime.envelope)}
+    assert found["material length"].examples == (single,)
+    assert set(found["material opens with the KEK"].examples) == {single, ids[2]}
+    assert found["consumption recorded"].examples == (ids[1],)
+    assert [c.name for c in found.values() if not c.passed] == [
+        "material length",
+        "consumption recorded",
+        "material opens with the KEK",
+    ]
