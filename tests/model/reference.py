@@ -117,11 +117,18 @@ class ReferenceStore:
         keys = [self.keys[k] for k in key_ids]
         if any(slave not in k.slaves for k in keys):
             return Outcome("not_entitled")
-        if all(k.state == "consumed" and k.redeliverable and k.slaves[slave] for k in keys):
+        if all(k.slaves[slave] and self._redeliverable(k) for k in keys):
             return Outcome("redelivered", [k.material for k in keys])
         if any(k.state != "reserved" or k.slaves[slave] for k in keys):
             return Outcome("unavailable")
         return Outcome("ok", [k.material for k in keys])
+
+    def _redeliverable(self, key: Key) -> bool:
+        """A slave already served may fetch again: after the last slave inside the window, or a
+        multicast key still waiting for other slaves."""
+        return (key.state == "consumed" and key.redeliverable) or (
+            key.state == "reserved" and self.redelivery
+        )
 
     def fetched(self, slave: str, key_ids: list[str]) -> None:
         for key_id in key_ids:
