@@ -10,8 +10,8 @@ slaves with the master's bytes, each key's bits exactly where the model cut them
 served twice), states as the model says, Get status' count as the model's, and every
 ``qkms db check`` invariant holding.
 
-Budget: ``QKMS_MODEL_EXAMPLES`` (default 30 on SQLite, 15 on PostgreSQL) examples of up to
-``QKMS_MODEL_STEPS`` (default 40) steps each. Hypothesis prints the failing sequence as a program.
+Budget: ``QKMS_MODEL_EXAMPLES`` (default 20 on SQLite, 12 on PostgreSQL) examples of up to
+``QKMS_MODEL_STEPS`` (default 30) steps each. Hypothesis prints the failing sequence as a program.
 """
 
 from __future__ import annotations
