@@ -10,8 +10,8 @@ slaves with the master's bytes, each key's bits exactly where the model cut them
 served twice), states as the model says, Get status' count as the model's, and every
 ``qkms db check`` invariant holding.
 
-Budget: ``QKMS_MODEL_EXAMPLES`` (default 20 on SQLite, 12 on PostgreSQL) examples of up to
-``QKMS_MODEL_STEPS`` (default 30) steps each. Hypothesis prints the failing sequence as a program.
+Budget: ``QKMS_MODEL_EXAMPLES`` (default 60 on SQLite, 30 on PostgreSQL) examples of up to
+``QKMS_MODEL_STEPS`` (default 40) steps each. Hypothesis prints the failing sequence as a program.
 """
 
 from __future__ import annotations
@@ -61,13 +61,13 @@ STORAGE_BITS = 1024  # small pieces, so requests cross them often
 MIN_KEY = 64
 SIZES = st.sampled_from([64, 128, 192, 256, 512, 1024]) | st.integers(8, 128).map(lambda n: n * 8)
 
-EXAMPLES = {"sqlite": 20, "postgres": 12}
+EXAMPLES = {"sqlite": 60, "postgres": 30}
 
 
 def _budget(backend: str) -> settings:
     return settings(
         max_examples=int(os.environ.get("QKMS_MODEL_EXAMPLES", EXAMPLES[backend])),
-        stateful_step_count=int(os.environ.get("QKMS_MODEL_STEPS", 30)),
+        stateful_step_count=int(os.environ.get("QKMS_MODEL_STEPS", 40)),
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
