@@ -16,27 +16,14 @@ import pytest
 from kms.launcher import KmeProcess, free_port
 from kms.workdir import init_workdir, sae_credential_paths
 from tests.conftest import database_url
+from tests.support.procfs import worker_pids
 
 M, S = "SAE-M", "SAE-S"
 
 
-def _worker_pids(supervisor: int) -> set[int]:
-    """Live worker processes of the supervisor, from /proc (multiprocessing's spawned children)."""
-    pids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(fields[1]) == supervisor and fields[0] != "Z" and b"spawn_main" in cmdline:
-            pids.add(int(stat.parent.name))
-    return pids
-
-
 def _n_workers(supervisor: int, n: int, without: int | None = None) -> set[int] | None:
     """The supervisor's worker PIDs once there are ``n`` of them (and ``without`` is not one)."""
-    pids = _worker_pids(supervisor)
+    pids = worker_pids(supervisor)
     return pids if len(pids) == n and without not in pids else None
 
 

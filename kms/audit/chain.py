@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -76,6 +76,14 @@ def record_hash(body: Mapping[str, Any], prev_hash: bytes) -> bytes:
     return hashlib.sha384(RECORD_LABEL + len(encoded).to_bytes(4, "big") + encoded + prev_hash).digest()
 
 
+def _signed_message(checkpoint: Any) -> bytes:
+    """What a checkpoint signs: every field but the signature, as canonical JSON (sorted keys, so
+    the field order of the class does not matter)."""
+    return canonical_json(
+        {f.name: getattr(checkpoint, f.name) for f in fields(checkpoint) if f.name != "signature"}
+    )
+
+
 @dataclass(frozen=True)
 class LegacyCheckpoint:
     """A pre-0009 signed statement 'the log up to ``upto_seq`` has head hash ``head_hash``' (not chained).
@@ -94,16 +102,7 @@ class LegacyCheckpoint:
     context = CHECKPOINT_CONTEXT
 
     def message(self) -> bytes:
-        return canonical_json(
-            {
-                "upto_seq": self.upto_seq,
-                "head_hash": self.head_hash,
-                "kme_id": self.kme_id,
-                "key_version": self.key_version,
-                "algorithm": self.algorithm,
-                "at": self.at,
-            }
-        )
+        return _signed_message(self)
 
     def to_json(self) -> dict[str, Any]:
         return {**json.loads(self.message()), "signature": self.signature}
@@ -128,19 +127,7 @@ class Checkpoint:
     context = CHAINED_CONTEXT
 
     def message(self) -> bytes:
-        return canonical_json(
-            {
-                "number": self.number,
-                "prev_hash": self.prev_hash,
-                "from_seq": self.from_seq,
-                "upto_seq": self.upto_seq,
-                "head_hash": self.head_hash,
-                "kme_id": self.kme_id,
-                "key_version": self.key_version,
-                "algorithm": self.algorithm,
-                "at": self.at,
-            }
-        )
+        return _signed_message(self)
 
     def hash(self) -> str:
         """What the next checkpoint and the anchor file name: the signed content, not the signature."""

@@ -21,8 +21,7 @@ from sqlalchemy import Connection, text
 
 from kms.crypto.envelope import Envelope, MaterialIntegrityError, sealed_length
 from kms.domain.key_ids import RUN_MAX, run_member
-from kms.storage.pool_repository import block_aad, key_aad
-from kms.storage.rawsql import Raw
+from kms.storage.pool_repository import block_aad, consumed_material_overdue, key_aad
 
 
 @dataclass(frozen=True)
@@ -37,8 +36,8 @@ class IntegrityCheck:
         return self.violations == 0
 
 
-# (name, explanation, SQL yielding one identifying text column per violating row). Parameters:
-# :now (the check's clock), :seal (the sealing overhead in bytes).
+# (name, explanation, SQL yielding one identifying text column per violating row). Parameter:
+# :seal (the sealing overhead in bytes).
 _SQL_CHECKS: tuple[tuple[str, str, str], ...] = (
     (
         "key block exists",
@@ -75,8 +74,8 @@ _SQL_CHECKS: tuple[tuple[str, str, str], ...] = (
     (
         "closed keys zeroised",
         "expired and destroyed keys hold no material; consumed keys only inside their redelivery window",
-        "SELECT key_id FROM keys WHERE material IS NOT NULL AND (state IN ('expired', 'destroyed')"
-        " OR (state = 'consumed' AND expires_at <= :now))",
+        # (consumed keys past their window: pool.consumed_material_overdue, added in run_checks)
+        "SELECT key_id FROM keys WHERE material IS NOT NULL AND state IN ('expired', 'destroyed')",
     ),
     (
         "exhausted blocks zeroised",
@@ -104,7 +103,8 @@ def run_checks(
     ``kme_id`` (this KME's) tells keys settled by a peer KME from keys served here; without it every
     consumed key must have been served here.
     """
-    params = {"now": Raw(conn).ts(now or datetime.now(UTC)), "seal": sealed_length(0)}
+    params = {"seal": sealed_length(0)}
+    extra = {"closed keys zeroised": consumed_material_overdue(conn, now or datetime.now(UTC))}
     out = []
     for name, explanation, sql in _SQL_CHECKS:
         # One pass over the table per check: the window counts every violation before LIMIT.
@@ -112,7 +112,9 @@ def run_checks(
             text(f"SELECT v.*, COUNT(*) OVER () FROM ({sql}) v ORDER BY 1 LIMIT {_EXAMPLES}"), params
         ).all()
         count = int(rows[0][-1]) if rows else 0
-        out.append(IntegrityCheck(name, explanation, count, tuple(str(r[0]) for r in rows)))
+        more = extra.get(name, [])
+        examples = [str(r[0]) for r in rows] + more
+        out.append(IntegrityCheck(name, explanation, count + len(more), tuple(examples[:_EXAMPLES])))
     out.append(
         _found(
             "run IDs consistent", "no key row holds a key_ID that a run row also holds", _run_overlaps(conn)

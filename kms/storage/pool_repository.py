@@ -836,9 +836,8 @@ def close_redelivery_windows(conn: Connection, now: datetime, limit: int = 1000)
 
 def consumed_material_overdue(conn: Connection, now: datetime, limit: int | None = None) -> list[str]:
     """The key_IDs (run members each) of consumed keys still holding material although their
-    redelivery window ended before ``now`` — a broken promise, for ``qkms db check``. The sweep
-    runs every ``pool.expiry_sweep_seconds``, so a checker should pass ``now`` minus a grace of a
-    few sweeps; consumed keys inside their window legitimately hold material."""
+    redelivery window ended before ``now`` — a broken promise, reported by ``qkms db check``
+    (:mod:`kms.storage.integrity`). Consumed keys inside their window legitimately hold material."""
     raw = Raw(conn)
     cap = "" if limit is None else f" LIMIT {int(limit)}"
     rows = raw.all(

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from kms.config import KmsSettings
 from kms.launcher import KmeProcess
+from tests.support.procfs import worker_pids
 
 T = TypeVar("T")
 
@@ -29,7 +30,7 @@ def chaos_seed() -> int:
 
 def redelivery_seconds(config_path: Path) -> float:
     """The redelivery window the KME promises (0 when its config has no such setting, or it is off)."""
-    return float(getattr(KmsSettings.load(config_path).pool, "redelivery_seconds", 0.0))
+    return KmsSettings.load(config_path).pool.redelivery_seconds
 
 
 def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
@@ -47,20 +48,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-
-
-def worker_pids(supervisor: int) -> set[int]:
-    """Live API workers of a ``qkms serve --workers N`` supervisor (its spawned children)."""
-    pids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(fields[1]) == supervisor and fields[0] != "Z" and b"spawn_main" in cmdline:
-            pids.add(int(stat.parent.name))
-    return pids
 
 
 def supervisor_pid(kme: KmeProcess) -> int:

@@ -163,10 +163,3 @@ class ReferenceStore:
             if key.state == "reserved":
                 key.state = "expired"
             key.redeliverable = False
-
-    def served_bits(self) -> dict[str, list[tuple[int, int]]]:
-        """Every key's bit range in its source block, per block."""
-        out: dict[str, list[tuple[int, int]]] = {}
-        for key in self.keys.values():
-            out.setdefault(key.block_id, []).append((key.source_bit, key.source_bit + len(key.material) * 8))
-        return out

@@ -86,9 +86,7 @@ class KeyStoreMachine(RuleBasedStateMachine):
         self.settings = self.base_settings.model_copy(update={"database": db})
         self.rt: Runtime = build_runtime(self.settings)
         cfg = self.settings.pool
-        self.model = ReferenceStore(
-            cfg.storage_block_bits, cfg.min_key_size, getattr(cfg, "redelivery_seconds", 0) > 0
-        )
+        self.model = ReferenceStore(cfg.storage_block_bits, cfg.min_key_size, cfg.redelivery_seconds > 0)
         self.blocks = count()
 
     def teardown(self) -> None:
@@ -211,11 +209,10 @@ class KeyStoreMachine(RuleBasedStateMachine):
     @rule(past_every_ttl=st.booleans())
     def expiry_sweep(self, past_every_ttl: bool) -> None:
         """The sweep now (nothing is due) or as if run after every TTL and redelivery window."""
-        ttl = self.settings.pool.reserved_ttl_seconds + getattr(self.settings.pool, "redelivery_seconds", 0)
+        ttl = self.settings.pool.reserved_ttl_seconds + self.settings.pool.redelivery_seconds
         now = datetime.now(UTC) + (timedelta(seconds=ttl + 60) if past_every_ttl else timedelta())
         with self.rt.db.write() as conn:
-            sweep = getattr(pool, "sweep", None)
-            expired = sweep(conn, now, "model") if sweep else pool.expire_reserved(conn, now, "model")
+            expired = pool.expire_reserved(conn, now, "model")  # closes redelivery windows too
             audit.append(conn, now, [("model", "keys.expired", "pool", {"count": len(expired)})])
         if past_every_ttl:
             self.model.expire_all()
