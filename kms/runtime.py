@@ -20,6 +20,7 @@ from kms.storage.database import Database
 from qkd_adapters.keyblock import FollowerKeySource
 
 if TYPE_CHECKING:
+    from kms.peer.countersign import Countersigner
     from kms.peer.network import PeerNetwork
 
 
@@ -32,6 +33,7 @@ class Runtime:
     identity: KmeIdentity
     service: KeyDeliveryService
     network: PeerNetwork | None = None
+    countersigner: Countersigner | None = None  # with peers: pushes audit checkpoints to them
 
     def reload_registry(self) -> None:
         with self.db.read() as conn:
@@ -96,6 +98,18 @@ def build_network(settings: KmsSettings, runtime: Runtime) -> PeerNetwork | None
     )
     network.service = runtime.service
     runtime.service.remote = network
+    from kms.peer.countersign import CopyKeeper, Countersigner, PeerAudit
+
+    audit_ctx = PeerAudit(
+        settings.kme.id,
+        runtime.db,
+        runtime.identity,
+        directory,
+        settings.config_dir,
+        settings.audit.anchor_dir,
+    )
+    network.extra_handlers.update(CopyKeeper(audit_ctx).handlers())
+    runtime.countersigner = Countersigner(audit_ctx, network.client)
     return network
 
 

@@ -31,7 +31,7 @@ from sqlalchemy import text
 from kms.api.app import create_app
 from kms.api.http_limits import hardened_protocol
 from kms.audit.checkpointer import AuditIntegrityError, CheckpointWriter
-from kms.audit.startup import anchor_file, refuse_unless_audit_intact
+from kms.audit.startup import EXIT_AUDIT_REFUSED, anchor_file, refuse_unless_audit_intact
 from kms.config import KmsSettings, ServerSection
 from kms.ingest import PoolFiller
 from kms.logs import configure_logging
@@ -77,6 +77,10 @@ class Background:
         ]
         if self.runtime.db.is_sqlite:
             self._threads.append(threading.Thread(target=self._wal_checkpoint, name="qkms-wal", daemon=True))
+        if self.runtime.countersigner is not None:
+            self._threads.append(
+                threading.Thread(target=self._countersign, name="qkms-audit-countersign", daemon=True)
+            )
         if (self.fill and self.runtime.settings.links) or self.runtime.network is not None:
             self._threads.append(
                 threading.Thread(target=self._lead_and_fill, name="qkms-filler", daemon=True)
@@ -120,6 +124,18 @@ class Background:
                 log.error("audit_checkpoint_failed", error=type(exc).__name__)
             if stopping:
                 return
+
+    def _countersign(self) -> None:
+        """Send new audit checkpoints to the adjacent peers, who keep copies and countersign them
+        (``kms.peer.countersign``); a peer that is down gets them when it is back."""
+        countersigner = self.runtime.countersigner
+        assert countersigner is not None
+        interval = max(1.0, self.runtime.settings.audit.checkpoint_seconds)
+        while not self._stop.wait(interval):
+            try:
+                countersigner.push()
+            except Exception as exc:
+                log.error("audit_countersign_failed", error=type(exc).__name__)
 
     def _peer_sync(self) -> None:
         """Confirm shared blocks with adjacent KMEs and forget peer nonces past the freshness window."""
@@ -230,9 +246,29 @@ def build_app(settings: KmsSettings, fill: bool = True) -> FastAPI:
     sys.setswitchinterval(0.001)
     runtime = build_runtime(settings, server=True)
     refuse_unless_audit_intact(runtime.db, runtime.identity, settings)  # exits 3 on a rewritten audit
+    refuse_unless_peers_agree(runtime)  # exits 3 when a peer holds checkpoints this database lost
     background = Background(runtime, fill=fill)
     processes = int(os.environ.get(PROCESSES_ENV, "1"))
     return create_app(runtime, lifespan_hooks=(background.start, background.stop), api_processes=processes)
+
+
+def refuse_unless_peers_agree(runtime: Runtime) -> None:
+    """Compare the audit with the copies adjacent peers keep of it; log why and exit 3 if a peer holds
+    a checkpoint this database lacks or holds differently. Unreachable peers are logged, not waited for."""
+    if runtime.countersigner is None:
+        return
+    from kms.peer.countersign import peer_problems
+
+    problems, unreachable = peer_problems(runtime.countersigner.ctx, runtime.countersigner.client)
+    if unreachable:
+        log.warning("audit_not_compared_with_peers", peers=unreachable)
+    if problems:
+        log.error(
+            "audit_start_refused",
+            reason="a peer KME holds audit checkpoints of this KME that the database no longer has",
+            problems=problems,
+        )
+        raise SystemExit(EXIT_AUDIT_REFUSED)
 
 
 def app_from_env() -> FastAPI:

@@ -85,10 +85,14 @@ def _complete_lines(data: bytes, path: Path, skip_first: bool) -> list[Anchor]:
     return out
 
 
-def read_anchors(path: Path) -> list[Anchor]:
-    """Every anchor in the file, checked to follow on each other (numbers and ranges)."""
+def read_anchors(path: Path, from_first: bool = True) -> list[Anchor]:
+    """Every anchor in the file, checked to follow on each other (numbers and ranges).
+
+    ``from_first=False`` for a peer's copy, which starts at whichever checkpoint the peer first saw."""
     anchors = _complete_lines(path.read_bytes(), path, skip_first=False)
     prev_number, prev_upto = 0, 0
+    if anchors and not from_first:
+        prev_number, prev_upto = anchors[0].number - 1, anchors[0].from_seq - 1
     for a in anchors:
         if a.number != prev_number + 1 or a.from_seq != prev_upto + 1 or a.upto_seq < a.from_seq:
             raise AnchorFileError(
@@ -102,9 +106,10 @@ def read_anchors(path: Path) -> list[Anchor]:
 class AnchorBook:
     """The anchor file while this process holds its lock: the last anchor, and appends."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, from_first: bool = True) -> None:
         self.path = path
         self._fd = fd
+        self.from_first = from_first
         self.last = self._read_last()
 
     def _read_last(self) -> Anchor | None:
@@ -125,7 +130,7 @@ class AnchorBook:
         if not anchors:
             return
         expected = (self.last.number if self.last else 0) + 1
-        if anchors[0].number != expected:
+        if anchors[0].number != expected and (self.last is not None or self.from_first):
             raise AnchorFileError(f"{self.path}: anchor #{anchors[0].number} does not follow #{expected - 1}")
         os.write(self._fd, b"".join(a.line() for a in anchors))
         os.fsync(self._fd)
@@ -133,14 +138,18 @@ class AnchorBook:
 
 
 class AnchorFile:
-    def __init__(self, path: Path) -> None:
+    """A KME's own anchor file (numbered from checkpoint #1), or with ``from_first=False`` a copy kept
+    for a peer KME (``kms.audit.peer_copies``), which starts where the peering started."""
+
+    def __init__(self, path: Path, from_first: bool = True) -> None:
         self.path = path
+        self.from_first = from_first
 
     def exists(self) -> bool:
         return self.path.exists()
 
     def read(self) -> list[Anchor]:
-        return read_anchors(self.path) if self.path.exists() else []
+        return read_anchors(self.path, self.from_first) if self.path.exists() else []
 
     def create(self) -> None:
         """Create the directory (0700) and an empty file (0600) if missing, durably."""
@@ -166,7 +175,7 @@ class AnchorFile:
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield AnchorBook(self.path, fd)
+            yield AnchorBook(self.path, fd, self.from_first)
         finally:
             os.close(fd)  # releases the lock
 

@@ -112,7 +112,8 @@ def audit_verify(
         Path | None,
         typer.Option(
             "--anchors",
-            help="An anchor file (<KME>.anchors.jsonl) to check against; with --config the KME's own is the default.",
+            help="An anchor file (<KME>.anchors.jsonl, or a peer's copy of it from its"
+            " peer-copies/ directory) to check against; with --config the KME's own is the default.",
         ),
     ] = None,
 ) -> None:
@@ -122,7 +123,9 @@ def audit_verify(
     from kms.audit.service import load_public_keys, report_json, verify_export
     from kms.crypto.pqc.registry import get_signature_provider
 
-    anchor_file = AnchorFile(anchors) if anchors is not None else None
+    # A peer's copy (<anchor dir>/peer-copies/<KME>.anchors.jsonl at the peer) starts wherever the
+    # peering started, so any anchor file given may start after checkpoint #1.
+    anchor_file = AnchorFile(anchors, from_first=False) if anchors is not None else None
     if anchors is not None and not anchors.is_file():
         raise typer.BadParameter(f"--anchors: no file {anchors}")
     if file is not None:
@@ -138,6 +141,13 @@ def audit_verify(
         rt, service = _audit_service(config)
         try:
             report = service.verify(anchor_file)
+            if rt.countersigner is not None:
+                from kms.peer.countersign import receipt_report
+
+                countersigned, receipt_problems = receipt_report(rt.countersigner.ctx)
+                report.problems.extend(receipt_problems)
+                for line in countersigned:
+                    console.print(f"countersigned: {line}")
         finally:
             rt.close()
     else:

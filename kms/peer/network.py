@@ -23,7 +23,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -84,6 +84,8 @@ class PeerNetwork:
         self._batchers: dict[str, LedgerBatcher] = {}
         self._batchers_lock = threading.Lock()
         self._own_edges_cache: tuple[float, list[Edge]] | None = None
+        # Handlers of other peer services (audit copies: ``kms.peer.countersign``), by message type.
+        self.extra_handlers: dict[str, Callable[[PeerMessage], dict[str, Any]]] = {}
 
     def _batcher(self, peer_id: str) -> LedgerBatcher:
         with self._batchers_lock:
@@ -426,6 +428,7 @@ class PeerNetwork:
             "blocks.announce": self._on_announce,
             "topology": self._on_topology,
             "pieces.claim": self._on_claim,
+            **self.extra_handlers,
         }
         handler = handlers.get(message.type)
         if handler is None:

@@ -245,6 +245,21 @@ class AuditCheckpoint(Base):
     signature: Mapped[str] = mapped_column(Text, nullable=False)
 
 
+class AuditCountersignature(Base):
+    """A peer KME's receipt: it holds a copy of this KME's checkpoint chain up to ``number``
+    (``kms.audit.peer_copies``). The newest receipt per peer is what matters (the chain hashes back)."""
+
+    __tablename__ = "audit_countersignatures"
+
+    peer_kme_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    number: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    checkpoint_hash: Mapped[str] = mapped_column(String(96), nullable=False)
+    key_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    algorithm: Mapped[str] = mapped_column(String(32), nullable=False)
+    signature: Mapped[str] = mapped_column(Text, nullable=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 class KeyRecipient(Base):
     """An *additional* slave SAE entitled to a multicast key (the named slave is on the key row)."""
 
@@ -299,4 +314,5 @@ kme_keys = cast(Table, KmeKey.__table__)
 audit_records = cast(Table, AuditRecordRow.__table__)
 audit_head = cast(Table, AuditHead.__table__)
 audit_checkpoints = cast(Table, AuditCheckpoint.__table__)
+audit_countersignatures = cast(Table, AuditCountersignature.__table__)
 peer_messages = cast(Table, PeerMessage.__table__)
