@@ -52,7 +52,7 @@ def build_source(link: LinkSection, base_dir: Path | None = None) -> KeySource:
     from qkd_adapters.sim.link import SimulatedLink
 
     try:
-        # The devices' classical channel is authenticated with ML-DSA (DESIGN.md #5).
+        # The devices' classical channel is authenticated with ML-DSA (docs/DECISIONS.md D-5).
         authenticator = device_authenticator(str(options.pop("channel_auth", "ml-dsa-session")), link.id)
         source: KeySource = SimulatedLink(link_id=link.id, authenticator=authenticator, **options)
     except (TypeError, ValueError) as exc:

@@ -1,4 +1,4 @@
-"""The audit hash chain, the checkpoint chain and their verification (DESIGN.md #8).
+"""The audit hash chain, the checkpoint chain and their verification (docs/DECISIONS.md D-8).
 
 Each record's hash is SHA-384 over a domain label, the record's canonical JSON (sorted keys, no
 whitespace) and the previous record's hash, so editing, deleting, inserting or reordering a record

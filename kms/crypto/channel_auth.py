@@ -1,4 +1,4 @@
-"""Post-quantum authentication of a simulated link's classical channel (DESIGN.md #5).
+"""Post-quantum authentication of a simulated link's classical channel (docs/DECISIONS.md D-5).
 
 QKD is only secure over an authenticated classical channel. The simulator exposes an
 ``Authenticator`` hook (``sign(payload) -> tag``, ``verify(payload, tag) -> bool``, called for every

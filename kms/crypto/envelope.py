@@ -1,4 +1,4 @@
-"""AES-256-GCM envelope encryption of key material at rest (DESIGN.md #7).
+"""AES-256-GCM envelope encryption of key material at rest (docs/DECISIONS.md D-7).
 
 Every record gets a fresh 96-bit nonce and associated data that binds it to its identity and state,
 so a ciphertext copied onto another row, or replayed into an earlier state, fails to decrypt.

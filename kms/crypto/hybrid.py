@@ -1,4 +1,4 @@
-"""Hybrid key combiner: QKD key + ML-KEM shared secret -> delivered key (DESIGN.md #4).
+"""Hybrid key combiner: QKD key + ML-KEM shared secret -> delivered key (docs/DECISIONS.md D-4).
 
 A two-step KDF after NIST SP 800-56C rev. 2 (extract-then-expand, HKDF with SHA-384, RFC 5869):
 

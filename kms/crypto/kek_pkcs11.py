@@ -1,4 +1,4 @@
-"""The key-encryption key from a PKCS#11 token (DESIGN.md #7).
+"""The key-encryption key from a PKCS#11 token (docs/DECISIONS.md D-7).
 
 The token holds a non-extractable AES-256 *wrapping key*. The KEK itself is generated once, inside the
 token, wrapped by that key with ``CKM_AES_KEY_WRAP_PAD`` (RFC 5649, which authenticates the wrapped

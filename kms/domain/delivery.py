@@ -328,7 +328,7 @@ class KeyDeliveryService:
         slave: SaeInfo,
         master_kme_id: str | None = None,
     ) -> KeyDeriver:
-        """How a request's keys are derived: QKD bits and the ML-KEM secret combined (DESIGN.md #4),
+        """How a request's keys are derived: QKD bits and the ML-KEM secret combined (docs/DECISIONS.md D-4),
         or ML-KEM alone; each key binds its own key_ID."""
         shared = HybridContext(
             suite=suite,

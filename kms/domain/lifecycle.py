@@ -1,4 +1,4 @@
-"""Key and block lifecycle states and the transitions allowed between them (NIST SP 800-57, DESIGN.md #3).
+"""Key and block lifecycle states and the transitions allowed between them (NIST SP 800-57, DECISIONS.md D-3).
 
 Keys are cut from *active* pool blocks straight into ``reserved`` (the bits' ``active`` phase is the
 block's) — or, for a slave at another KME, into ``pre_active`` until that KME records them — and end ``consumed`` (every slave served), ``expired`` (TTL passed unfetched),

@@ -1,4 +1,4 @@
-"""Key policies per SAE pair (DESIGN.md #4).
+"""Key policies per SAE pair (docs/DECISIONS.md D-4).
 
 - ``qkd``: the QKD bits as delivered by the link;
 - ``hybrid``: the QKD bits combined with an ML-KEM shared secret (``kms.crypto.hybrid``), secure if

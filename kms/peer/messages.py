@@ -2,7 +2,7 @@
 
 Every message and every reply is a JSON envelope — type, sender, recipient, a per-process session
 ID with a sequence number, a 128-bit nonce, a timestamp, the body — signed with the sender's
-ML-DSA-65 identity key (DESIGN.md #5; mTLS underneath). The signature covers the exact bytes sent,
+ML-DSA-65 identity key (docs/DECISIONS.md D-5; mTLS underneath). The signature covers the exact bytes sent,
 so nothing is re-serialised before checking. The receiver rejects a wrong recipient, a sender that
 is not the authenticated TLS peer, a timestamp outside the allowed skew, and (in the database, see
 ``peer_repository.remember``) any nonce or (session, seq) seen before. A reply names the nonce it

@@ -271,7 +271,7 @@ class KeyRecipient(Base):
 
 
 class LifecycleEvent(Base):
-    """Every state transition of a key, block or link, with time and actor (DESIGN.md #3)."""
+    """Every state transition of a key, block or link, with time and actor (docs/DECISIONS.md D-3)."""
 
     __tablename__ = "lifecycle_events"
     __table_args__ = (Index("ix_lifecycle_subject", "subject_kind", "subject_id"),)

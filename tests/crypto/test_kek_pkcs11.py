@@ -1,4 +1,4 @@
-"""The KEK from a PKCS#11 token, against a real SoftHSM2 (DESIGN.md #7)."""
+"""The KEK from a PKCS#11 token, against a real SoftHSM2 (docs/DECISIONS.md D-7)."""
 
 from __future__ import annotations
 

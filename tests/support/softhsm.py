@@ -1,4 +1,4 @@
-"""Throwaway SoftHSM2 tokens for tests of the PKCS#11 KEK (DESIGN.md #7).
+"""Throwaway SoftHSM2 tokens for tests of the PKCS#11 KEK (docs/DECISIONS.md D-7).
 
 A ``SoftHsm`` owns a fresh temporary directory holding its own ``softhsm2.conf`` and token
 directory, and points ``SOFTHSM2_CONF`` at it for as long as it runs. ``init_token`` creates a token

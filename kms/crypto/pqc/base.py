@@ -1,4 +1,4 @@
-"""The one PQC interface every backend implements (DESIGN.md #5, #6).
+"""The one PQC interface every backend implements (docs/DECISIONS.md D-5, D-6).
 
 Private keys are held as their FIPS seeds — ``d || z`` (64 bytes) for ML-KEM (FIPS 203, Algorithm 16)
 and ``xi`` (32 bytes) for ML-DSA (FIPS 204, Algorithm 6) — rather than expanded secret keys: a seed is

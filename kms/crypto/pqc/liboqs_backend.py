@@ -1,4 +1,4 @@
-"""Optional PQC backend: liboqs through liboqs-python (the ``oqs`` module), DESIGN.md #6.
+"""Optional PQC backend: liboqs through liboqs-python (the ``oqs`` module), docs/DECISIONS.md D-6.
 
 Importing ``oqs`` when no liboqs shared library can be loaded makes liboqs-python clone and build
 liboqs (``git clone`` + ``cmake`` into ``~/_oqs``) and, if that fails, ``raise SystemExit`` — neither is

@@ -1,4 +1,4 @@
-"""Default PQC backend: pyca/cryptography over OpenSSL (DESIGN.md #6).
+"""Default PQC backend: pyca/cryptography over OpenSSL (docs/DECISIONS.md D-6).
 
 Always present (cryptography is a hard dependency). Keys are rebuilt from their seeds for every
 private-key operation, so no expanded secret key outlives the call that needed it.

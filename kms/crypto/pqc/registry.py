@@ -1,4 +1,4 @@
-"""Which PQC backends exist and may be used (DESIGN.md #6).
+"""Which PQC backends exist and may be used (docs/DECISIONS.md D-6).
 
 The default backend (pyca/cryptography) must pass its self-test before any provider is handed out:
 a broken crypto library fails closed. The optional liboqs backend is handed out only after its own

@@ -56,7 +56,7 @@ class HmacAuthenticator:
     """HMAC-SHA-256 with a pre-shared key (RFC 2104): the usual stand-in in tests.
 
     A real link authenticates with information-theoretic MACs keyed from earlier QKD key, or
-    with post-quantum signatures (DESIGN.md decision 5); HMAC has the same interface.
+    with post-quantum signatures (docs/DECISIONS.md D-5); HMAC has the same interface.
     """
 
     def __init__(self, key: bytes) -> None:
