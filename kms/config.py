@@ -68,6 +68,10 @@ class DatabaseSection(BaseModel):
     max_batch: int = Field(default=64, ge=1)
     # SQLite: a commit that leaves the WAL larger than this truncates it (TRUNCATE checkpoint).
     wal_limit_mib: int = Field(default=64, ge=1)
+    # PostgreSQL: refuse to start on a server that can forget acknowledged commits (fsync,
+    # synchronous_commit or full_page_writes off; kms.storage.durability). Only for throwaway test
+    # clusters may this be false.
+    require_durable_commits: bool = True
 
 
 class Pkcs11KekSection(BaseModel):

@@ -38,11 +38,13 @@ from kms.logs import configure_logging
 from kms.runtime import Runtime, build_runtime
 from kms.storage import audit_repository
 from kms.storage.database import sqlite_lock_path
+from kms.storage.durability import durability_problems
 from kms.storage.peer_repository import destroy_stale_pending, prune_messages
 
 log = structlog.get_logger(__name__)
 CONFIG_ENV = "QKMS_CONFIG"
 PROCESSES_ENV = "QKMS_API_PROCESSES"  # set by the supervisor for its workers
+EXIT_NOT_DURABLE = 4
 
 
 def server_ssl_context(settings: KmsSettings) -> ssl.SSLContext:
@@ -245,11 +247,23 @@ def build_app(settings: KmsSettings, fill: bool = True) -> FastAPI:
     # while requests wait on the event loop.
     sys.setswitchinterval(0.001)
     runtime = build_runtime(settings, server=True)
+    refuse_unless_durable(runtime)  # exits 4 on a PostgreSQL that may forget acknowledged commits
     refuse_unless_audit_intact(runtime.db, runtime.identity, settings)  # exits 3 on a rewritten audit
     refuse_unless_peers_agree(runtime)  # exits 3 when a peer holds checkpoints this database lost
     background = Background(runtime, fill=fill)
     processes = int(os.environ.get(PROCESSES_ENV, "1"))
     return create_app(runtime, lifespan_hooks=(background.start, background.stop), api_processes=processes)
+
+
+def refuse_unless_durable(runtime: Runtime) -> None:
+    """Log why and exit 4 when the database may forget commits it acknowledged (``kms.storage.durability``)."""
+    problems = durability_problems(runtime.db)
+    if problems and not runtime.settings.database.require_durable_commits:
+        log.warning("database_not_durable_accepted", problems=problems)
+        return
+    if problems:
+        log.error("database_not_durable", problems=problems)
+        raise SystemExit(EXIT_NOT_DURABLE)
 
 
 def refuse_unless_peers_agree(runtime: Runtime) -> None:

@@ -392,6 +392,10 @@ class PostgresServer:
         )
 
     def _write_settings(self, port: int) -> None:
+        # This throwaway cluster runs without durability (below), which a KME refuses by default
+        # (kms.storage.durability): KMEs started from this process (tests, benchmarks) are told to
+        # accept it. tests/api/test_durability.py turns it back on to test the refusal.
+        os.environ["QKMS_DATABASE__REQUIRE_DURABLE_COMMITS"] = "false"
         settings = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(port),
