@@ -25,6 +25,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+# A certificate's pinned identity is shared with the simulated QKD device, which may not import kms.
+from qkd_adapters.certificates import (
+    certificate_common_name,
+    fingerprint_sha256,
+    load_certificate,
+    subject_attribute,
+)
+
 __all__ = [
     "ROLES",
     "IssuedCredential",
@@ -57,13 +65,6 @@ class IssuedCredential:
 # --------------------------------------------------------------------------- helpers
 
 
-def _load_cert(data: bytes) -> x509.Certificate:
-    """Accept PEM or DER, because TLS stacks hand out DER while files hold PEM."""
-    if data.lstrip().startswith(b"-----BEGIN"):
-        return x509.load_pem_x509_certificate(data)
-    return x509.load_der_x509_certificate(data)
-
-
 def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
@@ -86,7 +87,7 @@ def _credential(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Issu
 
 
 def _load_ca(ca: IssuedCredential) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    cert = _load_cert(ca.cert_pem)
+    cert = load_certificate(ca.cert_pem)
     key = serialization.load_pem_private_key(ca.key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError("CA private key must be an EC key")
@@ -242,34 +243,12 @@ def client_urn(common_name: str, role: str) -> str:
 # --------------------------------------------------------------------------- inspection
 
 
-def fingerprint_sha256(cert_der_or_pem: bytes) -> str:
-    """Lower-case hex SHA-256 of the DER encoding, the same value `openssl x509 -fingerprint` shows."""
-    cert = _load_cert(cert_der_or_pem)
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def _single_attribute(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str | None:
-    attrs = cert.subject.get_attributes_for_oid(oid)
-    if not attrs:
-        return None
-    if len(attrs) > 1:
-        # Ambiguous identity: refuse rather than guess which value the peer meant.
-        raise ValueError(f"certificate subject has {len(attrs)} attributes {oid.dotted_string}")
-    value = attrs[0].value
-    return value if isinstance(value, str) else value.decode()
-
-
-def certificate_common_name(cert_der_or_pem: bytes) -> str:
-    """Return the subject CN (the SAE ID for client certs); raise ValueError if absent."""
-    cn = _single_attribute(_load_cert(cert_der_or_pem), NameOID.COMMON_NAME)
-    if cn is None:
-        raise ValueError("certificate subject has no commonName")
-    return cn
+# fingerprint_sha256 and certificate_common_name: qkd_adapters.certificates (imported above).
 
 
 def certificate_role(cert_der_or_pem: bytes) -> str | None:
     """Return the subject OU when it is a known role, else None (e.g. a foreign or server cert)."""
-    ou = _single_attribute(_load_cert(cert_der_or_pem), NameOID.ORGANIZATIONAL_UNIT_NAME)
+    ou = subject_attribute(load_certificate(cert_der_or_pem), NameOID.ORGANIZATIONAL_UNIT_NAME)
     return ou if ou in ROLES else None
 
 
@@ -280,7 +259,7 @@ def load_credential(cert_path: Path, key_path: Path) -> IssuedCredential:
     """Read a PEM cert/key pair and check the key actually belongs to the certificate."""
     cert_pem = Path(cert_path).read_bytes()
     key_pem = Path(key_path).read_bytes()
-    cert = _load_cert(cert_pem)
+    cert = load_certificate(cert_pem)
     key = serialization.load_pem_private_key(key_pem, password=None)
     pub = serialization.PublicFormat.SubjectPublicKeyInfo
     if cert.public_key().public_bytes(serialization.Encoding.DER, pub) != key.public_key().public_bytes(

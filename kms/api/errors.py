@@ -74,7 +74,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def install_etsi_format_handlers(app: FastAPI) -> None:
     """Malformed requests, unknown paths and wrong methods answered 400 with an ETSI Error body (no 422,
-    no ``{"detail"}``); shared by the KME and the simulated device's ETSI 014 endpoints."""
+    no ``{"detail"}``). The simulated device (``qkd_adapters.simdevice.app``) has its own copy."""
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

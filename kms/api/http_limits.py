@@ -21,8 +21,8 @@ from typing import Any
 
 import structlog
 
-from kms.api.tls_identity import TlsIdentityProtocol
 from kms.config import ServerSection
+from qkd_adapters.tls_identity import TlsIdentityProtocol
 
 log = structlog.get_logger(__name__)
 

@@ -334,8 +334,8 @@ def _maybe_devices(directory: Path, wanted: bool) -> Iterator[dict[str, str] | N
     if not wanted:
         yield None
         return
+    from kms.cli.device import init_device_dir
     from kms.launcher import free_port
-    from kms.simdevice.serve import init_device_dir
 
     device = init_device_dir(directory, "kme-a", "kme-b")
     with serve_device_pair(device.directory, {"A": free_port(), "B": free_port()}) as urls:

@@ -11,7 +11,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kms.cli.device import device_app
+
 sim_app = typer.Typer(help="Simulated QKD links: presets, link runs, key-rate plots.", no_args_is_help=True)
+sim_app.add_typer(device_app, name="device")
 console = Console()
 
 
@@ -151,122 +154,3 @@ def keyrate(
         repeats=repeats,
     )
     console.print(f"wrote {path}")
-
-
-device_app = typer.Typer(
-    help="A simulated QKD device pair serving ETSI GS QKD 014 to two KMEs (one port per site).",
-    no_args_is_help=True,
-)
-sim_app.add_typer(device_app, name="device")
-err_console = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    """Print a one-line error (no panel: scripts grep it) and exit 2."""
-    err_console.print(f"error: {message}", markup=False, highlight=False)
-    return typer.Exit(2)
-
-
-DeviceDirOpt = Annotated[
-    Path, typer.Option("--dir", help="The device pair's directory (PKI and device.toml).")
-]
-
-
-@device_app.command("init")
-def device_init(
-    directory: DeviceDirOpt,
-    site_a_client: Annotated[
-        str, typer.Option("--site-a-client", help="SAE ID (certificate CN) of the KME at site A.")
-    ] = "kme-a",
-    site_b_client: Annotated[
-        str, typer.Option("--site-b-client", help="SAE ID (certificate CN) of the KME at site B.")
-    ] = "kme-b",
-) -> None:
-    """Create the device CA, both devices' server certificates and one client credential per KME."""
-    from kms.simdevice.serve import DeviceSetupError, init_device_dir
-
-    try:
-        device = init_device_dir(directory, site_a_client, site_b_client)
-    except DeviceSetupError as exc:
-        raise _fail(str(exc)) from exc
-    console.print(f"device CA: {device.ca_cert}")
-    for site, s in device.sites.items():
-        console.print(
-            f"site {site}: device {s.device_id}, client {s.client}: {s.client_cert}, {s.client_key}"
-        )
-
-
-@device_app.command("serve")
-def device_serve(
-    directory: DeviceDirOpt,
-    port_a: Annotated[int, typer.Option("--port-a", help="HTTPS port of device A (site A's KME).")],
-    port_b: Annotated[int, typer.Option("--port-b", help="HTTPS port of device B (site B's KME).")],
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    preset: Annotated[str, typer.Option(help="Preset name (see `qkms sim presets`) or a TOML file.")] = "gys",
-    distance_km: Annotated[float, typer.Option("--distance", help="Fibre length in km.")] = 25.0,
-    protocol: Annotated[str, typer.Option(help="'decoy-bb84' or 'bbm92'.")] = "decoy-bb84",
-    clock_rate: Annotated[float, typer.Option(help="Source clock in Hz.")] = 1e9,
-    block_seconds: Annotated[
-        float | None, typer.Option(help="Link time per block (default 1 s; or give --pulses-per-block).")
-    ] = None,
-    pulses_per_block: Annotated[int | None, typer.Option(help="Pulses per block.")] = None,
-    attack: Annotated[
-        str, typer.Option(help="none | intercept-resend:<fraction> | pns | beam-splitting")
-    ] = "none",
-    pacing: Annotated[
-        str, typer.Option(help="'realtime' (physical rate) or 'fast' (as fast as the CPU).")
-    ] = "realtime",
-    seed: Annotated[int | None, typer.Option(help="Seed for a reproducible link.")] = None,
-    channel_auth: Annotated[
-        str, typer.Option(help="Authentication of the devices' classical channel (ml-dsa-session, ...).")
-    ] = "ml-dsa-session",
-    key_size: Annotated[int, typer.Option(help="Default key size in bits (Get status key_size).")] = 256,
-    min_key_size: Annotated[int, typer.Option(help="Smallest key size served, bits.")] = 64,
-    max_key_size: Annotated[int, typer.Option(help="Largest key size served, bits.")] = 4096,
-    max_keys_per_request: Annotated[int, typer.Option(help="Most keys in one request.")] = 128,
-    max_stored_bits: Annotated[
-        int, typer.Option(help="Key buffer bound, bits (the link pauses when full).")
-    ] = 4 * 1024 * 1024,
-    key_ttl: Annotated[
-        float, typer.Option(help="Seconds a key waits for its slave before it is zeroised.")
-    ] = 300.0,
-    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
-) -> None:
-    """Run devices A and B over one simulated link, each an ETSI GS QKD 014 server over mTLS."""
-    from kms.logs import configure_logging
-    from kms.simdevice.pair import PairLimits
-    from kms.simdevice.serve import DeviceDir, DeviceSetupError, build_pair, run_devices
-
-    configure_logging(log_level)
-    if port_a == port_b:
-        raise _fail("--port-a and --port-b must differ")
-    if block_seconds is not None and pulses_per_block is not None:
-        raise _fail("give --block-seconds or --pulses-per-block, not both")
-    try:
-        device = DeviceDir.load(directory)
-        limits = PairLimits(
-            key_size=key_size,
-            min_key_size=min_key_size,
-            max_key_size=max_key_size,
-            max_key_per_request=max_keys_per_request,
-            max_stored_bits=max_stored_bits,
-            key_ttl_s=key_ttl,
-        )
-        link_options: dict[str, object] = {
-            "preset": preset,
-            "distance_km": distance_km,
-            "protocol": protocol,
-            "clock_rate_hz": clock_rate,
-            "attack": attack,
-            "pacing": pacing,
-            "seed": seed,
-            "channel_auth": channel_auth,
-        }
-        if pulses_per_block is not None:
-            link_options["pulses_per_block"] = pulses_per_block
-        else:
-            link_options["seconds_per_block"] = 1.0 if block_seconds is None else block_seconds
-        pair = build_pair(device, link_options, limits)
-    except (DeviceSetupError, ValueError, OSError) as exc:
-        raise _fail(str(exc)) from exc
-    run_devices(device, pair, {"A": port_a, "B": port_b}, host=host)

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from kms.simdevice.pair import NOT_FOUND, DevicePair, DeviceRequestError, PairLimits
 from qkd_adapters.sim.link import SimulatedLink
+from qkd_adapters.simdevice.pair import NOT_FOUND, DevicePair, DeviceRequestError, PairLimits
 
 
 @pytest.fixture

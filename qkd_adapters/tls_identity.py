@@ -1,9 +1,11 @@
-"""Carries the verified TLS client certificate into each ASGI request.
+"""Carries the verified TLS client certificate into each ASGI request (the KME's API and the simulated
+device both serve over it; it lives here so that the device need not import ``kms``).
 
 uvicorn does not yet publish the ASGI TLS extension, so this protocol subclass adds
 ``scope["extensions"]["tls"]["client_cert_der"]`` from the connection's SSL object. The certificate
-was already verified against the KME's CA during the handshake (``CERT_REQUIRED``); the API then maps
-it to an SAE by pinned fingerprint and CN.
+was already verified against the server's CA during the handshake (``CERT_REQUIRED``); the application
+then maps it to a caller by pinned fingerprint and CN (``qkd_adapters.certificates``). The KME runs
+``kms.api.http_limits.HardenedProtocol``, a subclass with request-head limits and deadlines.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ SHA-256 fingerprint and CN (the certificate is already verified against the devi
 handshake). Every other caller gets 401. Every non-200 answer carries an ETSI Error body; framework
 errors fold into 400 (bad request, unknown path or method) and anything unexpected into 503, as the
 standard allows no other codes.
+
+The Error bodies are the device's own (``_error``, ``_install_error_handlers``), the same shape as the
+KME's (``kms.api.errors``) but not shared with it: the device is a stand-in for a vendor's box and
+imports nothing of ``kms``; only the TLS-identity helpers in ``qkd_adapters`` are common to both.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import Body, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kms.api.errors import error_response, install_etsi_format_handlers
-from kms.pki import certificate_common_name, fingerprint_sha256
-from kms.simdevice.pair import DevicePair, DeviceRequestError, Site
+from qkd_adapters.certificates import certificate_common_name, fingerprint_sha256
+from qkd_adapters.simdevice.pair import DevicePair, DeviceRequestError, Site
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +55,46 @@ class KeyIds(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     key_IDs: list[KeyIdItem]
+
+
+def error_response(status: int, message: str, details: list[dict[str, Any]] | None = None) -> JSONResponse:
+    """An ETSI GS QKD 014 Error body: ``{"message": ..., "details": [...]}``."""
+    body: dict[str, Any] = {"message": message}
+    if details:
+        body["details"] = details
+    headers = {"WWW-Authenticate": 'Mutual realm="qkms"'} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Refusals, malformed requests, unknown paths and wrong methods as ETSI Error bodies (400/401/503,
+    never 404, 405 or 422, never ``{"detail"}``)."""
+
+    @app.exception_handler(DeviceRequestError)
+    async def _refused(_: Request, exc: DeviceRequestError) -> JSONResponse:
+        return error_response(exc.status, exc.message, [dict(d) for d in exc.details] or None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = []
+        for err in exc.errors()[:10]:
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            details.append({"field": loc, "problem": str(err.get("msg", "invalid"))[:200]})
+        malformed = any(e.get("type") == "json_invalid" for e in exc.errors())
+        message = (
+            "request body is not valid JSON"
+            if malformed
+            else "request does not match the ETSI GS QKD 014 format"
+        )
+        return error_response(400, message, details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(400, "no such endpoint in ETSI GS QKD 014")
+        if exc.status_code == 405:
+            return error_response(400, "method not allowed on this endpoint")
+        return error_response(400, str(exc.detail)[:200])
 
 
 @functools.lru_cache(maxsize=256)
@@ -110,12 +155,7 @@ def create_device_app(pair: DevicePair, site: Site, client_fingerprint: str) -> 
         openapi_url=None,
     )
 
-    @app.exception_handler(DeviceRequestError)
-    async def _refused(_: Request, exc: DeviceRequestError) -> JSONResponse:
-        return error_response(exc.status, exc.message, [dict(d) for d in exc.details] or None)
-
-    install_etsi_format_handlers(app)
-
+    _install_error_handlers(app)
     app.add_middleware(ClientAuthMiddleware, sae_id=pair.clients[site], fingerprint=client_fingerprint)
 
     def caller(request: Request) -> str:

@@ -1,21 +1,15 @@
-"""``qkms sim device init`` and ``serve``: the device pair's PKI, and both devices in one process.
+"""``qkms sim device serve``: both devices of the pair in one process, each on its own mTLS port.
 
-Layout made by :func:`init_device_dir`::
-
-    DIR/device.toml                 which SAE (KME) each device serves, and its pinned fingerprint
-    DIR/ca.pem, ca.key              the device CA (the "vendor's" CA): it signs everything below
-    DIR/device-a.pem, .key          device A's TLS server certificate (127.0.0.1, localhost)
-    DIR/device-b.pem, .key          device B's
-    DIR/clients/<SAE>.pem, .key     the client credentials each KME uses as SAE of its device
-
-A KME at site A is configured with ``ca.pem`` and ``clients/<site-a-client>.pem/.key``; at site B
-with the site-B client's. Keys are 0600, as ``kms.pki.write_credential`` writes them.
+The device pair's directory holds ``device.toml`` (:class:`DeviceDir`: which SAE, i.e. KME, each
+device serves with its pinned certificate fingerprint, and where the PEM files are) and the device
+CA, server and client credentials it names. The device only reads them: they are made by the lab
+tooling on the KMS side with the KME's own X.509 code (``qkms sim device init``,
+``kms.cli.device.init_device_dir``), as a vendor's devices come with credentials issued for them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import ssl
 import tomllib
@@ -30,15 +24,15 @@ import structlog
 import tomli_w
 import uvicorn
 
-from kms import pki
-from kms.api.tls_identity import TlsIdentityProtocol
-from kms.simdevice.app import create_device_app
-from kms.simdevice.pair import SITES, DevicePair, PairLimits, Site
+from qkd_adapters.sim.postproc.channel import Authenticator
+from qkd_adapters.simdevice.app import create_device_app
+from qkd_adapters.simdevice.pair import SITES, DevicePair, PairLimits, Site
+from qkd_adapters.tls_identity import TlsIdentityProtocol
 
 log = structlog.get_logger(__name__)
 
 CONFIG_NAME = "device.toml"
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEFAULT_LINK_ID = "simdevice-link"
 
 
 class DeviceSetupError(RuntimeError):
@@ -93,48 +87,25 @@ class DeviceDir:
         except (KeyError, TypeError) as exc:
             raise DeviceSetupError(f"{path} lacks a setting: {exc}") from exc
 
+    def save(self) -> None:
+        """Write ``device.toml`` into ``directory``, every path in it relative to that directory."""
 
-def init_device_dir(
-    directory: Path,
-    site_a_client: str = "kme-a",
-    site_b_client: str = "kme-b",
-    device_ids: tuple[str, str] = ("SIMDEV-A", "SIMDEV-B"),
-    hostnames: tuple[str, ...] = ("localhost",),
-    ip_addresses: tuple[str, ...] = ("127.0.0.1",),
-) -> DeviceDir:
-    """Create the device CA, both device server certificates and one client credential per KME."""
-    for ident in (site_a_client, site_b_client, *device_ids):
-        if not SAFE_ID.match(ident):
-            raise DeviceSetupError(
-                f"ID {ident!r} must be 1-128 characters of letters, digits, '.', '_' or '-'"
-            )
-    if site_a_client == site_b_client:
-        raise DeviceSetupError("the two sites' clients must have different IDs")
-    if directory.exists() and any(directory.iterdir()):
-        raise DeviceSetupError(f"{directory} is not empty; choose a new directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    ca = pki.create_ca("QKMS simulated QKD device CA")
-    pki.write_credential(ca, directory / "ca.pem", directory / "ca.key")
-    config: dict[str, Any] = {"ca_cert": "ca.pem"}
-    for site, client, device_id in zip(SITES, (site_a_client, site_b_client), device_ids, strict=True):
-        name = f"device-{site.lower()}"
-        server = pki.issue_server_cert(ca, device_id, hostnames=hostnames, ip_addresses=ip_addresses)
-        pki.write_credential(server, directory / f"{name}.pem", directory / f"{name}.key")
-        cred = pki.issue_client_cert(ca, client, role="sae")
-        pki.write_credential(
-            cred, directory / "clients" / f"{client}.pem", directory / "clients" / f"{client}.key"
-        )
-        config[f"site_{site.lower()}"] = {
-            "device_id": device_id,
-            "client": client,
-            "client_fingerprint": cred.fingerprint_sha256,
-            "server_cert": f"{name}.pem",
-            "server_key": f"{name}.key",
-            "client_cert": f"clients/{client}.pem",
-            "client_key": f"clients/{client}.key",
-        }
-    (directory / CONFIG_NAME).write_text(tomli_w.dumps(config), encoding="utf-8")
-    return DeviceDir.load(directory)
+        def rel(path: Path) -> str:
+            return path.relative_to(self.directory).as_posix()
+
+        config: dict[str, Any] = {"ca_cert": rel(self.ca_cert)}
+        for site in SITES:
+            s = self.sites[site]
+            config[f"site_{site.lower()}"] = {
+                "device_id": s.device_id,
+                "client": s.client,
+                "client_fingerprint": s.client_fingerprint,
+                "server_cert": rel(s.server_cert),
+                "server_key": rel(s.server_key),
+                "client_cert": rel(s.client_cert),
+                "client_key": rel(s.client_key),
+            }
+        (self.directory / CONFIG_NAME).write_text(tomli_w.dumps(config), encoding="utf-8")
 
 
 def server_ssl_context(device: DeviceDir, site: Site) -> ssl.SSLContext:
@@ -156,14 +127,16 @@ class _Server(uvicorn.Server):
         yield
 
 
-def build_pair(device: DeviceDir, link_options: dict[str, Any], limits: PairLimits) -> DevicePair:
-    """The simulated link (ML-DSA-authenticated classical channel by default) and its two devices."""
-    from kms.crypto.channel_auth import device_authenticator
+def build_pair(
+    device: DeviceDir, link_options: dict[str, Any], limits: PairLimits, authenticator: Authenticator | None
+) -> DevicePair:
+    """The simulated link and its two devices. ``authenticator`` guards the link's classical channel;
+    ``qkms sim device serve`` passes an ML-DSA one (``kms.crypto.channel_auth.device_authenticator``
+    for ``link_options["link_id"]``, default :data:`DEFAULT_LINK_ID`)."""
     from qkd_adapters.sim.link import SimulatedLink
 
     options = dict(link_options)
-    link_id = str(options.pop("link_id", "simdevice-link"))
-    authenticator = device_authenticator(str(options.pop("channel_auth", "ml-dsa-session")), link_id)
+    link_id = str(options.pop("link_id", DEFAULT_LINK_ID))
     # A tiny queue: the link works ahead by two blocks at most; the pair's buffer is the real store.
     link = SimulatedLink(link_id, authenticator=authenticator, max_queue=2, **options)
     clients = {site: device.sites[site].client for site in SITES}
