@@ -16,6 +16,7 @@ from kms.cli.device import device_app
 sim_app = typer.Typer(help="Simulated QKD links: presets, link runs, key-rate plots.", no_args_is_help=True)
 sim_app.add_typer(device_app, name="device")
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 @sim_app.command("presets")
@@ -140,17 +141,30 @@ def keyrate(
     mc_pulses: Annotated[int, typer.Option(help="Pulses per Monte Carlo block.")] = 10**8,
     repeats: Annotated[int, typer.Option(help="Monte Carlo blocks per point (error bars).")] = 4,
 ) -> None:
-    """Plot key rate against distance: GLLP/decoy analytical curves, the PLOB bound, Monte Carlo points."""
+    """Plot key rate against distance: GLLP/decoy analytical curves, the PLOB bound, Monte Carlo points.
+
+    Needs matplotlib, which a server install leaves out: ``pip install 'qkms[plots]'``."""
     from qkd_adapters.sim.params import load_preset
     from qkd_adapters.sim.plot import plot_key_rate_vs_distance
 
     distances = [float(d) for d in mc_distances.split(",") if d.strip()]
-    path = plot_key_rate_vs_distance(
-        load_preset(preset),
-        out,
-        max_km=max_km,
-        mc_distances_km=distances or None,
-        mc_pulses=mc_pulses,
-        repeats=repeats,
-    )
+    try:
+        path = plot_key_rate_vs_distance(
+            load_preset(preset),
+            out,
+            max_km=max_km,
+            mc_distances_km=distances or None,
+            mc_pulses=mc_pulses,
+            repeats=repeats,
+        )
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        err_console.print(
+            "error: `qkms sim keyrate` needs matplotlib, which this install leaves out: "
+            "pip install 'qkms[plots]'",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(2) from exc
     console.print(f"wrote {path}")

@@ -4,6 +4,11 @@ Monte Carlo points come from a callable ``(params at that length, rng) -> rate p
 few times per distance (mean and standard error plotted). The default simulates a block and
 applies the asymptotic weak+vacuum formula to its counts; the post-processing side can pass a
 callable that runs the whole pipeline and returns final secret bits per pulse.
+
+matplotlib is not a dependency of a server install: it comes with the ``plots`` extra
+(``pip install 'qkms[plots]'``) and is imported only when a plot is drawn; without it
+:func:`plot_key_rate_vs_distance` raises ``ModuleNotFoundError`` (``name="matplotlib"``) saying so,
+before any simulation runs.
 """
 
 from __future__ import annotations
@@ -12,16 +17,30 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from qkd_adapters.sim import analytic
 from qkd_adapters.sim.params import LinkParameters
 from qkd_adapters.sim.physics.bb84 import simulate_bb84_block
+
+PLOTS_EXTRA_HINT = (
+    "key-rate plots need matplotlib, which a server install leaves out: pip install 'qkms[plots]'"
+)
+
+
+def _pyplot() -> ModuleType:
+    """matplotlib.pyplot on the Agg backend (files only, no display), or a clear error without it."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(PLOTS_EXTRA_HINT, name="matplotlib") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 RatePoint = Callable[[LinkParameters, np.random.Generator], float]
 
@@ -67,6 +86,7 @@ def plot_key_rate_vs_distance(
     title: str | None = None,
 ) -> Path:
     """Write the PNG and return its path. Rates are per pulse, with this protocol's sifting."""
+    plt = _pyplot()
     if max_km is None:
         max_km = 1.1 * analytic.max_distance(params, "infinite", optimise_mu=False) + 10.0
     grid = np.linspace(0.0, max_km, 200)

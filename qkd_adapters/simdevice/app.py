@@ -6,7 +6,7 @@ handshake). Every other caller gets 401. Every non-200 answer carries an ETSI Er
 errors fold into 400 (bad request, unknown path or method) and anything unexpected into 503, as the
 standard allows no other codes.
 
-The Error bodies are the device's own (``_error``, ``_install_error_handlers``), the same shape as the
+The Error bodies are the device's own (``error_response``, ``_install_error_handlers``), the same shape as the
 KME's (``kms.api.errors``) but not shared with it: the device is a stand-in for a vendor's box and
 imports nothing of ``kms``; only the TLS-identity helpers in ``qkd_adapters`` are common to both.
 """
