@@ -25,6 +25,8 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+# Layering contracts ([tool.importlinter] in pyproject.toml); import cycles are tests/unit/test_layering.py.
+.venv/bin/lint-imports --no-cache --no-logo
 # The suite must exercise a real PostgreSQL (and check the compose pilot): fail rather than skip.
 export QKMS_REQUIRE_POSTGRES=1 QKMS_REQUIRE_SOFTHSM=1 QKMS_REQUIRE_DOCKER_COMPOSE=1
 exec .venv/bin/python -m pytest "$@"
