@@ -2,70 +2,32 @@
 
 Adapter blocks are split into storage blocks of ``pool.storage_block_bits`` so that each cut only
 decrypts and re-seals a few KiB. A link stops being pulled while its pool holds ``max_pool_bits``
-(back-pressure, as a real device buffers or discards). Alarms are recorded as link events.
+(back-pressure, as a real device buffers or discards). Alarms are recorded as link events. The
+filler is a background loop; what it stores and records is done by the ingest use case
+(``kms.service.ingest``), and how blocks are split is a domain rule (``kms.domain.blocks``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import structlog
 
 from kms.config import PoolSection
 from kms.crypto.envelope import Envelope
-from kms.domain.lifecycle import KeyState
-from kms.storage import audit_repository as audit
-from kms.storage import link_repository as links
+from kms.domain.blocks import alarm_code as alarm_code
+from kms.domain.blocks import piece_parity as piece_parity
+from kms.domain.blocks import split_block as split_block
+from kms.service.ingest import record_alarm
+from kms.service.ingest import store_block as store_block
+from kms.service.ingest import store_blocks as store_blocks
 from kms.storage import pool_repository as pool
 from kms.storage.database import Database
 from qkd_adapters.keyblock import KeyBlock, KeySource, LinkAlarm
 
 log = structlog.get_logger(__name__)
-
-
-def split_block(
-    block: KeyBlock,
-    storage_bits: int,
-    min_bits: int,
-    kme_id: str | None = None,
-    peer_kme_id: str | None = None,
-) -> list[pool.StoragePiece]:
-    """Cut an adapter block into byte-aligned storage pieces; a tail shorter than ``min_bits`` is dropped.
-
-    For a block shared with another KME, pieces are shared out between the two ends so that each cuts
-    keys from its own pieces only and no bit can be reserved by both: a piece belongs to one of the two
-    KME IDs (sorted) by the parity of a hash of its block ID and offset — balanced over many pieces,
-    even when every block is a single piece. Both ends split identically (same
-    ``storage_block_bits``, checked when they confirm blocks), so they agree on every piece's owner.
-    """
-    usable_bytes = block.bit_length // 8
-    step = storage_bits // 8
-    shared = kme_id is not None and peer_kme_id is not None and peer_kme_id != kme_id
-    pieces = []
-    for start in range(0, usable_bytes, step):
-        chunk = block.material[start : min(start + step, usable_bytes)]
-        if len(chunk) * 8 >= min_bits:
-            owner = None
-            if shared:
-                assert kme_id is not None and peer_kme_id is not None
-                cutter = sorted((kme_id, peer_kme_id))[piece_parity(block.block_id, start * 8)]
-                owner = None if cutter == kme_id else peer_kme_id
-            pieces.append(pool.StoragePiece(block.block_id, start * 8, chunk, owner))
-    return pieces
-
-
-def piece_parity(block_id: str, offset_bits: int) -> int:
-    """0 or 1: which of two KMEs (IDs sorted) cuts the piece of ``block_id`` at ``offset_bits``."""
-    return hashlib.sha256(f"qkms/piece-owner/{block_id}/{offset_bits}".encode()).digest()[0] & 1
-
-
-def alarm_code(alarm: LinkAlarm) -> str:
-    """The alarm's machine-readable code (``details["code"]``), or its reason text."""
-    return str(alarm.details.get("code") or alarm.reason)
 
 
 class PoolFiller:
@@ -123,29 +85,7 @@ class PoolFiller:
         code = alarm_code(alarm)
         suspend = any(trigger in code for trigger in self.suspend_on)
         log.warning("link_alarm", link_id=alarm.link_id, block_id=alarm.block_id, code=code, suspend=suspend)
-        events = pool.EventBatch(datetime.now(UTC))
-        actor = f"adapter:{alarm.link_id}"
-        with self.db.write() as conn:
-            entries: list[tuple[str, str, str, dict[str, object]]] = [
-                (
-                    actor,
-                    "link.alarm",
-                    alarm.link_id,
-                    {"block_id": alarm.block_id, "code": code, "reason": alarm.reason[:300]},
-                )
-            ]
-            if suspend and links.link_state(conn, alarm.link_id) == "active":
-                change = links.suspend_link(conn, alarm.link_id, actor, f"alarm: {code}", events)
-                entries.append(
-                    (
-                        actor,
-                        "link.suspended",
-                        alarm.link_id,
-                        {"code": code, "blocks": change.blocks, "keys": change.keys},
-                    )
-                )
-            events.flush(conn)
-            audit.append(conn, events.at, entries)
+        record_alarm(self.db, alarm, code, suspend)
         return suspend
 
     def start(self) -> None:
@@ -167,79 +107,3 @@ class PoolFiller:
             source.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
-
-
-def store_block(
-    db: Database,
-    envelope: Envelope,
-    cfg: PoolSection,
-    kme_id: str,
-    block: KeyBlock,
-    peer_kme_id: str,
-    confirmed: bool = False,
-) -> int:
-    """Store one adapter block in the encrypted pool; returns the pieces stored.
-
-    A local link's block is ``active`` at once; a block shared with another KME stays ``pre_active``
-    until the peer confirms it holds the same block (``confirmed``: it already has). The block's
-    ``sync`` metadata is kept with its provenance, for the peer's adapter.
-    """
-    return store_blocks(db, envelope, cfg, kme_id, [block], peer_kme_id, confirmed)
-
-
-def store_blocks(
-    db: Database,
-    envelope: Envelope,
-    cfg: PoolSection,
-    kme_id: str,
-    blocks: Sequence[KeyBlock],
-    peer_kme_id: str,
-    confirmed: bool = False,
-) -> int:
-    """:func:`store_block` for several blocks of one link in one transaction (one BEGIN, one audit
-    append, one COMMIT for all of them: the filler then holds SQLite's write turn far less)."""
-    if not blocks:
-        return 0
-    link_id = blocks[0].link_id
-    if any(b.link_id != link_id for b in blocks):
-        raise ValueError("store_blocks takes the blocks of one link")
-    events = pool.EventBatch(datetime.now(UTC))
-    actor = f"adapter:{link_id}"
-    prepared = []
-    for block in blocks:
-        pieces = split_block(block, cfg.storage_block_bits, cfg.min_key_size, kme_id, peer_kme_id)
-        provenance = block.provenance.to_json()
-        if block.sync:
-            provenance["sync"] = dict(block.sync)
-        prepared.append((block, pieces, provenance))
-    stored = 0
-    with db.write() as conn:
-        if links.link_state(conn, link_id) == "suspended":
-            state = KeyState.SUSPENDED
-        elif peer_kme_id == kme_id or confirmed:
-            state = KeyState.ACTIVE
-        else:
-            state = KeyState.PRE_ACTIVE
-        reason = "peer already holds it" if confirmed else "local link"
-        entries: list[tuple[str, str, str, dict[str, object]]] = []
-        for block, pieces, provenance in prepared:
-            n = pool.store_block_pieces(
-                conn, envelope, link_id, pieces, provenance, state, events, actor, reason
-            )
-            stored += n
-            prov = block.provenance
-            record: dict[str, object] = {
-                "block_id": block.block_id,
-                "bits": block.bit_length,
-                "storage_blocks": n,
-                "state": state.value,
-                "protocol": prov.protocol,
-                "is_qkd": prov.is_qkd,
-                "simulated": prov.simulated,
-                "qber": prov.qber,
-            }
-            entries.append((actor, "block.received", link_id, record))
-        events.flush(conn)
-        audit.append(conn, events.at, entries)
-    log.debug("blocks_stored", link_id=link_id, blocks=len(blocks), pieces=stored)
-    return stored

@@ -10,10 +10,11 @@ from kms.crypto.envelope import Envelope, load_kek_env, load_kek_file
 from kms.crypto.identity import KmeIdentity
 from kms.crypto.pqc.base import KemAlgorithm
 from kms.crypto.pqc.registry import get_kem_provider, get_signature_provider
-from kms.domain.delivery import KeyDeliveryService
 from kms.domain.policy import Mode, PairPolicy, PolicyBook, PolicyRule
 from kms.domain.saes import SaeInfo, SaeRegistry
 from kms.ingest import PoolFiller
+from kms.service.delivery import KeyDeliveryService
+from kms.service.identity_keys import IdentityKeys
 from kms.sources import build_source
 from kms.storage import registry_repository as registry_repo
 from kms.storage.database import Database
@@ -152,7 +153,7 @@ def build_runtime(settings: KmsSettings, sync_registry: bool = True, server: boo
     )
     envelope = load_envelope(settings)
     identity = KmeIdentity(
-        db,
+        IdentityKeys(db),
         envelope,
         get_signature_provider(),
         get_kem_provider(),

@@ -18,12 +18,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from kms.storage import audit_repository
+from kms.service import audit_recorder
 from kms.storage.database import Database
 
 log = structlog.get_logger(__name__)
@@ -133,7 +132,6 @@ def write_denials(db: Database, denials: list[Denial]) -> None:
             summary=d.summary,
         )
     try:
-        with db.write() as conn:
-            audit_repository.append(conn, datetime.now(UTC), [d.audit_entry() for d in denials])
+        audit_recorder.append_alone(db, [d.audit_entry() for d in denials])
     except Exception as exc:  # the client still gets its 401; the log says the record is missing
         log.error("access_denied_audit_failed", error=type(exc).__name__, records=len(denials))

@@ -5,8 +5,8 @@ Routing, dependency solving and FastAPI's generic body validation cost about as 
 as the key delivery itself. This middleware sits inside ``SaeAuthMiddleware`` (the caller is already
 authenticated) and handles a request only when everything about it is ordinary: the exact path, no
 query string, a JSON content type, a body that validates against the same pydantic model FastAPI
-would use. It then calls the same handler the FastAPI endpoint calls and answers with the same
-bytes. Anything else — an invalid body, an odd content type, an unknown path — goes on to FastAPI
+would use. It then calls the same handler the FastAPI endpoint calls
+(``kms.api.routes.keys.KeyHandlers``, over ``kms.service.gateway``) and answers with the same bytes. Anything else — an invalid body, an odd content type, an unknown path — goes on to FastAPI
 untouched (the body it read is replayed), so every error is produced in exactly one place and the
 published OpenAPI document keeps describing what the server does.
 """

@@ -1,7 +1,9 @@
-"""ETSI GS QKD 014 data formats as pydantic models: Status, Key request, Key container, Key IDs, Error.
+"""ETSI GS QKD 014 data formats as pydantic models: Key request, Key container, Key IDs, Error; and
+the Status document, defined once as a domain type (``kms.domain.delivery.Status``) and re-exported.
 
 Requests ignore fields the standard does not name (real clients send extras); numbers are strict
-integers so that ``"3"``, ``3.5`` or ``true`` are rejected rather than coerced.
+integers so that ``"3"``, ``3.5`` or ``true`` are rejected rather than coerced. ``KeyRequest`` is the
+wire format of a Get key body; the checked request the service works on is ``KeyOrder``.
 """
 
 from __future__ import annotations
@@ -10,27 +12,14 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from kms.domain.delivery import Status as Status
+
 SAE_ID_MAX_LENGTH = 128
 
 
 class Error(BaseModel):
     message: str
     details: list[dict[str, Any]] | None = None
-
-
-class Status(BaseModel):
-    source_KME_ID: str
-    target_KME_ID: str
-    master_SAE_ID: str
-    slave_SAE_ID: str
-    key_size: int
-    stored_key_count: int
-    max_key_count: int
-    max_key_per_request: int
-    max_key_size: int
-    min_key_size: int
-    max_SAE_ID_count: int
-    status_extension: dict[str, Any] | None = None
 
 
 Extension = dict[str, Any]

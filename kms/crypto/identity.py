@@ -4,24 +4,22 @@ Keys are versioned rows in ``kme_keys``; each private seed is sealed under the K
 and version). Rotation adds a new active version and retires the old one, whose public key stays so
 old signatures and checkpoints still verify. A retired KEM seed is kept (sealed) while keys
 encapsulated to it may still be fetched; ``destroy_retired`` zeroises it afterwards.
+
+Crypto does no SQL: :class:`KmeIdentity` makes, seals and uses keys, and keeps them through an
+:class:`IdentityKeyStore` — ``kms.service.identity_keys.IdentityKeys``, which runs the transactions
+(audited) over ``kms.storage.identity_repository``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
-
-from sqlalchemy import Connection, func, insert, select, update
+from typing import Any, Protocol
 
 from kms.crypto.envelope import Envelope
 from kms.crypto.pqc.base import KemAlgorithm, KemProvider, SignatureAlgorithm, SignatureProvider
-from kms.storage import audit_repository
-from kms.storage.database import Database
-from kms.storage.schema import kme_keys
 
 SIGN, KEM = "sign", "kem"
 DEFAULT_SIGNATURE = SignatureAlgorithm.ML_DSA_65
@@ -46,23 +44,55 @@ class PublicKeyInfo:
         }
 
 
+@dataclass(frozen=True, repr=False)
+class NewKey:
+    """A freshly generated key version, its private seed sealed under the KEK, ready to be stored."""
+
+    purpose: str
+    algorithm: str
+    version: int
+    public_key: bytes
+    sealed_seed: bytes
+    kek_id: str
+
+
+KeyMaker = Callable[[str, int], NewKey]
+"""(purpose, version) -> a new key of that version: called by the store inside its transaction."""
+
+
+class IdentityKeyStore(Protocol):
+    """Where the KME's key versions are kept (``kms.service.identity_keys.IdentityKeys``)."""
+
+    def active(self, purpose: str) -> PublicKeyInfo | None: ...
+
+    def public_keys(self) -> list[PublicKeyInfo]: ...
+
+    def sealed_seed(self, purpose: str, version: int) -> bytes | None: ...
+
+    def create_missing(self, purposes: Sequence[str], make: KeyMaker) -> None: ...
+
+    def rotate(self, purpose: str, make: KeyMaker, actor: str) -> int: ...
+
+    def destroy_retired(self, purpose: str, version: int, actor: str) -> bool: ...
+
+
 def _aad(purpose: str, version: int) -> bytes:
     return f"qkms/kme-key/{purpose}/{version}".encode()
 
 
 class KmeIdentity:
-    """Loads, creates, rotates and uses the KME's PQC keys. Unsealed seeds are cached in memory."""
+    """Creates, rotates and uses the KME's PQC keys. Unsealed seeds are cached in memory."""
 
     def __init__(
         self,
-        db: Database,
+        store: IdentityKeyStore,
         envelope: Envelope,
         signer: SignatureProvider,
         kem: KemProvider,
         signature_algorithm: SignatureAlgorithm = DEFAULT_SIGNATURE,
         kem_algorithm: KemAlgorithm = DEFAULT_KEM,
     ) -> None:
-        self.db = db
+        self.store = store
         self.envelope = envelope
         self.signer = signer
         self.kem = kem
@@ -77,40 +107,19 @@ class KmeIdentity:
     # -- creation and rotation ----------------------------------------------------------------
     def ensure(self) -> None:
         """Create version 1 of each key on first start."""
-        with self.db.write() as conn:
-            for purpose in (SIGN, KEM):
-                if self._active_row(conn, purpose) is None:
-                    self._create(conn, purpose)
+        self.store.create_missing((SIGN, KEM), self._new_key)
 
     def rotate(self, purpose: str, actor: str = "operator") -> int:
         """Make a new active version of ``purpose`` ('sign' or 'kem'); the old one is retired.
         The rotation is audited in the same transaction."""
         if purpose not in (SIGN, KEM):
             raise ValueError("purpose must be 'sign' or 'kem'")
-        now = datetime.now(UTC)
-        with self.db.write() as conn:
-            conn.execute(
-                update(kme_keys)
-                .where(kme_keys.c.purpose == purpose, kme_keys.c.state == "active")
-                .values(state="retired", retired_at=now)
-            )
-            version = self._create(conn, purpose)
-            audit_repository.append(conn, now, [(actor, "identity.rotated", purpose, {"version": version})])
+        version = self.store.rotate(purpose, self._new_key, actor)
         with self._lock:
             self._active.pop(purpose, None)
         return version
 
-    def _create(self, conn: Connection, purpose: str) -> int:
-        version = (
-            int(
-                conn.execute(
-                    select(func.coalesce(func.max(kme_keys.c.version), 0)).where(
-                        kme_keys.c.purpose == purpose
-                    )
-                ).scalar_one()
-            )
-            + 1
-        )
+    def _new_key(self, purpose: str, version: int) -> NewKey:
         if purpose == SIGN:
             sig_pair = self.signer.generate(self.signature_algorithm)
             algorithm, public, seed = (
@@ -121,31 +130,12 @@ class KmeIdentity:
         else:
             kem_pair = self.kem.generate(self.kem_algorithm)
             algorithm, public, seed = self.kem_algorithm.value, kem_pair.public_key, kem_pair.private_seed
-        conn.execute(
-            insert(kme_keys).values(
-                purpose=purpose,
-                algorithm=algorithm,
-                version=version,
-                public_key=public,
-                sealed_seed=self.envelope.seal(seed, _aad(purpose, version)),
-                kek_id=self.envelope.kek_id,
-                state="active",
-                created_at=datetime.now(UTC),
-            )
-        )
-        return version
+        sealed = self.envelope.seal(seed, _aad(purpose, version))
+        return NewKey(purpose, algorithm, version, public, sealed, self.envelope.kek_id)
 
     # -- reading ------------------------------------------------------------------------------
-    @staticmethod
-    def _active_row(conn: Connection, purpose: str) -> Any:
-        return conn.execute(
-            select(kme_keys).where(kme_keys.c.purpose == purpose, kme_keys.c.state == "active")
-        ).first()
-
     def public_keys(self) -> list[PublicKeyInfo]:
-        with self.db.read() as conn:
-            rows = conn.execute(select(kme_keys).order_by(kme_keys.c.purpose, kme_keys.c.version)).all()
-        return [PublicKeyInfo(r.purpose, r.algorithm, r.version, bytes(r.public_key), r.state) for r in rows]
+        return self.store.public_keys()
 
     def active_public(self, purpose: str, max_age: float = 2.0) -> PublicKeyInfo:
         """The active key's public part; cached briefly so a rotation elsewhere is seen within ``max_age`` s."""
@@ -154,13 +144,11 @@ class KmeIdentity:
             cached = self._active.get(purpose)
         if cached is not None and now - cached[0] < max_age:
             return cached[1]
-        with self.db.read() as conn:
-            row = self._active_row(conn, purpose)
-        if row is None:
+        info = self.store.active(purpose)
+        if info is None:
             raise RuntimeError(
                 f"the KME has no active {purpose} key; run the server once or `qkms keys rotate`"
             )
-        info = PublicKeyInfo(row.purpose, row.algorithm, row.version, bytes(row.public_key), row.state)
         with self._lock:
             self._active[purpose] = (now, info)
         return info
@@ -185,15 +173,10 @@ class KmeIdentity:
             cached = self._seeds.get((purpose, version))
         if cached is not None:
             return cached
-        with self.db.read() as conn:
-            row = conn.execute(
-                select(kme_keys.c.sealed_seed).where(
-                    kme_keys.c.purpose == purpose, kme_keys.c.version == version
-                )
-            ).first()
-        if row is None or row.sealed_seed is None:
+        sealed = self.store.sealed_seed(purpose, version)
+        if sealed is None:
             raise RuntimeError(f"{purpose} key version {version} is not available (destroyed or unknown)")
-        seed = self.envelope.open(row.sealed_seed, _aad(purpose, version))
+        seed = self.envelope.open(sealed, _aad(purpose, version))
         with self._lock:
             self._seeds[(purpose, version)] = seed
         return seed
@@ -232,21 +215,7 @@ class KmeIdentity:
     def destroy_retired(self, purpose: str, version: int, actor: str = "operator") -> bool:
         """Zeroise a retired key's sealed seed (audited); its public key stays for verification.
         Returns False if that version is not retired."""
-        now = datetime.now(UTC)
-        with self.db.write() as conn:
-            done = conn.execute(
-                update(kme_keys)
-                .where(
-                    kme_keys.c.purpose == purpose,
-                    kme_keys.c.version == version,
-                    kme_keys.c.state == "retired",
-                )
-                .values(sealed_seed=None, state="destroyed")
-            ).rowcount
-            if done:
-                audit_repository.append(
-                    conn, now, [(actor, "identity.destroyed", purpose, {"version": version})]
-                )
+        done = self.store.destroy_retired(purpose, version, actor)
         with self._lock:
             self._seeds.pop((purpose, version), None)
             self._public.pop((purpose, version), None)

@@ -1,5 +1,5 @@
 """Collects the database units of concurrent requests on the event loop and runs them in batches
-(``kms.domain.group_commit``). A batch starts on the loop iteration after its first unit arrives,
+(``kms.service.group_commit``). A batch starts on the loop iteration after its first unit arrives,
 so every request already parsed in that iteration joins it; requests that arrive while a batch runs
 form the next one.
 
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from kms.domain.group_commit import Outcome, Unit, execute_batch
+from kms.service.group_commit import Outcome, Unit, execute_batch
 from kms.storage.database import Database
 
 T = TypeVar("T")

@@ -1,4 +1,5 @@
-"""Group commit: the write transactions of concurrent requests run as one database transaction.
+"""Group commit: the write transactions of concurrent requests run as one database transaction
+(docs/DECISIONS.md D-17). The one place where a group-committed use case's transaction is opened.
 
 A request's database work is a *unit*: a function of the open connection that does its reads and
 writes and returns its result with the audit entries it wants appended. Units that arrive together
@@ -20,20 +21,17 @@ keys in different orders). PostgreSQL then aborts one transaction; its units are
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection
 
-from kms.storage import audit_repository as audit
+from kms.service import audit_recorder
+from kms.service.audit_recorder import AuditEntry as AuditEntry
 from kms.storage.database import Database, savepoint
 
 T = TypeVar("T")
-
-AuditEntry = tuple[str, str, str, Mapping[str, Any]]
-"""(actor, action, subject, data), as ``audit_repository.append`` takes them."""
 
 
 class AfterCommit(Generic[T]):
@@ -110,8 +108,7 @@ def execute_batch(db: Database, units: Sequence[Unit[Any]], turn_held: bool = Fa
                             raise _UnitFailed(index, exc) from exc
                     results[index] = value
                     entries.extend(unit_entries)
-                if entries:
-                    audit.append(conn, datetime.now(UTC), entries)
+                audit_recorder.append(conn, entries)
         except _UnitFailed as failure:
             if _retryable(failure.cause) and retries < DEADLOCK_RETRIES:
                 retries += 1  # the whole transaction was the victim: run every unit again

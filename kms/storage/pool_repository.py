@@ -20,28 +20,16 @@ from sqlalchemy import Connection, delete, func, insert, select, update
 
 from kms.crypto.envelope import Envelope
 from kms.domain.key_ids import RUN_MAX, new_key_id_run, new_key_ids, run_base, run_index, run_member
+from kms.domain.keys import CutKey as CutKey  # re-exported (pool.CutKey etc.): domain types
+from kms.domain.keys import StoragePiece as StoragePiece
+from kms.domain.keys import StoredExchange as StoredExchange
+from kms.domain.keys import StoredKey as StoredKey
 from kms.domain.lifecycle import KeyState, check_transition
 from kms.domain.policy import POLICY_FALLBACK
 from kms.storage.rawsql import Raw, joined_array
 from kms.storage.schema import key_blocks, keys, links
 
 _SQLITE_ROWS_PER_INSERT = 2000  # 4 parameters a row, well under SQLite's 32,766
-
-
-# Not frozen: made per key on the delivery hot path, where a frozen dataclass's __init__ cost
-# ~8x a slotted one's (1.6 against 0.2 us for a StoredKey). Treat instances as read-only.
-@dataclass(repr=False, slots=True)
-class CutKey:
-    """A key cut from the pool (or, for a PQC-fallback key, no pool bits: block_id None)."""
-
-    key_id: str
-    material: bytes | None
-    block_id: int | None = None
-    bit_offset: int | None = None
-    # Where the bits sit in the adapter block both ends of the link hold (for the peer's ledger).
-    link_id: str | None = None
-    source_block_id: str | None = None
-    source_bit: int | None = None
 
 
 @dataclass
@@ -108,14 +96,6 @@ def key_aad(key_id: str) -> bytes:
 def utc(value: datetime) -> datetime:
     """SQLite returns naive datetimes; everything stored is UTC."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-@dataclass(frozen=True, repr=False)
-class StoragePiece:
-    source_block_id: str
-    source_offset_bits: int
-    material: bytes
-    owner_kme_id: str | None = None  # None: this KME cuts it; else the peer KME that does
 
 
 def store_block_pieces(
@@ -538,25 +518,6 @@ def _advance_block(
 
 # Not frozen: made per key on the delivery hot path, where a frozen dataclass's __init__ cost
 # ~8x a slotted one's (1.6 against 0.2 us for a StoredKey). Treat instances as read-only.
-@dataclass(repr=False, slots=True)
-class StoredKey:
-    key_id: str
-    master_sae_id: str
-    slave_sae_id: str
-    target_kme_id: str
-    state: str
-    policy: str
-    suite: str | None
-    kem_exchange_id: int | None
-    size_bits: int
-    expires_at: datetime
-    material: bytes | None
-    recipients: dict[str, datetime | None]  # the named slave first, then any additional slaves
-    source_kme_id: str | None = None  # the master's KME, when it is another one
-    row_id: str = ""  # the keys row holding it: its own key_ID, or its run's first
-    row_count: int = 1  # keys in that row
-
-
 def member_of(key_id: str, counts: Mapping[str, int]) -> tuple[str, int] | None:
     """Which row holds ``key_id`` and at which position, given the ``key_count`` of the rows found
     under ``key_id`` and under :func:`run_base` of it; None if neither holds it."""
@@ -865,13 +826,6 @@ def key_records(conn: Connection, key_ids: Sequence[str] | None = None) -> dict[
 def members(rows: Iterable[Any]) -> list[str]:
     """The key_IDs held by ``(key_id, key_count)`` rows, in order."""
     return [run_member(key_id, i) if count > 1 else key_id for key_id, count in rows for i in range(count)]
-
-
-@dataclass(frozen=True)
-class StoredExchange:
-    algorithm: str
-    kem_key_version: int
-    ciphertext: bytes
 
 
 def load_exchanges(conn: Connection, ids: Iterable[int]) -> dict[int, StoredExchange]:

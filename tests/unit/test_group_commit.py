@@ -1,4 +1,4 @@
-"""Group commit (kms.domain.group_commit) on SQLite and a real PostgreSQL: every unit of a batch is
+"""Group commit (kms.service.group_commit) on SQLite and a real PostgreSQL: every unit of a batch is
 all-or-nothing, a failing unit takes nothing of its own with it and nothing of the others, and the
 audit chain gets exactly the entries of the units that committed, in order."""
 
@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Connection, select, text
 
 from kms.audit.chain import verify_chain
-from kms.domain.group_commit import AfterCommit, AuditEntry, Unit, execute_batch, run_unit
+from kms.service.group_commit import AfterCommit, AuditEntry, Unit, execute_batch, run_unit
 from kms.storage import audit_repository as audit
 from kms.storage import migrate
 from kms.storage import registry_repository as registry

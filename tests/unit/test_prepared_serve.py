@@ -1,8 +1,8 @@
 """Get key with key IDs when the keys change between the request's check and its transaction.
 
-SQLite (``KeyDeliveryService._prepare_serve``): the keys are read, checked and decrypted before the
-write turn and consumed by one guarded UPDATE under it. Whatever changes in between — another fetch,
-expiry, a link suspension — the guard notices and the ordinary path decides under the turn, so the
+SQLite (``kms.service.get_keys_with_ids.GetKeysWithIds._prepare_serve``): the keys are read, checked
+and decrypted before the write turn and consumed by one guarded UPDATE under it. Whatever changes in
+between — another fetch, expiry, a link suspension — the guard notices and the ordinary path decides under the turn, so the
 outcome is exactly what it would have been without the preparation: no key is served twice, and the
 error is the same. PostgreSQL (row locks in the ordinary path) must give the same outcomes."""
 
@@ -19,9 +19,9 @@ from sqlalchemy import update
 
 from kms.config import KmsSettings
 from kms.domain.errors import InvalidRequest, NotEntitled
-from kms.domain.group_commit import run_unit
 from kms.domain.saes import SaeInfo
 from kms.runtime import Runtime, build_runtime
+from kms.service.group_commit import run_unit
 from kms.storage import link_repository
 from kms.storage import pool_repository as pool
 from kms.storage.pool_repository import EventBatch

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Connection, select
 
-from kms.api.batcher import UnitBatcher
-from kms.domain.group_commit import AuditEntry, Unit
+from kms.service.batcher import UnitBatcher
+from kms.service.group_commit import AuditEntry, Unit
 from kms.storage import migrate
 from kms.storage import registry_repository as registry
 from kms.storage.database import Database, sqlite_lock_path

@@ -1,0 +1,14 @@
+"""The application services: one per use case, each one unit of work (docs/DECISIONS.md D-13).
+
+A use case opens its transaction (or hands its database work to the group commit), applies the pure
+domain rules (``kms.domain``), calls the repositories (``kms.storage``) and appends its audit records
+through the one recorder (``audit_recorder``). The API, the hot path, the CLI, the peer endpoint and
+the background jobs call these, never a repository or ``Database.write`` directly.
+
+- ``get_keys``, ``get_keys_with_ids``, ``status``, ``expiry``: key delivery (ETSI GS QKD 014), wired
+  together by ``delivery.KeyDeliveryService``; ``gateway`` is the event loop's entry to them
+- ``group_commit``, ``batcher``: units of concurrent requests committed together (D-17)
+- ``hybrid_keys``: ML-KEM encapsulation and hybrid / fallback key derivation (D-4)
+- ``ingest``: key blocks into the pool, link alarms; ``identity_keys``: the KME's PQC key versions
+- ``audit_recorder``: the one place audit records are appended
+"""
