@@ -534,6 +534,7 @@ PACKAGES: list[tuple[str, str]] = [
     ("datetime", "datetime"),
     ("kms.storage (pool SQL building)", "kms/storage/"),
     ("kms.domain", "kms/domain/"),
+    ("kms.service", "kms/service/"),
     ("kms.api", "kms/api/"),
     ("kms.ingest (pool filler)", "kms/ingest.py"),
     ("qkd_adapters (random source)", "qkd_adapters/"),
@@ -544,8 +545,9 @@ PACKAGES: list[tuple[str, str]] = [
 INCLUSIVE = [
     ("pool filler thread (ingest)", "kms/ingest.py"),
     ("SaeAuthMiddleware (cert -> SAE)", "kms/api/identity.py"),
-    ("get_keys (enc_keys service)", "get_keys (kms/domain/delivery.py"),
-    ("get_keys_with_ids (dec_keys service)", "get_keys_with_ids (kms/domain/delivery.py"),
+    ("get_keys (enc_keys service)", "get_keys (kms/service/gateway.py"),
+    ("  Get key unit (_reserve)", "_reserve (kms/service/get_keys.py"),
+    ("get_keys_with_ids (dec_keys service)", "get_keys_with_ids (kms/service/gateway.py"),
     ("  reserve_keys", "reserve_keys (kms/storage/pool_repository.py"),
     ("  load_keys_for_update", "load_keys_for_update (kms/storage/pool_repository.py"),
     ("  mark_served", "mark_served (kms/storage/pool_repository.py"),
@@ -553,7 +555,7 @@ INCLUSIVE = [
     ("  Envelope seal/open (AES-GCM)", "kms/crypto/envelope.py"),
     ("  Database.write (BEGIN/COMMIT)", "write (kms/storage/database.py"),
     ("request body parsing/validation (FastAPI)", "solve_dependencies"),
-    ("_container (response JSON + base64)", "_container (kms/api/app.py"),
+    ("key_container (response JSON + base64)", "key_container (kms/api/routes/keys.py"),
     ("SQLAlchemy compile", "_compiler"),
 ]
 
