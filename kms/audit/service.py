@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kms.audit.anchors import AnchorFile, AnchorFileError, anchor_problems
+from kms.audit.anchors import Anchor, AnchorFile, AnchorFileError, anchor_problems
 from kms.audit.chain import (
     DEFAULT_WINDOW,
     AnyCheckpoint,
@@ -93,6 +93,11 @@ class AuditService:
     def verify(self, anchors: AnchorFile | None = None) -> VerificationReport:
         """The whole chain, checkpoints and tail window; and against ``anchors`` (default: the KME's
         own anchor file, when it has one)."""
+        anchor_file = anchors or self.anchors
+        # The anchors first: a running KME commits a checkpoint before it anchors it, so every anchor
+        # read now is in the database snapshot taken next (the other order calls the checkpoint
+        # signed in between "missing").
+        anchored = read_anchor_file(anchor_file)
         with self.db.read() as conn:
             audit.snapshot(conn)
             records = audit.read_records(conn)
@@ -104,7 +109,7 @@ class AuditService:
             self.window,
         )
         keys = {k.version: k.public_key for k in self.identity.public_keys() if k.purpose == "sign"}
-        check_anchors(report, anchors or self.anchors, checkpoints, records, keys)
+        check_anchors(report, anchor_file, checkpoints, records, keys, anchored)
         return report
 
     def verify_report(self) -> dict[str, Any]:
@@ -135,22 +140,33 @@ def load_public_keys(path: Path) -> list[PublicKeyInfo]:
     ]
 
 
+def read_anchor_file(anchors: AnchorFile | None) -> list[Anchor] | str | None:
+    """The file's anchors, or why it cannot be read (None: no file to check)."""
+    if anchors is None:
+        return None
+    try:
+        return anchors.read()
+    except (OSError, AnchorFileError) as exc:
+        return f"anchor file {anchors.path} cannot be read: {exc}"
+
+
 def check_anchors(
     report: VerificationReport,
     anchors: AnchorFile | None,
     checkpoints: Sequence[AnyCheckpoint],
     records: Sequence[AuditRecord],
     signer_keys: Mapping[int, bytes] | None,
+    read: list[Anchor] | str | None = None,
 ) -> None:
-    """Add what the anchors say is missing or changed. A chained checkpoint with no anchor file at
-    all is a problem too: the file is what pins the newest checkpoints."""
+    """Add what the anchors say is missing or changed (``read``: the file as read before the
+    database, else read now). A chained checkpoint with no anchor file at all is a problem too: the
+    file is what pins the newest checkpoints."""
     if anchors is None:
         return
     chained = [c for c in checkpoints if isinstance(c, Checkpoint)]
-    try:
-        anchored = anchors.read()
-    except (OSError, AnchorFileError) as exc:
-        report.problems.append(f"anchor file {anchors.path} cannot be read: {exc}")
+    anchored = read if read is not None else read_anchor_file(anchors)
+    if isinstance(anchored, str) or anchored is None:
+        report.problems.append(anchored or f"anchor file {anchors.path} cannot be read")
         return
     report.anchors = len(anchored)
     if not anchored and chained:

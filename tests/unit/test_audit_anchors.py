@@ -110,3 +110,29 @@ def test_the_writer_refuses_when_the_pinned_record_was_rewritten(rt: Runtime) ->
     _traffic(rt)
     with pytest.raises(AuditIntegrityError, match=f"record seq {cp.upto_seq} no longer matches"):
         writer.write()
+
+
+def test_verify_of_a_live_kme_never_calls_a_checkpoint_signed_meanwhile_missing(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running KME commits a checkpoint and then anchors it. ``audit verify`` once read the
+    database and then the anchor file, so a checkpoint signed in between was anchored but not in its
+    snapshot: "missing (deleted)" on an untouched KME (seen in CI). Here the checkpoint is signed
+    right after verify's database read, every time."""
+    from kms.audit import service as audit_service
+    from kms.audit.service import AuditService
+
+    writer = _writer(rt)
+    _traffic(rt)
+    writer.write()
+    original = audit_service.audit.read_checkpoints
+
+    def read_then_sign_another(conn):  # type: ignore[no-untyped-def]
+        out = original(conn)
+        _traffic(rt)
+        assert writer.write() is not None  # committed and anchored after the snapshot was read
+        return out
+
+    monkeypatch.setattr(audit_service.audit, "read_checkpoints", read_then_sign_another)
+    report = AuditService.for_settings(rt.db, rt.identity, rt.settings).verify()
+    assert report.problems == [] and report.ok, report.problems
