@@ -7,6 +7,10 @@ of one per key. A run is only ever consumed, expired or moved whole; a slave tha
 run splits it into single rows first (:func:`split_run`). Reservation locks pool blocks with ``FOR UPDATE SKIP LOCKED`` on
 PostgreSQL (concurrent requests take different blocks) and falls back to a waiting lock before
 declaring the pool short; on SQLite the write transaction itself is exclusive.
+
+One module of ~850 lines on purpose: the pool's SQL keeps one set of invariants (block cursors,
+runs, sealed remainders; docs/DECISIONS.md D-12, D-18) that ``qkms db check`` proves, and reading
+them side by side is what keeps them true.
 """
 
 from __future__ import annotations
@@ -366,45 +370,10 @@ def insert_reserved_keys(
         source_kme_id,
         route,
     )
-    columns = (
-        "key_id, block_id, bit_offset, material, key_count, size_bits, state, master_sae_id, slave_sae_id,"
-        " target_kme_id, policy, suite, kem_exchange_id, kek_id, created_at, expires_at, multicast,"
-        " source_kme_id, route"
-    )
     if raw.pg:
-        scalars = (
-            "?::int, ?::varchar, ?::varchar, ?::varchar, ?::varchar, ?::varchar, ?::varchar, ?::bigint,"
-            " ?::varchar, ?::timestamptz, ?::timestamptz, ?::boolean, ?::varchar, ?::json"
-        )
-        ids, blocks, offsets, materials, counts = (list(col) for col in zip(*varying, strict=True))
-        # Only rows of one key each may take the packed form: it writes a key_count of 1, so a run
-        # row there (a request straddling two blocks: 2+2 keys of equal sealed length) lost keys.
-        single = all(c == 1 for c in counts)
-        packed = _pack_pg(ids, blocks, offsets, materials) if single and len(varying) > 1 else None
-        if packed is not None:
-            # Many single keys (multicast): the per-key columns as three joined texts and one
-            # concatenation of equal-length sealed materials, not four arrays to build.
-            raw.execute(
-                f"INSERT INTO keys ({columns}) SELECT v.k, v.b::bigint, v.o::int,"
-                f" substring(?::bytea FROM (v.n::int - 1) * ? + 1 FOR ?), 1, {scalars}"
-                " FROM unnest(string_to_array(?, ','), string_to_array(?, ','), string_to_array(?, ','))"
-                " WITH ORDINALITY AS v(k, b, o, n)",
-                [*packed[:3], *shared, *packed[3:]],
-            )
-        else:
-            raw.execute(
-                f"INSERT INTO keys ({columns}) SELECT k, b, o, m, c, {scalars}"
-                " FROM unnest(?::varchar[], ?::bigint[], ?::int[], ?::bytea[], ?::int[]) AS v(k, b, o, m, c)",
-                [*shared, ids, blocks, offsets, materials, counts],
-            )
+        _insert_keys_pg(raw, varying, shared)
     else:
-        for start in range(0, len(varying), _SQLITE_ROWS_PER_INSERT):
-            chunk = varying[start : start + _SQLITE_ROWS_PER_INSERT]
-            raw.execute(
-                f"WITH v(k, b, o, m, c) AS (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * len(chunk))})"
-                f" INSERT INTO keys ({columns}) SELECT k, b, o, m, c, {', '.join('?' * len(shared))} FROM v",
-                [*(x for row in chunk for x in row), *shared],
-            )
+        _insert_keys_sqlite(raw, varying, shared)
     if additional:
         raw.executemany(
             "INSERT INTO key_recipients (key_id, sae_id) VALUES (?, ?)",
@@ -414,6 +383,55 @@ def insert_reserved_keys(
 
 # The per-row columns of an insert: key_id, block_id, bit_offset, material, key_count.
 _RowValues = tuple[str, int | None, int | None, bytes | None, int]
+
+
+_KEY_COLUMNS = (
+    "key_id, block_id, bit_offset, material, key_count, size_bits, state, master_sae_id, slave_sae_id,"
+    " target_kme_id, policy, suite, kem_exchange_id, kek_id, created_at, expires_at, multicast,"
+    " source_kme_id, route"
+)
+
+
+def _insert_keys_pg(raw: Raw, varying: list[_RowValues], shared: tuple[Any, ...]) -> None:
+    """PostgreSQL: one ``INSERT ... SELECT FROM unnest`` for the request's rows."""
+    columns = _KEY_COLUMNS
+    scalars = (
+        "?::int, ?::varchar, ?::varchar, ?::varchar, ?::varchar, ?::varchar, ?::varchar, ?::bigint,"
+        " ?::varchar, ?::timestamptz, ?::timestamptz, ?::boolean, ?::varchar, ?::json"
+    )
+    ids, blocks, offsets, materials, counts = (list(col) for col in zip(*varying, strict=True))
+    # Only rows of one key each may take the packed form: it writes a key_count of 1, so a run
+    # row there (a request straddling two blocks: 2+2 keys of equal sealed length) lost keys.
+    single = all(c == 1 for c in counts)
+    packed = _pack_pg(ids, blocks, offsets, materials) if single and len(varying) > 1 else None
+    if packed is not None:
+        # Many single keys (multicast): the per-key columns as three joined texts and one
+        # concatenation of equal-length sealed materials, not four arrays to build.
+        raw.execute(
+            f"INSERT INTO keys ({columns}) SELECT v.k, v.b::bigint, v.o::int,"
+            f" substring(?::bytea FROM (v.n::int - 1) * ? + 1 FOR ?), 1, {scalars}"
+            " FROM unnest(string_to_array(?, ','), string_to_array(?, ','), string_to_array(?, ','))"
+            " WITH ORDINALITY AS v(k, b, o, n)",
+            [*packed[:3], *shared, *packed[3:]],
+        )
+    else:
+        raw.execute(
+            f"INSERT INTO keys ({columns}) SELECT k, b, o, m, c, {scalars}"
+            " FROM unnest(?::varchar[], ?::bigint[], ?::int[], ?::bytea[], ?::int[]) AS v(k, b, o, m, c)",
+            [*shared, ids, blocks, offsets, materials, counts],
+        )
+
+
+def _insert_keys_sqlite(raw: Raw, varying: list[_RowValues], shared: tuple[Any, ...]) -> None:
+    """SQLite: a ``VALUES`` list per chunk of rows (parameters stay under SQLite's limit)."""
+    columns = _KEY_COLUMNS
+    for start in range(0, len(varying), _SQLITE_ROWS_PER_INSERT):
+        chunk = varying[start : start + _SQLITE_ROWS_PER_INSERT]
+        raw.execute(
+            f"WITH v(k, b, o, m, c) AS (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * len(chunk))})"
+            f" INSERT INTO keys ({columns}) SELECT k, b, o, m, c, {', '.join('?' * len(shared))} FROM v",
+            [*(x for row in chunk for x in row), *shared],
+        )
 
 
 def _rows_of(cut: Sequence[CutKey], sealed: dict[str, bytes], size_bits: int) -> list[_RowValues]:
