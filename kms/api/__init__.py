@@ -1,1 +1,2 @@
-"""The ETSI GS QKD 014 REST API (FastAPI). Thin: parsing, identity and error mapping only."""
+"""The ETSI GS QKD 014 REST API (FastAPI). Thin: parsing, identity, routes over the application
+services (``kms.service``) and error mapping only."""
