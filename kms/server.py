@@ -36,6 +36,7 @@ from kms.config import KmsSettings, ServerSection
 from kms.ingest import PoolFiller
 from kms.logs import configure_logging
 from kms.runtime import Runtime, build_runtime
+from kms.service.expiry import close_redelivery_windows
 from kms.storage import audit_repository
 from kms.storage.database import sqlite_lock_path
 from kms.storage.durability import durability_problems
@@ -91,6 +92,13 @@ class Background:
             t.start()
 
     def stop(self) -> None:
+        # Before the final checkpoint (written when the threads stop), so that it signs this too.
+        try:
+            n = close_redelivery_windows(self.runtime.db, self.runtime.settings.kme.id)
+            if n:
+                log.info("redelivery_windows_closed", rows=n)
+        except Exception as exc:
+            log.error("redelivery_close_failed", error=type(exc).__name__)
         self._stop.set()
         if self._filler is not None:
             self._filler.stop()
@@ -98,14 +106,18 @@ class Background:
             t.join(timeout=5)
 
     def _sweep(self) -> None:
+        """Expire reserved keys past their TTL and end redelivery windows; the first pass at start,
+        for what ended while the KME was down (after a crash: a clean stop ends every window)."""
         interval = self.runtime.settings.pool.expiry_sweep_seconds
-        while not self._stop.wait(interval):
+        while True:
             try:
                 n = self.runtime.service.expire_reserved()
                 if n:
                     log.info("keys_expired", count=n)
             except Exception as exc:
                 log.error("expiry_sweep_failed", error=type(exc).__name__)
+            if self._stop.wait(interval):
+                return
 
     def _checkpoint(self) -> None:
         """Sign and anchor the audit head every ``audit.checkpoint_records`` records or
