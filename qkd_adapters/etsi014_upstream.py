@@ -25,6 +25,11 @@ alarm, never a silently shortened block.
 A device that is down, slow or out of keys (503) does not crash the KMS: ``pull`` logs the condition
 (no material, ever) and returns ``[]``, backing off up to ``max_backoff_s``. Pulls are rate-limited to
 one device round trip per ``poll_interval_s``.
+
+Why one module: the master and the follower are the two ends of one link and must agree on all that
+crosses between the KMEs (the block ID derived from the key_IDs, the ``sync`` metadata, the checks on
+a device's Key container and on an announcement); reading both roles beside those helpers is how that
+agreement is reviewed, and what the roles share of the device connection is one small base class.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ run splits it into single rows first (:func:`split_run`). Reservation locks pool
 PostgreSQL (concurrent requests take different blocks) and falls back to a waiting lock before
 declaring the pool short; on SQLite the write transaction itself is exclusive.
 
-One module of ~850 lines on purpose: the pool's SQL keeps one set of invariants (block cursors,
-runs, sealed remainders; docs/DECISIONS.md D-12, D-18) that ``qkms db check`` proves, and reading
-them side by side is what keeps them true.
+Why one module: its ~850 lines are on purpose, because the pool's SQL keeps one set of invariants
+(block cursors, runs, sealed remainders; docs/DECISIONS.md D-12, D-18) that ``qkms db check`` proves,
+and reading them side by side is what keeps them true.
 """
 
 from __future__ import annotations

@@ -21,6 +21,43 @@ def _iso(value: Any) -> str | None:
 
 
 def key_provenance(conn: Connection, key_id: str, kme_id: str) -> dict[str, Any] | None:
+    key = _find_key(conn, key_id)
+    if key is None:
+        return None
+    recipients = [
+        {"SAE_ID": key.slave_sae_id, "served_at": _iso(key.served_at)},
+        *_other_recipients(conn, key_id),
+    ]
+    record: dict[str, Any] = {
+        "key_ID": key.key_id,
+        "state": key.state,
+        "size_bits": key.size_bits,
+        "policy": key.policy,
+        "suite": key.suite,
+        "source_KME_ID": key.source_kme_id or kme_id,
+        "target_KME_ID": key.target_kme_id,
+        "recorded_by_KME_ID": kme_id,
+        # Relayed keys: every hop (KME to KME, over which links); the intermediate KMEs are the
+        # trusted nodes that saw the key.
+        "route": key.route,
+        "trusted_nodes": [hop["to"] for hop in (key.route or [])[:-1]],
+        "master_SAE_ID": key.master_sae_id,
+        "slave_SAE_ID": key.slave_sae_id,
+        "created_at": _iso(key.created_at),
+        "expires_at": _iso(key.expires_at),
+        "closed_at": _iso(key.closed_at),
+        "recipients": recipients,
+        "bits": None if key.block_id is None else _bits(conn, key),
+        "kem": None if key.kem_exchange_id is None else _kem(conn, key.kem_exchange_id),
+    }
+    record["transitions"] = _transitions(conn, key, record["recipients"])
+    record["audit_seqs"] = [r.seq for r in audit.records_mentioning(conn, key_id)]
+    return record
+
+
+def _find_key(conn: Connection, key_id: str) -> SimpleNamespace | None:
+    """The key's row (metadata only), or None when no row holds it; a run member gets its own ID and bits
+    and everything else from its run."""
     found = {
         r.key_id: r
         for r in conn.execute(
@@ -53,79 +90,64 @@ def key_provenance(conn: Connection, key_id: str, kme_id: str) -> dict[str, Any]
     row = found[row_id]
     # A run member: its own ID and bits; everything else is the run's.
     bit_offset = None if row.bit_offset is None else row.bit_offset + index * row.size_bits
-    key = SimpleNamespace(**{**row._asdict(), "key_id": key_id, "bit_offset": bit_offset})
-    record: dict[str, Any] = {
-        "key_ID": key.key_id,
-        "state": key.state,
-        "size_bits": key.size_bits,
-        "policy": key.policy,
-        "suite": key.suite,
-        "source_KME_ID": key.source_kme_id or kme_id,
-        "target_KME_ID": key.target_kme_id,
-        "recorded_by_KME_ID": kme_id,
-        # Relayed keys: every hop (KME to KME, over which links); the intermediate KMEs are the
-        # trusted nodes that saw the key.
-        "route": key.route,
-        "trusted_nodes": [hop["to"] for hop in (key.route or [])[:-1]],
-        "master_SAE_ID": key.master_sae_id,
-        "slave_SAE_ID": key.slave_sae_id,
-        "created_at": _iso(key.created_at),
-        "expires_at": _iso(key.expires_at),
-        "closed_at": _iso(key.closed_at),
-        "recipients": [{"SAE_ID": key.slave_sae_id, "served_at": _iso(key.served_at)}]
-        + [
-            {"SAE_ID": r.sae_id, "served_at": _iso(r.served_at)}
-            for r in conn.execute(
-                select(key_recipients.c.sae_id, key_recipients.c.served_at)
-                .where(key_recipients.c.key_id == key_id)
-                .order_by(key_recipients.c.sae_id)
-            )
-        ],
-        "bits": None,
-        "kem": None,
+    return SimpleNamespace(**{**row._asdict(), "key_id": key_id, "bit_offset": bit_offset})
+
+
+def _other_recipients(conn: Connection, key_id: str) -> list[dict[str, Any]]:
+    """The additional slave SAEs of a multi-recipient key, by SAE ID, and when each was served."""
+    return [
+        {"SAE_ID": r.sae_id, "served_at": _iso(r.served_at)}
+        for r in conn.execute(
+            select(key_recipients.c.sae_id, key_recipients.c.served_at)
+            .where(key_recipients.c.key_id == key_id)
+            .order_by(key_recipients.c.sae_id)
+        )
+    ]
+
+
+def _bits(conn: Connection, key: SimpleNamespace) -> dict[str, Any]:
+    """Where a QKD key's bits lie: the link, the source block and the bit range in it."""
+    block = conn.execute(
+        select(
+            key_blocks.c.link_id,
+            key_blocks.c.source_block_id,
+            key_blocks.c.source_offset_bits,
+            key_blocks.c.state,
+            key_blocks.c.provenance,
+            links.c.adapter,
+            links.c.peer_kme_id,
+        )
+        .select_from(key_blocks.join(links, links.c.id == key_blocks.c.link_id))
+        .where(key_blocks.c.id == key.block_id)
+    ).one()
+    return {
+        "link_ID": block.link_id,
+        "adapter": block.adapter,
+        "peer_KME_ID": block.peer_kme_id,
+        "source_block_ID": block.source_block_id,
+        "first_bit": block.source_offset_bits + key.bit_offset,
+        "bit_length": key.size_bits,
+        "block_state": block.state,
+        "block_provenance": block.provenance,
     }
-    if key.block_id is not None:
-        block = conn.execute(
-            select(
-                key_blocks.c.link_id,
-                key_blocks.c.source_block_id,
-                key_blocks.c.source_offset_bits,
-                key_blocks.c.state,
-                key_blocks.c.provenance,
-                links.c.adapter,
-                links.c.peer_kme_id,
-            )
-            .select_from(key_blocks.join(links, links.c.id == key_blocks.c.link_id))
-            .where(key_blocks.c.id == key.block_id)
-        ).one()
-        record["bits"] = {
-            "link_ID": block.link_id,
-            "adapter": block.adapter,
-            "peer_KME_ID": block.peer_kme_id,
-            "source_block_ID": block.source_block_id,
-            "first_bit": block.source_offset_bits + key.bit_offset,
-            "bit_length": key.size_bits,
-            "block_state": block.state,
-            "block_provenance": block.provenance,
-        }
-    if key.kem_exchange_id is not None:
-        ex = conn.execute(
-            select(
-                kem_exchanges.c.algorithm,
-                kem_exchanges.c.kem_key_version,
-                kem_exchanges.c.public_key_sha384,
-                kem_exchanges.c.ciphertext,
-            ).where(kem_exchanges.c.id == key.kem_exchange_id)
-        ).one()
-        record["kem"] = {
-            "algorithm": ex.algorithm,
-            "kem_key_version": ex.kem_key_version,
-            "public_key_sha384": ex.public_key_sha384,
-            "ciphertext_sha384": hashlib.sha384(ex.ciphertext).hexdigest(),
-        }
-    record["transitions"] = _transitions(conn, key, record["recipients"])
-    record["audit_seqs"] = [r.seq for r in audit.records_mentioning(conn, key_id)]
-    return record
+
+
+def _kem(conn: Connection, kem_exchange_id: int) -> dict[str, Any]:
+    """The KEM exchange a hybrid key combined: algorithm, key version and digests (never the secret)."""
+    ex = conn.execute(
+        select(
+            kem_exchanges.c.algorithm,
+            kem_exchanges.c.kem_key_version,
+            kem_exchanges.c.public_key_sha384,
+            kem_exchanges.c.ciphertext,
+        ).where(kem_exchanges.c.id == kem_exchange_id)
+    ).one()
+    return {
+        "algorithm": ex.algorithm,
+        "kem_key_version": ex.kem_key_version,
+        "public_key_sha384": ex.public_key_sha384,
+        "ciphertext_sha384": hashlib.sha384(ex.ciphertext).hexdigest(),
+    }
 
 
 def _transitions(conn: Connection, key: Any, recipients: list[dict[str, Any]]) -> list[dict[str, Any]]:

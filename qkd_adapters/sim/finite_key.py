@@ -136,18 +136,9 @@ def secret_key_length(
 ) -> FiniteKeyResult:
     """Secret key length extractable from a block, with all intermediate bounds."""
     counts = stats if isinstance(stats, DecoyCounts) else stats.counts
-    if key_from not in N_EPS_TERMS:
-        raise ValueError("key_from must be 'signal' or 'all'")
-    if not (0.0 < eps_sec < 1.0 and 0.0 < eps_cor < 1.0):
-        raise ValueError("eps_sec and eps_cor must lie in (0, 1)")
-    if leak_ec_bits < 0:
-        raise ValueError("leak_ec_bits must be >= 0")
     mu = counts.intensities
     p = counts.probabilities
-    if not (mu[0] > mu[1] + mu[2] and mu[1] > mu[2] >= 0.0):
-        raise ValueError("intensities must satisfy mu1 > mu2 + mu3 and mu2 > mu3 >= 0")
-    if min(p) <= 0.0:
-        raise ValueError("every intensity needs a positive probability")
+    _check_arguments(key_from, eps_sec, eps_cor, leak_ec_bits, mu, p)
     n_terms = N_EPS_TERMS[key_from]
     eps = eps_sec / n_terms
     n_z_k = _triple(counts.detected[:, Z])
@@ -160,17 +151,7 @@ def secret_key_length(
     s_x0, s_x1 = decoy_vacuum_single_bounds(n_x_k, d_nx, mu, p)
     v_x1 = max(0.0, single_photon_error_bound(m_x_k, d_mx, mu, p))
 
-    if key_from == "all":
-        n_key = round(n_z)
-        s_z0, s_z1 = s_z0_all, s_z1_all
-    else:
-        n_key = round(n_z_k[0])
-        share0 = p[0] * math.exp(-mu[0]) / tau_n(mu, p, 0)
-        share1 = p[0] * math.exp(-mu[0]) * mu[0] / tau_n(mu, p, 1)
-        s_z0 = max(0.0, share0 * s_z0_all - d_nz)
-        s_z1 = share1 * s_z1_all - d_nz
-    s_z0 = min(s_z0, float(n_key))
-    s_z1 = min(s_z1, float(n_key) - s_z0)
+    n_key, s_z0, s_z1 = _key_events_bounds(key_from, n_z_k, d_nz, s_z0_all, s_z1_all, mu, p)
 
     pa_penalty = 6.0 * math.log2(n_terms / eps_sec) + math.log2(2.0 / eps_cor)
     observed = m_x / n_x if n_x > 0 else float("nan")
@@ -214,6 +195,57 @@ def secret_key_length(
     length = max(0, min(math.floor(raw), n_key))
     reason = None if length > 0 else "finite-size and leakage terms exceed the extractable entropy"
     return result(length, phi, reason)
+
+
+def _check_arguments(
+    key_from: str,
+    eps_sec: float,
+    eps_cor: float,
+    leak_ec_bits: int,
+    mu: tuple[float, float, float],
+    p: tuple[float, float, float],
+) -> None:
+    """Raise ValueError for arguments outside what :func:`secret_key_length` (and the paper) allows."""
+    if key_from not in N_EPS_TERMS:
+        raise ValueError("key_from must be 'signal' or 'all'")
+    if not (0.0 < eps_sec < 1.0 and 0.0 < eps_cor < 1.0):
+        raise ValueError("eps_sec and eps_cor must lie in (0, 1)")
+    if leak_ec_bits < 0:
+        raise ValueError("leak_ec_bits must be >= 0")
+    if not (mu[0] > mu[1] + mu[2] and mu[1] > mu[2] >= 0.0):
+        raise ValueError("intensities must satisfy mu1 > mu2 + mu3 and mu2 > mu3 >= 0")
+    if min(p) <= 0.0:
+        raise ValueError("every intensity needs a positive probability")
+
+
+def _key_events_bounds(
+    key_from: str,
+    n_z_k: tuple[float, float, float],
+    d_nz: float,
+    s_z0_all: float,
+    s_z1_all: float,
+    mu: tuple[float, float, float],
+    p: tuple[float, float, float],
+) -> tuple[int, float, float]:
+    """(n_key, s_z0, s_z1): the key events and the lower bounds on their vacuum and single-photon events.
+
+    ``"all"``: every Z event is key (n_Z), the paper's protocol. ``"signal"``: only signal-intensity
+    Z events; the signal share of the vacuum and single-photon events is P(mu1 | n) s_{Z,n}^L minus
+    the Hoeffding term (Lim et al. App. A; see the module docstring). Both bounds are capped by the
+    key events.
+    """
+    if key_from == "all":
+        n_key = round(sum(n_z_k))
+        s_z0, s_z1 = s_z0_all, s_z1_all
+    else:
+        n_key = round(n_z_k[0])
+        share0 = p[0] * math.exp(-mu[0]) / tau_n(mu, p, 0)
+        share1 = p[0] * math.exp(-mu[0]) * mu[0] / tau_n(mu, p, 1)
+        s_z0 = max(0.0, share0 * s_z0_all - d_nz)
+        s_z1 = share1 * s_z1_all - d_nz
+    s_z0 = min(s_z0, float(n_key))
+    s_z1 = min(s_z1, float(n_key) - s_z0)
+    return n_key, s_z0, s_z1
 
 
 def _triple(values: object) -> tuple[float, float, float]:

@@ -250,45 +250,23 @@ def time_ordered_clicks(
     from the no-click posterior); stats = [lost to dead time, afterpulse gates, double clicks,
     clicks of detector 0, clicks of detector 1].
     """
-    w = class_probs / class_probs.sum()
-    joint = w[:, None, None] * event_probs[:, :, 1:]
-    flat = joint.reshape(-1)
-    p_click = float(flat.sum())
-    order = np.argsort(flat)[::-1]
-    cat_cum = np.cumsum(flat[order]) / p_click if p_click > 0 else np.ones(1)
-    n_pat = event_probs.shape[2] - 1
-    n_eve = event_probs.shape[1]
-    cat_class = (order // (n_eve * n_pat)).astype(np.int64)
-    cat_eve = ((order // n_pat) % n_eve).astype(np.int64)
-    cat_pattern = (order % n_pat + 1).astype(np.int64)
-    nondet = w * event_probs[:, :, 0].sum(axis=1)
-    nondet_cum = np.cumsum(nondet) / nondet.sum()
-    n_classes = w.shape[0]
-    key_share = float(joint[key_class].sum())
-    expected_key = n_pulses * key_share
+    law = _click_law(class_probs, event_probs, key_class)
+    n_classes = class_probs.shape[0]
+    expected_key = n_pulses * law.key_share
     capacity = int(
-        expected_key + 10.0 * math.sqrt(expected_key) + 1024 + 4.0 * afterpulse_prob * n_pulses * p_click
+        expected_key + 10.0 * math.sqrt(expected_key) + 1024 + 4.0 * afterpulse_prob * n_pulses * law.p_click
     )
     while True:
-        res = TimeOrderedResult(
-            events=np.zeros(n_classes, dtype=np.int64),
-            detected=np.zeros(n_classes, dtype=np.int64),
-            errors=np.zeros(n_classes, dtype=np.int64),
-            extra_gates=np.zeros(n_classes, dtype=np.int64),
-            alice=np.empty(capacity, dtype=np.uint8),
-            bob=np.empty(capacity, dtype=np.uint8),
-            eve=np.empty(capacity, dtype=np.uint8),
-            stats=np.zeros(5, dtype=np.int64),
-        )
+        res = _empty_result(n_classes, capacity)
         _seed_numba(seed)
         nk = _time_ordered_kernel(
             n_pulses,
-            p_click,
-            cat_cum,
-            cat_class,
-            cat_eve,
-            cat_pattern,
-            nondet_cum,
+            law.p_click,
+            law.cat_cum,
+            law.cat_class,
+            law.cat_eve,
+            law.cat_pattern,
+            law.nondet_cum,
             key_class,
             dead_gates,
             afterpulse_prob,
@@ -314,3 +292,57 @@ def time_ordered_clicks(
                 stats=res.stats,
             )
         capacity *= 2
+
+
+@dataclass(frozen=True)
+class _ClickLaw:
+    """The law :func:`_time_ordered_kernel` samples would-click gates from.
+
+    ``p_click`` is the probability that a gate would click; the categories (class, eve flag, pattern)
+    of a would-click gate are sorted by decreasing probability, ``cat_cum`` their cumulative
+    conditional law; ``nondet_cum`` the cumulative class law of a gate that would not click;
+    ``key_share`` the probability that a gate is a would-click gate of the key class.
+    """
+
+    p_click: float
+    cat_cum: FloatArray
+    cat_class: IntArray
+    cat_eve: IntArray
+    cat_pattern: IntArray
+    nondet_cum: FloatArray
+    key_share: float
+
+
+def _click_law(class_probs: FloatArray, event_probs: FloatArray, key_class: int) -> _ClickLaw:
+    w = class_probs / class_probs.sum()
+    joint = w[:, None, None] * event_probs[:, :, 1:]
+    flat = joint.reshape(-1)
+    p_click = float(flat.sum())
+    order = np.argsort(flat)[::-1]
+    cat_cum = np.cumsum(flat[order]) / p_click if p_click > 0 else np.ones(1)
+    n_pat = event_probs.shape[2] - 1
+    n_eve = event_probs.shape[1]
+    nondet = w * event_probs[:, :, 0].sum(axis=1)
+    return _ClickLaw(
+        p_click=p_click,
+        cat_cum=cat_cum,
+        cat_class=(order // (n_eve * n_pat)).astype(np.int64),
+        cat_eve=((order // n_pat) % n_eve).astype(np.int64),
+        cat_pattern=(order % n_pat + 1).astype(np.int64),
+        nondet_cum=np.cumsum(nondet) / nondet.sum(),
+        key_share=float(joint[key_class].sum()),
+    )
+
+
+def _empty_result(n_classes: int, capacity: int) -> TimeOrderedResult:
+    """Zeroed counters and room for ``capacity`` key-class clicks, for the kernel to fill."""
+    return TimeOrderedResult(
+        events=np.zeros(n_classes, dtype=np.int64),
+        detected=np.zeros(n_classes, dtype=np.int64),
+        errors=np.zeros(n_classes, dtype=np.int64),
+        extra_gates=np.zeros(n_classes, dtype=np.int64),
+        alice=np.empty(capacity, dtype=np.uint8),
+        bob=np.empty(capacity, dtype=np.uint8),
+        eve=np.empty(capacity, dtype=np.uint8),
+        stats=np.zeros(5, dtype=np.int64),
+    )

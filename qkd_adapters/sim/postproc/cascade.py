@@ -27,6 +27,11 @@ O(1) and every correction O(passes * log n).
 Leak: every parity bit Alice sends is counted (``cascade/top-parities`` and ``cascade/reply``
 messages); nothing else she sends depends on her key. Bob's messages reveal only error
 positions, which are independent of the key for the symmetric channels simulated here.
+
+Why one module: the leak count is exact only if every message of Alice's that depends on her key is
+counted, and that is checked by reading her half, Bob's half, :func:`reconcile` and the wire formats
+between them (announcement, top parities, batched queries and replies) side by side; the numerical
+work, the parity trees and the bisection rounds, already lives in ``_cascade_kernels``.
 """
 
 from __future__ import annotations
