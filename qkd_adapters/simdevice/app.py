@@ -35,7 +35,13 @@ SaeIdPath = Annotated[str, Path(min_length=1, max_length=128)]
 CALLER = "simdevice.caller"
 
 
-class KeyRequest(BaseModel):
+class DeviceKeyRequest(BaseModel):
+    """The body of the device's Get key (ETSI GS QKD 014 "Key request").
+
+    Named apart from the KME's own request model (``kms.api.schemas.KeyRequest``): the device imports
+    nothing of ``kms``, and one name stands for one concept.
+    """
+
     model_config = ConfigDict(extra="ignore")
 
     number: StrictInt | None = None
@@ -180,9 +186,9 @@ def create_device_app(pair: DevicePair, site: Site, client_fingerprint: str) -> 
 
     @app.post("/api/v1/keys/{slave_SAE_ID}/enc_keys")
     async def enc_keys_post(
-        request: Request, slave_SAE_ID: SaeIdPath, body: Annotated[KeyRequest | None, Body()] = None
+        request: Request, slave_SAE_ID: SaeIdPath, body: Annotated[DeviceKeyRequest | None, Body()] = None
     ) -> Response:
-        req = body or KeyRequest()
+        req = body or DeviceKeyRequest()
         if req.additional_slave_SAE_IDs:
             raise DeviceRequestError(400, "max_SAE_ID_count is 0: this device pair delivers point to point")
         if req.extension_mandatory:
