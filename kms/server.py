@@ -37,10 +37,9 @@ from kms.ingest import PoolFiller
 from kms.logs import configure_logging
 from kms.runtime import Runtime, build_runtime
 from kms.service.expiry import close_redelivery_windows
-from kms.storage import audit_repository
+from kms.service.peer_sweep import sweep_peer_state
 from kms.storage.database import sqlite_lock_path
 from kms.storage.durability import durability_problems
-from kms.storage.peer_repository import destroy_stale_pending, prune_messages
 
 log = structlog.get_logger(__name__)
 CONFIG_ENV = "QKMS_CONFIG"
@@ -166,13 +165,7 @@ class Background:
                     now = datetime.now(UTC)
                     stale = now - timedelta(seconds=10 * self.runtime.settings.peering.timeout_seconds)
                     actor = f"kme:{self.runtime.settings.kme.id}/peer-sync"
-                    with self.runtime.db.write() as conn:
-                        prune_messages(conn, now - window)
-                        gone = destroy_stale_pending(conn, stale, actor)
-                        if gone:
-                            audit_repository.append(
-                                conn, now, [(actor, "keys.discarded", "pending", {"key_IDs": gone})]
-                            )
+                    sweep_peer_state(self.runtime.db, actor, now, now - window, stale)
                     last_prune = time.monotonic()
             except Exception as exc:
                 log.error("peer_sync_failed", error=type(exc).__name__, detail=str(exc)[:200])

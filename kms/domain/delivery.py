@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kms.config import PoolSection
 from kms.domain import errors
@@ -20,9 +20,6 @@ from kms.domain.keys import StoredKey
 from kms.domain.lifecycle import KeyState
 from kms.domain.policy import POLICY_FALLBACK, Mode, PairPolicy, PolicyBook
 from kms.domain.saes import SaeInfo, SaeRegistry
-
-if TYPE_CHECKING:  # the service's old home: kms.peer still imports it from here (see __getattr__)
-    from kms.service.delivery import KeyDeliveryService as KeyDeliveryService
 
 
 # Not frozen: made per key on the delivery hot path, where a frozen dataclass's __init__ cost
@@ -284,14 +281,3 @@ def redeliverable(
         ):
             return False
     return True
-
-
-def __getattr__(name: str) -> Any:
-    """``KeyDeliveryService`` moved to ``kms.service.delivery``; ``kms.peer.network`` still imports
-    it from here. Resolved lazily so that the domain imports nothing above it. Remove once
-    kms/peer imports kms.service.delivery."""
-    if name == "KeyDeliveryService":
-        from kms.service.delivery import KeyDeliveryService
-
-        return KeyDeliveryService
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

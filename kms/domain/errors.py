@@ -35,3 +35,13 @@ MSG_SIZE_MULTIPLE_OF_8 = "size shall be a multiple of 8"
 MSG_EXT_MANDATORY_UNSUPPORTED = "not all extension_mandatory parameters are supported"
 MSG_EXT_MANDATORY_UNMET = "not all extension_mandatory request options could be met"
 MSG_KEYS_NOT_FOUND = "one or more keys specified are not found on KME"
+
+
+class PeerRequestRefused(Exception):
+    """A request from another KME (a ledger entry, a cancel, a block announcement, a piece claim) that
+    this KME must not act on. ``reason`` is safe to log and to answer with; ``kms.peer`` answers it as
+    a signed error (``MessageRejected``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

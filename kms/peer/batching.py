@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import structlog
 
-from kms.domain.delivery import DeliveredKey
-from kms.domain.policy import POLICY_FALLBACK, PairPolicy
-from kms.domain.saes import SaeInfo
-
-if TYPE_CHECKING:
-    from kms.peer.network import PeerNetwork
+from kms.domain.delivery import DeliveredKey, KeyOrder
 
 log = structlog.get_logger(__name__)
 MAX_ENTRIES = 64
@@ -31,26 +26,22 @@ IN_FLIGHT = 1
 
 
 @dataclass
-class KeyRequest:
-    master: SaeInfo
-    slave: SaeInfo
-    recipients: list[str]
-    number: int
-    size: int
-    policy: PairPolicy
-    future: Future[list[DeliveredKey]] = field(default_factory=Future)
-    fallback: bool = False  # set when the link was short and the pair's policy allows PQC fallback
+class LedgerRequest:
+    """A checked Get key request (``order``) for a slave at an adjacent KME, waiting for its batch."""
 
-    @property
-    def policy_name(self) -> str:
-        return POLICY_FALLBACK if self.fallback else self.policy.mode.value
+    order: KeyOrder
+    future: Future[list[DeliveredKey]] = field(default_factory=Future)
+
+
+DeliverBatch = Callable[[str, list[LedgerRequest]], None]
+"""Cut, record at the peer and settle a batch (``kms.peer.ledger_master.LedgerMaster.deliver_batch``)."""
 
 
 class LedgerBatcher:
-    def __init__(self, network: PeerNetwork, peer_id: str) -> None:
-        self.network = network
+    def __init__(self, deliver: DeliverBatch, peer_id: str) -> None:
+        self.deliver = deliver
         self.peer_id = peer_id
-        self._queue: queue.Queue[KeyRequest] = queue.Queue()
+        self._queue: queue.Queue[LedgerRequest] = queue.Queue()
         # One batch in flight per peer: on a small machine larger batches beat overlap (fewer ML-DSA
         # signatures per key); raise IN_FLIGHT where cores are plenty and the peer link is slow.
         self._threads = [
@@ -60,7 +51,7 @@ class LedgerBatcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, request: KeyRequest) -> list[DeliveredKey]:
+    def submit(self, request: LedgerRequest) -> list[DeliveredKey]:
         self._queue.put(request)
         return request.future.result()
 
@@ -73,7 +64,7 @@ class LedgerBatcher:
                 except queue.Empty:
                     break
             try:
-                self.network.deliver_batch(self.peer_id, batch)
+                self.deliver(self.peer_id, batch)
             except Exception as exc:  # never leave a request waiting
                 log.error(
                     "ledger_batch_failed", peer=self.peer_id, error=type(exc).__name__, detail=str(exc)[:200]

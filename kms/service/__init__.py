@@ -10,5 +10,7 @@ the background jobs call these, never a repository or ``Database.write`` directl
 - ``group_commit``, ``batcher``: units of concurrent requests committed together (D-17)
 - ``hybrid_keys``: ML-KEM encapsulation and hybrid / fallback key derivation (D-4)
 - ``ingest``: key blocks into the pool, link alarms; ``identity_keys``: the KME's PQC key versions
+- ``peer_ledger``, ``peer_records``, ``peer_relay``, ``peer_mirror``, ``peer_sweep``: the units of the
+  KME-to-KME protocol (``kms.peer`` sends and receives the messages and calls these; D-2, D-20)
 - ``audit_recorder``: the one place audit records are appended
 """

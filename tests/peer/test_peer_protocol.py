@@ -19,7 +19,7 @@ import tomli_w
 from kms.config import KmsSettings
 from kms.domain.lifecycle import KeyState
 from kms.launcher import client_ssl_context
-from kms.peer.batching import KeyRequest
+from kms.peer.ledger_master import entry_body
 from kms.peer.messages import SIGNATURE_HEADER, MessageSealer
 from kms.pilot import running_network
 from kms.runtime import Runtime, build_runtime
@@ -229,15 +229,14 @@ def test_cancel_that_overtakes_its_ledger_request_voids_it(
     master = runtime_a.registry.get("SAE-A1")
     assert master is not None
     wanted = runtime_a.service._key_request(master, "SAE-B1", 2, None, (), ())
-    request = KeyRequest(master, wanted.slave, wanted.recipients, 2, wanted.size, wanted.policy)
     at = datetime.now(UTC)
     events = pool.EventBatch(at)
     with runtime_a.db.write() as conn:
-        cut, exchange, suite = network._prepare(conn, request, "KME-B", events, at)
+        prepared = network.ledger.prepare(conn, wanted, "KME-B", events, at)
         events.flush(conn)
-    key_ids = [c.key_id for c in cut]
+    key_ids = prepared.key_ids
     try:
-        entry = network._entry_body(["KME-A", "KME-B"], request, cut, exchange, suite)
+        entry = entry_body(["KME-A", "KME-B"], prepared)
         ledger, raw_ledger, ledger_header = sealer.seal("KME-B", "keys.record.batch", {"entries": [entry]})
         named = {"nonce": ledger.nonce, "session": ledger.session, "seq": ledger.seq, "type": ledger.type}
         _, raw_cancel, cancel_header = sealer.seal(

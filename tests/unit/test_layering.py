@@ -123,22 +123,15 @@ def sibling_cycles() -> list[str]:
 
 
 # Cycles on main when this test was written (issue 14 removes them). strict=True: once they are gone the
-# test passes, the xfail turns into a failure, and these markers must go.
-KNOWN_MODULE_CYCLES = [
-    "kms.peer.batching <-> kms.peer.network (batching imports network under TYPE_CHECKING)",
-    "kms.domain.delivery <-> kms.service.delivery and the services that import domain.delivery (the "
-    "KeyDeliveryService shim left in domain/delivery.py for kms.peer)",
-]
+# test passes, the xfail turns into a failure, and these markers must go. Between modules none is left.
 KNOWN_SIBLING_CYCLES = [
     "in kms: audit <-> storage (storage.audit_repository imports audit.chain; audit.service, checkpointer "
-    "and startup import storage), and with them domain and service (the shim in domain/delivery.py)",
+    "and startup import storage)",
     "in kms: peer <-> runtime (peer.provision imports runtime; runtime imports peer.network, directory, "
     "countersign)",
-    "in kms.peer: batching <-> network",
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="known import cycles: " + "; ".join(KNOWN_MODULE_CYCLES))
 def test_no_import_cycles_between_modules() -> None:
     cycles = module_cycles()
     assert not cycles, "import cycles between modules:\n" + "\n".join(cycles)
