@@ -146,8 +146,8 @@ def main() -> int:
         print(json.dumps(asyncio.run(_client(json.loads(Path(args.client_spec).read_text())))))
         return 0
 
-    from kms.peer.provision import add_link
     from kms.pilot import LinkSpec, SiteSpec, prepare_network, running_network
+    from kms.provision.peers import add_link
     from tests.peer.conftest import Network, wait_for_remote_keys
 
     n = args.pairs

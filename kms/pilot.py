@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kms.launcher import KmeProcess, free_port
-from kms.peer.provision import add_link, add_peer, export_bundle
+from kms.provision.peers import add_link, add_peer, export_bundle
 from kms.workdir import init_workdir, sae_credential_paths
 
 

@@ -27,7 +27,7 @@ def export(
     """Write this KME's peer bundle: CA certificate, KME client-certificate fingerprint, ML-DSA and
     ML-KEM public keys, SAE IDs. Public material only; give it to the peer KMEs' operators."""
     from kms.peer.bundle import BundleError
-    from kms.peer.provision import export_bundle
+    from kms.provision.peers import export_bundle
 
     try:
         export_bundle(config, out)
@@ -50,7 +50,7 @@ def add(
 ) -> None:
     """Trust another KME: install its bundle and list it in this KME's config (restart to apply)."""
     from kms.peer.bundle import BundleError
-    from kms.peer.provision import add_peer
+    from kms.provision.peers import add_peer
 
     try:
         kme_id = add_peer(config, bundle, url)
@@ -69,7 +69,7 @@ def link(
     options: Annotated[str, typer.Option(help="Adapter options as a JSON object.")] = "{}",
 ) -> None:
     """Declare a QKD link shared with a peer KME (both ends must declare it with the same ID)."""
-    from kms.peer.provision import add_link
+    from kms.provision.peers import add_link
 
     try:
         parsed = json.loads(options)

@@ -343,8 +343,8 @@ def _maybe_devices(directory: Path, wanted: bool) -> Iterator[dict[str, str] | N
 
 
 def _run_two_site(directory: Path, sites: dict[str, Site], device: bool, number: int, wait: float) -> bool:
-    from kms.peer.provision import add_link, add_peer
     from kms.pilot import running_network
+    from kms.provision.peers import add_link, add_peer
 
     a, b = sites[SITE_A], sites[SITE_B]
     with _maybe_devices(directory / "devices", device) as devices:

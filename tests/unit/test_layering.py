@@ -127,8 +127,6 @@ def sibling_cycles() -> list[str]:
 KNOWN_SIBLING_CYCLES = [
     "in kms: audit <-> storage (storage.audit_repository imports audit.chain; audit.service, checkpointer "
     "and startup import storage)",
-    "in kms: peer <-> runtime (peer.provision imports runtime; runtime imports peer.network, directory, "
-    "countersign)",
 ]
 
 
