@@ -15,10 +15,10 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from kms.audit.service import AuditService
 from kms.config import KmsSettings
 from kms.launcher import KmeProcess, free_port
 from kms.runtime import build_runtime
+from kms.service.audit_queries import AuditService
 from kms.storage.status_queries import pool_report
 from kms.workdir import init_workdir, sae_credential_paths
 

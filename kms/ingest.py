@@ -20,10 +20,9 @@ from kms.crypto.envelope import Envelope
 from kms.domain.blocks import alarm_code as alarm_code
 from kms.domain.blocks import piece_parity as piece_parity
 from kms.domain.blocks import split_block as split_block
-from kms.service.ingest import record_alarm
+from kms.service.ingest import record_alarm, stored_bits_by_link
 from kms.service.ingest import store_block as store_block
 from kms.service.ingest import store_blocks as store_blocks
-from kms.storage import pool_repository as pool
 from kms.storage.database import Database
 from qkd_adapters.keyblock import KeyBlock, KeySource, LinkAlarm
 
@@ -60,8 +59,7 @@ class PoolFiller:
     def fill_once(self, max_events: int = 16) -> int:
         """Pull what every source has ready, up to the pool limit. Returns the pieces stored."""
         stored = 0
-        with self.db.read() as conn:
-            levels = pool.stored_bits_by_link(conn)
+        levels = stored_bits_by_link(self.db)
         for source, peer_kme_id in self.sources:
             if levels.get(source.link_id, 0) >= self.cfg.max_pool_bits:
                 continue

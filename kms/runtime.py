@@ -13,10 +13,10 @@ from kms.crypto.pqc.registry import get_kem_provider, get_signature_provider
 from kms.domain.policy import Mode, PairPolicy, PolicyBook, PolicyRule
 from kms.domain.saes import SaeInfo, SaeRegistry
 from kms.ingest import PoolFiller
+from kms.service import registry as registry_service
 from kms.service.delivery import KeyDeliveryService
 from kms.service.identity_keys import IdentityKeys
 from kms.sources import build_source
-from kms.storage import registry_repository as registry_repo
 from kms.storage.database import Database
 from qkd_adapters.keyblock import FollowerKeySource
 
@@ -37,8 +37,7 @@ class Runtime:
     countersigner: Countersigner | None = None  # with peers: pushes audit checkpoints to them
 
     def reload_registry(self) -> None:
-        with self.db.read() as conn:
-            entries = registry_repo.load_saes(conn)
+        entries = registry_service.registered_saes(self.db)
         if self.network is not None:
             entries += self.network.directory.registry_entries()
         self.registry.replace(entries)
@@ -160,16 +159,7 @@ def build_runtime(settings: KmsSettings, sync_registry: bool = True, server: boo
         kem_algorithm=KemAlgorithm(settings.policy.kem),
     )
     if sync_registry:
-        with db.write() as conn:
-            registry_repo.upsert_saes(conn, configured_entities(settings))
-            for link in settings.links:
-                registry_repo.upsert_link(
-                    conn,
-                    link.id,
-                    link.peer_kme_id or settings.kme.id,
-                    link.source,
-                    {"source": link.source, **link.options},
-                )
+        registry_service.sync_configured(db, settings.kme.id, configured_entities(settings), settings.links)
         identity.ensure()
     registry = SaeRegistry()
     service = KeyDeliveryService(

@@ -30,12 +30,13 @@ from sqlalchemy import text
 
 from kms.api.app import create_app
 from kms.api.http_limits import hardened_protocol
-from kms.audit.checkpointer import AuditIntegrityError, CheckpointWriter
-from kms.audit.startup import EXIT_AUDIT_REFUSED, anchor_file, refuse_unless_audit_intact
+from kms.audit.integrity import AuditIntegrityError
 from kms.config import KmsSettings, ServerSection
 from kms.ingest import PoolFiller
 from kms.logs import configure_logging
 from kms.runtime import Runtime, build_runtime
+from kms.service.audit_checkpoints import CheckpointWriter
+from kms.service.audit_startup import EXIT_AUDIT_REFUSED, refuse_unless_audit_intact
 from kms.service.expiry import close_redelivery_windows
 from kms.service.peer_sweep import sweep_peer_state
 from kms.storage.database import sqlite_lock_path
@@ -122,7 +123,7 @@ class Background:
         """Sign and anchor the audit head every ``audit.checkpoint_records`` records or
         ``audit.checkpoint_seconds``, and once more on shutdown; never over a rewritten database."""
         rt, cfg = self.runtime, self.runtime.settings.audit
-        writer = CheckpointWriter(rt.db, rt.identity, rt.settings.kme.id, anchor_file(rt.settings))
+        writer = CheckpointWriter.for_settings(rt.db, rt.identity, rt.settings)
         pause = min(0.5, cfg.checkpoint_seconds)
         while True:
             stopping = self._stop.wait(pause)

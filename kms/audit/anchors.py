@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kms.audit.chain import Checkpoint, canonical_json
+from kms.domain.audit_chain import Checkpoint, canonical_json
 
 ANCHOR_SUFFIX = ".anchors.jsonl"
 TAIL_BYTES = 8192  # enough for the last line (a line is about 400 bytes)

@@ -14,8 +14,8 @@ and logged at the peer: that is the evidence of a rewrite.
 
 At start a KME asks each reachable peer which of its checkpoints that peer holds
 (``audit.held``) and refuses to serve if its database lacks it or holds another
-(``kms.peer.countersign.refuse_unless_peers_agree``). Offline, a peer's copy file is checked
-like an anchor file: ``qkms audit verify --anchors <copy>``.
+(``kms.server.refuse_unless_peers_agree``, over ``kms.peer.countersign.peer_problems``). Offline, a
+peer's copy file is checked like an anchor file: ``qkms audit verify --anchors <copy>``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kms.audit.anchors import Anchor, AnchorFile, anchor_path, read_anchors
-from kms.audit.chain import Checkpoint, canonical_json
+from kms.domain.audit_chain import Checkpoint, canonical_json
 
 COUNTERSIGN_CONTEXT = b"qkms/audit/countersign/v1"
 COPIES_DIR = "peer-copies"

@@ -1,7 +1,8 @@
 """Operator and security-team commands: ``qkms audit``, ``qkms keys``, ``qkms link``.
 
-They work on the KME's database directly (the same KEK and config as the server), so they also work
-while the server is down — for example to verify or export the audit trail after an incident.
+They work on the KME's database through the same services as the server (the same KEK and config),
+so they also work while the server is down — for example to verify or export the audit trail after
+an incident.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _runtime(config: Path):  # type: ignore[no-untyped-def]
 
 
 def _audit_service(config: Path):  # type: ignore[no-untyped-def]
-    from kms.audit.service import AuditService
+    from kms.service.audit_queries import AuditService
 
     rt = _runtime(config)
     return rt, AuditService.for_settings(rt.db, rt.identity, rt.settings)
@@ -49,11 +50,11 @@ def _audit_service(config: Path):  # type: ignore[no-untyped-def]
 def _sign_pending(rt: Any) -> None:
     """Sign and anchor what a CLI command just appended to the audit, so that records written while
     the server is stopped do not sit unsigned past the tail window."""
-    from kms.audit.checkpointer import AuditIntegrityError, CheckpointWriter
-    from kms.audit.startup import anchor_file
+    from kms.audit.integrity import AuditIntegrityError
+    from kms.service.audit_checkpoints import CheckpointWriter
 
     try:
-        CheckpointWriter(rt.db, rt.identity, rt.settings.kme.id, anchor_file(rt.settings)).write()
+        CheckpointWriter.for_settings(rt.db, rt.identity, rt.settings).write()
     except AuditIntegrityError as exc:
         err.print(f"[red]warning:[/red] audit not signed, it no longer matches its anchors: {exc}")
 
@@ -120,7 +121,7 @@ def audit_verify(
     """Check the audit chain, the checkpoint chain and the anchors; name every edited, deleted,
     inserted or reordered record and every missing, altered or forged checkpoint."""
     from kms.audit.anchors import AnchorFile
-    from kms.audit.service import load_public_keys, report_json, verify_export
+    from kms.audit.verification import load_public_keys, report_json, verify_export
     from kms.crypto.pqc.registry import get_signature_provider
 
     # A peer's copy (<anchor dir>/peer-copies/<KME>.anchors.jsonl at the peer) starts wherever the
@@ -175,7 +176,7 @@ def audit_adopt_anchors(config: ConfigOpt) -> None:
     checkpoints were deleted, which this command cannot tell from a loss. It refuses if the file
     still holds anchors."""
     from kms.audit.anchors import Anchor
-    from kms.audit.chain import Checkpoint
+    from kms.domain.audit_chain import Checkpoint
 
     rt, service = _audit_service(config)
     try:
@@ -205,7 +206,7 @@ def audit_export(
     config: ConfigOpt, out: Annotated[Path, typer.Option("--out", help="File to write.")]
 ) -> None:
     """Write the audit trail (records and signed checkpoints) to a JSON file for offline verification."""
-    from kms.audit.checkpointer import write_checkpoint
+    from kms.service.audit_checkpoints import write_checkpoint
 
     rt, service = _audit_service(config)
     try:
@@ -223,7 +224,7 @@ def keys_export_public(
     config: ConfigOpt, out: Annotated[Path, typer.Option("--out", help="File to write.")]
 ) -> None:
     """Write the KME's public keys (every version) for peers and offline audit verification."""
-    from kms.audit.service import AuditService
+    from kms.service.audit_queries import AuditService
 
     rt = _runtime(config)
     try:
@@ -289,30 +290,17 @@ def keys_destroy(
     console.print(f"{purpose} key version {version}: private seed destroyed")
 
 
-def _link_transition(
-    config: Path,
-    link_id: str,
-    required: str,
-    action: str,
-    data: dict[str, object],
-    change: Callable[..., Any],
-) -> Any:
-    """Check the link's state, apply ``change`` and audit it, all in one transaction."""
-    from kms.storage import audit_repository
-    from kms.storage import link_repository as links
-    from kms.storage.pool_repository import EventBatch
+def _link_transition(config: Path, change: Callable[[Any], Any]) -> Any:
+    """Run the link use case ``change(db)`` (``kms.service.links``), then sign what it audited."""
+    from kms.service.links import LinkStateError
 
     rt = _runtime(config)
     try:
-        events = EventBatch(datetime.now(UTC))
-        with rt.db.write() as conn:
-            if links.link_state(conn, link_id) != required:
-                err.print(f"[red]error:[/red] link {link_id} is not {required} on this KME")
-                raise typer.Exit(1)
-            result = change(conn, events)
-            events.flush(conn)
-            record = {**data, "blocks": result.blocks, "keys": result.keys}
-            audit_repository.append(conn, events.at, [("operator", action, link_id, record)])
+        try:
+            result = change(rt.db)
+        except LinkStateError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
         _sign_pending(rt)
     finally:
         rt.close()
@@ -326,16 +314,9 @@ def link_suspend(
     reason: Annotated[str, typer.Option(help="Why (recorded in the audit trail).")] = "operator action",
 ) -> None:
     """Suspend a link: its blocks and the reserved keys cut from them are no longer served."""
-    from kms.storage import link_repository as links
+    from kms.service import links
 
-    change = _link_transition(
-        config,
-        link_id,
-        "active",
-        "link.suspended",
-        {"reason": reason},
-        lambda conn, events: links.suspend_link(conn, link_id, "operator", reason, events),
-    )
+    change = _link_transition(config, lambda db: links.suspend(db, link_id, reason))
     console.print(f"link {link_id} suspended: {change.blocks} blocks, {change.keys} reserved keys")
 
 
@@ -349,15 +330,8 @@ def link_resume(
     reason: Annotated[str, typer.Option(help="Why (recorded in the audit trail).")] = "operator action",
 ) -> None:
     """Resume a suspended link (after investigating its alarm)."""
-    from kms.storage import link_repository as links
+    from kms.service import links
 
-    change = _link_transition(
-        config,
-        link_id,
-        "suspended",
-        "link.resumed",
-        {"reason": reason, "discard": discard},
-        lambda conn, events: links.resume_link(conn, link_id, "operator", reason, events, discard),
-    )
+    change = _link_transition(config, lambda db: links.resume(db, link_id, reason, discard))
     verb = "discarded" if discard else "kept"
     console.print(f"link {link_id} resumed ({verb} {change.blocks} blocks, {change.keys} keys)")

@@ -22,7 +22,6 @@ from typing import Any
 import structlog
 
 from kms.audit.anchors import Anchor
-from kms.audit.chain import Checkpoint, checkpoint_from_json
 from kms.audit.peer_copies import (
     COUNTERSIGN_CONTEXT,
     CopyConflict,
@@ -33,13 +32,13 @@ from kms.audit.peer_copies import (
 )
 from kms.crypto.identity import KmeIdentity
 from kms.crypto.pqc.base import SignatureAlgorithm
+from kms.domain.audit_chain import Checkpoint, Receipt, checkpoint_from_json
+from kms.domain.errors import PeerRequestRefused
 from kms.peer.client import PeerClient, PeerError, PeerRefused
 from kms.peer.directory import PeerDirectory
 from kms.peer.messages import MessageRejected, PeerMessage
-from kms.storage import audit_repository as audit
-from kms.storage import countersign_repository as receipts
+from kms.service import audit_countersign, peer_context
 from kms.storage.database import Database
-from kms.storage.peer_repository import remember_message
 
 log = structlog.get_logger(__name__)
 BATCH = 64  # checkpoints per message (a checkpoint is about 5 KB with its ML-DSA-65 signature)
@@ -124,33 +123,14 @@ class CopyKeeper:
         }
 
     def _remember(self, message: PeerMessage) -> None:
-        with self.ctx.db.write() as conn:
-            if not remember_message(
-                conn,
-                message.sender,
-                message.nonce,
-                message.session,
-                message.seq,
-                message.type,
-                datetime.now(UTC),
-            ):
-                raise MessageRejected("replayed message (nonce or sequence number seen before)")
+        try:
+            peer_context.remember_alone(self.ctx.db, message)
+        except PeerRequestRefused as exc:  # a replay
+            raise MessageRejected(exc.reason) from None
 
     def _record_conflict(self, origin: str, problem: str) -> None:
         log.error("audit_peer_copy_conflict", peer=origin, problem=problem)
-        with self.ctx.db.write() as conn:
-            audit.append(
-                conn,
-                datetime.now(UTC),
-                [
-                    (
-                        f"kme:{origin}",
-                        "audit.peer_conflict",
-                        "audit",
-                        {"peer": origin, "problem": problem[:500]},
-                    )
-                ],
-            )
+        audit_countersign.record_copy_conflict(self.ctx.db, origin, problem)
 
 
 class Countersigner:
@@ -180,19 +160,14 @@ class Countersigner:
         stored = 0
         for _ in range(MAX_ROUNDS):
             acked = self._acked.get(peer_id)
-            with self.ctx.db.read() as conn:
-                if acked is None:
-                    last = audit.last_chained_checkpoint(conn)
-                    batch = [last] if last is not None else []
-                else:
-                    batch = audit.chained_checkpoints(conn, acked)[:BATCH]
+            batch = audit_countersign.checkpoints_to_push(self.ctx.db, acked, BATCH)
             if not batch:
                 return stored
             reply = self.client.call(
                 peer_id, "audit.checkpoints", {"checkpoints": [c.to_json() for c in batch]}
             )
             held = self._check_receipt(peer_id, reply.body)
-            if held is not None and self._store(peer_id, held):
+            if held is not None and audit_countersign.store_receipt(self.ctx.db, peer_id, held):
                 stored += 1
             number = held.number if held is not None else 0
             if acked is not None and number <= acked:
@@ -200,7 +175,7 @@ class Countersigner:
             self._acked[peer_id] = number
         return stored
 
-    def _check_receipt(self, peer_id: str, body: dict[str, Any]) -> receipts.Receipt | None:
+    def _check_receipt(self, peer_id: str, body: dict[str, Any]) -> Receipt | None:
         number = int(body["held"])
         if number == 0:
             return None
@@ -212,22 +187,9 @@ class Countersigner:
             SignatureAlgorithm(key.algorithm), key.public_key, message, signature, COUNTERSIGN_CONTEXT
         ):
             raise PeerRefused(peer_id, "its countersignature does not verify")
-        return receipts.Receipt(
+        return Receipt(
             peer_id, number, checkpoint_hash, version, key.algorithm, signature.hex(), datetime.now(UTC)
         )
-
-    def _store(self, peer_id: str, receipt: receipts.Receipt) -> bool:
-        with self.ctx.db.write() as conn:
-            ours = audit.chained_checkpoints(conn, receipt.number - 1)[:1]
-            if not ours or ours[0].number != receipt.number or ours[0].hash() != receipt.checkpoint_hash:
-                log.error(
-                    "audit_peer_holds_other_history",
-                    peer=peer_id,
-                    number=receipt.number,
-                    reason="the peer holds a checkpoint of ours that this database lacks or holds differently",
-                )
-                return False
-            return receipts.record(conn, receipt)
 
 
 def peer_problems(ctx: PeerAudit, client: PeerClient) -> tuple[list[str], list[str]]:
@@ -243,12 +205,11 @@ def peer_problems(ctx: PeerAudit, client: PeerClient) -> tuple[list[str], list[s
         number = int(body.get("held", 0))
         if number == 0:
             continue
-        with ctx.db.read() as conn:
-            ours = audit.chained_checkpoints(conn, number - 1)[:1]
+        ours = audit_countersign.checkpoint(ctx.db, number)
         where = f"KME {peer.kme_id} holds a copy of checkpoint #{number} (seq ..{body.get('upto_seq')})"
-        if not ours or ours[0].number != number:
+        if ours is None:
             problems.append(f"{where}, which this database lacks (deleted)")
-        elif ours[0].hash() != body.get("hash"):
+        elif ours.hash() != body.get("hash"):
             problems.append(f"{where}, which differs from this database's (rewritten)")
     return problems, unreachable
 
@@ -258,12 +219,7 @@ def receipt_report(ctx: PeerAudit) -> tuple[list[str], list[str]]:
     signature fails, or whose checkpoint this database lacks or holds differently, is a problem."""
     lines: list[str] = []
     problems: list[str] = []
-    with ctx.db.read() as conn:
-        latest = receipts.latest_per_peer(conn)
-        ours = {
-            cp.number: cp
-            for cp in audit.chained_checkpoints(conn, min((r.number for r in latest), default=1) - 1)
-        }
+    latest, ours = audit_countersign.latest_receipts(ctx.db)
     for r in latest:
         key = ctx.directory.sign_key(r.peer, r.key_version)
         message = countersign_message(ctx.kme_id, r.peer, r.number, r.checkpoint_hash)

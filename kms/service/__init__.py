@@ -12,5 +12,9 @@ the background jobs call these, never a repository or ``Database.write`` directl
 - ``ingest``: key blocks into the pool, link alarms; ``identity_keys``: the KME's PQC key versions
 - ``peer_ledger``, ``peer_records``, ``peer_relay``, ``peer_mirror``, ``peer_sweep``: the units of the
   KME-to-KME protocol (``kms.peer`` sends and receives the messages and calls these; D-2, D-20)
+- ``links``: an operator suspends or resumes a link; ``registry``: the configured SAEs and links
+- ``audit_checkpoints`` (sign and anchor), ``audit_startup`` (the check before serving),
+  ``audit_queries`` (the auditor's reads, verification, export), ``audit_countersign`` (peer receipts
+  and conflicts): the audit's use cases over the pure checks of ``kms.audit`` (D-8, D-15)
 - ``audit_recorder``: the one place audit records are appended
 """

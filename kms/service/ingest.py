@@ -103,6 +103,12 @@ def _received_record(block: KeyBlock, storage_blocks: int, state: KeyState) -> d
     }
 
 
+def stored_bits_by_link(db: Database) -> dict[str, int]:
+    """Unserved bits held in active blocks, per link (the filler stops pulling a link at its limit)."""
+    with db.read() as conn:
+        return pool.stored_bits_by_link(conn)
+
+
 def record_alarm(db: Database, alarm: LinkAlarm, code: str, suspend: bool) -> None:
     """Record ``alarm`` (``link.alarm``) and, with ``suspend``, suspend its link if it is active:
     the link, its blocks and the reserved keys cut from them (``link.suspended``)."""

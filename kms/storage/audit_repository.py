@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
 
-from kms.audit.chain import (
+from kms.domain.audit_chain import (
     RECORD_LABEL,
     AnyCheckpoint,
     AuditRecord,

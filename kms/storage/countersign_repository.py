@@ -1,27 +1,12 @@
-"""Peer receipts for this KME's audit checkpoints (``kms.audit.peer_copies``)."""
+"""Peer receipts for this KME's audit checkpoints (``kms.audit.peer_copies``; the ``Receipt`` type is
+``kms.domain.audit_chain``'s)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-
 from sqlalchemy import Connection, func, insert, select
 
+from kms.domain.audit_chain import Receipt
 from kms.storage.schema import audit_countersignatures as receipts
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """``peer`` holds a copy of our checkpoint chain up to checkpoint ``number`` (hash
-    ``checkpoint_hash``) and signed that with its key ``key_version``."""
-
-    peer: str
-    number: int
-    checkpoint_hash: str
-    key_version: int
-    algorithm: str
-    signature: str  # hex
-    at: datetime
 
 
 def record(conn: Connection, receipt: Receipt) -> bool:

@@ -43,7 +43,7 @@ def upgrade() -> None:
         sa.Column("hash", sa.String(length=96), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_head")),
     )
-    # The chain starts from an all-zero genesis hash (kms.audit.chain.GENESIS).
+    # The chain starts from an all-zero genesis hash (kms.domain.audit_chain.GENESIS).
     op.bulk_insert(head, [{"id": 1, "seq": 0, "hash": "00" * 48}])
     op.create_table(
         "audit_records",

@@ -27,15 +27,16 @@ import pytest
 import tomli_w
 from sqlalchemy import Connection, create_engine, text
 
-from kms.audit.chain import GENESIS, record_hash
-from kms.audit.checkpointer import AuditIntegrityError
-from kms.audit.service import AuditService
-from kms.audit.startup import anchor_file, check_audit_at_start, tail_window
+from kms.audit.integrity import AuditIntegrityError
 from kms.config import KmsSettings
 from kms.crypto.pqc.base import SignatureAlgorithm
 from kms.crypto.pqc.registry import get_signature_provider
+from kms.domain.audit_chain import GENESIS, record_hash
 from kms.launcher import KmeProcess, free_port
 from kms.runtime import build_runtime
+from kms.service.audit_checkpoints import anchor_file, tail_window
+from kms.service.audit_queries import AuditService
+from kms.service.audit_startup import check_audit_at_start
 from tests.conftest import database_url
 from tests.kme_harness import running_kme
 from tests.support.postgres import PostgresServer
@@ -336,7 +337,7 @@ def _forge_anchor(lines: list[bytes]) -> list[bytes]:
 
 # name: (database change or None, anchor-file change or None, words verify must print, start refuses?)
 # "start refuses" None: the start check leaves it to `qkms audit verify` (an edit that keeps the hash
-# columns is never signed over — see kms/audit/startup.py).
+# columns is never signed over — see kms/service/audit_startup.py).
 FAMILY: dict[
     str, tuple[Callable[[Connection], None] | None, Callable[[Path], None] | None, str, bool | None]
 ] = {

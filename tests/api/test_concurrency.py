@@ -11,8 +11,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine
 
-from kms.audit.service import AuditService
 from kms.runtime import build_runtime
+from kms.service.audit_queries import AuditService
 from kms.storage import pool_repository
 from tests.conftest import database_url
 from tests.kme_harness import running_kme

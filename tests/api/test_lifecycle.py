@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, select
 
-from kms.audit.service import AuditService
 from kms.runtime import build_runtime
+from kms.service.audit_queries import AuditService
 from kms.storage.schema import key_blocks, keys
 from tests.conftest import database_url
 from tests.kme_harness import running_kme

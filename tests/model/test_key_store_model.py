@@ -37,8 +37,8 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import text
 
-from kms.audit.chain import GENESIS, record_hash
 from kms.config import KmsSettings
+from kms.domain.audit_chain import GENESIS, record_hash
 from kms.domain.errors import InvalidRequest, NotEntitled, ServiceUnavailable
 from kms.domain.saes import SaeInfo
 from kms.ingest import store_block

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Connection, create_engine, text
 
-from kms.audit.chain import Checkpoint
 from kms.config import KmsSettings
+from kms.domain.audit_chain import Checkpoint
 from kms.launcher import KmeProcess
 from kms.peer.client import PeerRefused
 from kms.runtime import build_runtime

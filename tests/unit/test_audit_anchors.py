@@ -10,10 +10,11 @@ import pytest
 from sqlalchemy import text
 
 from kms.audit.anchors import AnchorFile, AnchorFileError, read_anchors
-from kms.audit.checkpointer import AuditIntegrityError, CheckpointWriter
-from kms.audit.startup import anchor_file, check_audit_at_start, tail_window
+from kms.audit.integrity import AuditIntegrityError
 from kms.config import KmsSettings
 from kms.runtime import Runtime, build_runtime
+from kms.service.audit_checkpoints import CheckpointWriter, anchor_file, tail_window
+from kms.service.audit_startup import check_audit_at_start
 from kms.workdir import init_workdir
 
 
@@ -119,8 +120,8 @@ def test_verify_of_a_live_kme_never_calls_a_checkpoint_signed_meanwhile_missing(
     database and then the anchor file, so a checkpoint signed in between was anchored but not in its
     snapshot: "missing (deleted)" on an untouched KME (seen in CI). Here the checkpoint is signed
     right after verify's database read, every time."""
-    from kms.audit import service as audit_service
-    from kms.audit.service import AuditService
+    from kms.service import audit_queries as audit_service
+    from kms.service.audit_queries import AuditService
 
     writer = _writer(rt)
     _traffic(rt)

@@ -6,18 +6,17 @@ import dataclasses
 
 import pytest
 
-from kms.audit.chain import (
+from kms.audit.chain import TailWindow, verify_chain
+from kms.crypto.pqc.base import SignatureAlgorithm
+from kms.crypto.pqc.registry import get_signature_provider
+from kms.domain.audit_chain import (
     CHAINED_CONTEXT,
     GENESIS,
     AuditRecord,
     Checkpoint,
     LegacyCheckpoint,
-    TailWindow,
     record_hash,
-    verify_chain,
 )
-from kms.crypto.pqc.base import SignatureAlgorithm
-from kms.crypto.pqc.registry import get_signature_provider
 
 ALG = SignatureAlgorithm.ML_DSA_65
 SIGNER = get_signature_provider()

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kms.audit.checkpointer import write_checkpoint
-from kms.audit.service import AuditService
 from kms.config import KmsSettings
 from kms.runtime import build_runtime
+from kms.service.audit_checkpoints import write_checkpoint
+from kms.service.audit_queries import AuditService
 from kms.workdir import init_workdir
 
 

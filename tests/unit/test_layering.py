@@ -13,7 +13,6 @@ from functools import cache
 from itertools import pairwise
 
 import grimp
-import pytest
 
 ROOTS = ("kms", "qkd_adapters")
 
@@ -122,20 +121,11 @@ def sibling_cycles() -> list[str]:
     return found
 
 
-# Cycles on main when this test was written (issue 14 removes them). strict=True: once they are gone the
-# test passes, the xfail turns into a failure, and these markers must go. Between modules none is left.
-KNOWN_SIBLING_CYCLES = [
-    "in kms: audit <-> storage (storage.audit_repository imports audit.chain; audit.service, checkpointer "
-    "and startup import storage)",
-]
-
-
 def test_no_import_cycles_between_modules() -> None:
     cycles = module_cycles()
     assert not cycles, "import cycles between modules:\n" + "\n".join(cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="known import cycles: " + "; ".join(KNOWN_SIBLING_CYCLES))
 def test_no_import_cycles_between_sibling_packages() -> None:
     cycles = sibling_cycles()
     assert not cycles, "import cycles between the members of a package:\n" + "\n".join(cycles)

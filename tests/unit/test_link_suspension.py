@@ -70,7 +70,7 @@ def test_alarm_suspends_and_fallback_takes_over(rt: Runtime) -> None:
     fallback = svc.get_keys(_sae(rt, M), S, number=2)
     served = svc.get_keys_with_ids(_sae(rt, S), M, [k.key_id for k in fallback])
     assert [k.material for k in served] == [k.material for k in fallback]
-    from kms.audit.service import AuditService
+    from kms.service.audit_queries import AuditService
 
     audit = AuditService(rt.db, rt.identity, "KME-T")
     prov = audit.provenance(fallback[0].key_id)
@@ -170,7 +170,7 @@ def test_blocks_after_a_suspending_alarm_in_the_same_pull_are_stored_suspended(r
         states.setdefault(block_id, set()).add(state)
     # b1 and b2 went in (one transaction) before the alarm; the alarm then suspended them with the link.
     assert states == {"b1": {"suspended"}, "b2": {"suspended"}, "b4": {"suspended"}}
-    from kms.audit.service import AuditService
+    from kms.service.audit_queries import AuditService
 
     records = AuditService(rt.db, rt.identity, "KME-T").events(limit=1000)["records"]
     order = [(r["action"], r["data"].get("block_id")) for r in records if r["action"] != "audit.checkpoint"]

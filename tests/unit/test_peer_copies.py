@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from kms.audit.anchors import AnchorFile, AnchorFileError, read_anchors
-from kms.audit.chain import GENESIS, Checkpoint
 from kms.audit.peer_copies import CopyConflict, accept_checkpoints, copy_file, last_held
 from kms.crypto.pqc.base import SignatureAlgorithm, SignatureKeyPair
 from kms.crypto.pqc.registry import get_signature_provider
+from kms.domain.audit_chain import GENESIS, Checkpoint
 
 ALG = SignatureAlgorithm.ML_DSA_65
 ORIGIN = "KME-A"

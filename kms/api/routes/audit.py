@@ -13,8 +13,8 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
 from kms.api.errors import ERROR_RESPONSES_AUDIT, json_response
-from kms.audit.service import AuditService
 from kms.domain.errors import MSG_KEYS_NOT_FOUND, InvalidRequest
+from kms.service.audit_queries import AuditService
 
 T = TypeVar("T")
 

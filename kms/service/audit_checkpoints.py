@@ -1,9 +1,11 @@
-"""Signs audit checkpoints with the KME's ML-DSA key, off the delivery hot path, and anchors them.
+"""Signing audit checkpoints: the use case the server's checkpoint thread, the CLI and the start-up
+check call, off the delivery hot path.
 
-Each checkpoint extends the checkpoint chain (``kms.audit.chain.Checkpoint``) and is appended to the
-anchor file after its commit. Before signing, the writer checks that the database still holds what
-it signed and anchored before — the last anchored checkpoint, unchanged, and the record it pins — so
-a KME whose database was rewritten under it refuses to sign the rewrite (``AuditIntegrityError``).
+Each checkpoint extends the checkpoint chain (``kms.domain.audit_chain.Checkpoint``), is inserted in
+a transaction of its own and is appended to the anchor file after its commit. Before signing, the
+writer checks (``kms.audit.integrity``) that the database still holds what it signed and anchored
+before — the last anchored checkpoint, unchanged, and the record it pins — so a KME whose database
+was rewritten under it refuses to sign the rewrite (``AuditIntegrityError``).
 """
 
 from __future__ import annotations
@@ -16,19 +18,24 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
-from kms.audit.anchors import Anchor, AnchorBook, AnchorFile
-from kms.audit.chain import GENESIS, Checkpoint, chain_problems
+from kms.audit.anchors import Anchor, AnchorBook, AnchorFile, anchor_path
+from kms.audit.chain import TailWindow
+from kms.audit.integrity import AuditIntegrityError, anchored_in_database, pinned_problems, unanchored
+from kms.config import KmsSettings
 from kms.crypto.identity import KmeIdentity
+from kms.domain.audit_chain import GENESIS, Checkpoint
 from kms.storage import audit_repository as audit
 from kms.storage.database import Database
 
 
-class AuditIntegrityError(RuntimeError):
-    """The database's audit no longer matches what this KME signed and anchored; each problem named."""
+def anchor_file(settings: KmsSettings) -> AnchorFile:
+    """The KME's own anchor file (``[audit] anchor_dir``)."""
+    return AnchorFile(anchor_path(settings.config_dir, settings.audit.anchor_dir, settings.kme.id))
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
+
+def tail_window(settings: KmsSettings) -> TailWindow:
+    """How many records, over how long, may follow the last checkpoint (``[audit]``)."""
+    return TailWindow(settings.audit.max_unsigned_records, settings.audit.max_unsigned_seconds)
 
 
 class CheckpointWriter:
@@ -37,6 +44,11 @@ class CheckpointWriter:
         self.identity = identity
         self.kme_id = kme_id
         self.anchors = anchors
+
+    @classmethod
+    def for_settings(cls, db: Database, identity: KmeIdentity, settings: KmsSettings) -> CheckpointWriter:
+        """Anchoring in the KME's own anchor file."""
+        return cls(db, identity, settings.kme.id, anchor_file(settings))
 
     def due(self, min_records: int, max_age_seconds: float) -> bool:
         """Unsigned records: at least ``min_records``, or any once the last checkpoint is that old."""
@@ -71,7 +83,11 @@ class CheckpointWriter:
                 if seq == signed:
                     return None
                 if last is not None:
-                    _check_pinned(conn, last)
+                    problems = pinned_problems(
+                        last, audit.record_at(conn, last.upto_seq), audit.record_at(conn, last.upto_seq + 1)
+                    )
+                    if problems:
+                        raise AuditIntegrityError(problems)
             cp = self._sign(last, seq, head_hash)
             try:
                 with self.db.write() as conn:
@@ -118,56 +134,13 @@ class CheckpointWriter:
     def _catch_up(self, conn: Connection, book: AnchorBook, last: Checkpoint | None) -> None:
         """The last anchor must still be in the database, unchanged; checkpoints committed after it
         (a crash between commit and anchor) are checked and anchored now."""
-        anchored = book.last
+        path, anchored = str(book.path), book.last
+        anchored_in_database(path, anchored, last)
         if anchored is None:
-            if last is not None:
-                raise AuditIntegrityError(
-                    [
-                        f"the anchor file {book.path} is empty but the database holds checkpoints up to"
-                        f" #{last.number}: restore the anchor file, or run `qkms audit verify` and then"
-                        " `qkms audit adopt-anchors` if the file was lost"
-                    ]
-                )
             return
-        if last is None or last.number < anchored.number:
-            raise AuditIntegrityError(
-                [
-                    f"checkpoint #{anchored.number} (seq {anchored.from_seq}..{anchored.upto_seq}) is anchored in"
-                    f" {book.path} but the database's last checkpoint is #{last.number if last else 0} (deleted)"
-                ]
-            )
         newer = audit.chained_checkpoints(conn, anchored.number - 1)
-        if not newer or newer[0].hash() != anchored.hash:
-            raise AuditIntegrityError(
-                [f"checkpoint #{anchored.number} differs from its anchor in {book.path} (altered or forged)"]
-            )
-        problems = chain_problems(newer[1:], after=newer[0])
-        for cp in newer[1:]:
-            if not self.identity.verify(
-                cp.key_version, cp.message(), bytes.fromhex(cp.signature), cp.context
-            ):
-                problems.append(f"checkpoint #{cp.number} has an invalid signature (forged or altered)")
-        if problems:
-            raise AuditIntegrityError(problems)
-        book.append([Anchor.of(cp, self._public_key(cp.key_version)) for cp in newer[1:]])
-
-
-def _check_pinned(conn: Connection, last: Checkpoint) -> None:
-    """The record the last checkpoint pins is still there, unchanged, and the next one chains to it."""
-    rec = audit.record_at(conn, last.upto_seq)
-    if rec is None or rec.hash != last.head_hash:
-        raise AuditIntegrityError(
-            [
-                f"record seq {last.upto_seq} no longer matches checkpoint #{last.number} (rewritten or truncated)"
-            ]
-        )
-    nxt = audit.record_at(conn, last.upto_seq + 1)
-    if nxt is not None and nxt.prev_hash != last.head_hash:
-        raise AuditIntegrityError(
-            [
-                f"record seq {nxt.seq} does not chain to seq {last.upto_seq}, pinned by checkpoint #{last.number}"
-            ]
-        )
+        pending = unanchored(path, anchored, newer, self.identity.verify)
+        book.append([Anchor.of(cp, self._public_key(cp.key_version)) for cp in pending])
 
 
 def write_checkpoint(

@@ -1,4 +1,10 @@
-"""Audit read side: provenance, records, checkpoints, verification, export and offline verification."""
+"""Verification as an auditor runs it: a chain (read from the database or from an export) checked
+against the anchors; the export and public-key file formats; the report as JSON.
+
+``verify_export`` needs nothing but an export, the KME's public keys and optionally an anchor file
+(``qkms audit verify --file``); ``kms.service.audit_queries.AuditService`` reads a live KME's audit
+and checks it with the same functions.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from kms.audit.anchors import Anchor, AnchorFile, AnchorFileError, anchor_problems
-from kms.audit.chain import (
-    DEFAULT_WINDOW,
-    AnyCheckpoint,
-    AuditRecord,
-    Checkpoint,
-    TailWindow,
-    VerificationReport,
-    checkpoint_from_json,
-    verify_chain,
-)
-from kms.config import KmsSettings
-from kms.crypto.identity import KmeIdentity, PublicKeyInfo
+from kms.audit.chain import DEFAULT_WINDOW, TailWindow, VerificationReport, verify_chain
+from kms.crypto.identity import PublicKeyInfo
 from kms.crypto.pqc.base import SignatureAlgorithm, SignatureProvider
-from kms.storage import audit_repository as audit
-from kms.storage.database import Database
-from kms.storage.provenance_queries import key_provenance
+from kms.domain.audit_chain import AnyCheckpoint, AuditRecord, Checkpoint, checkpoint_from_json
 
 EXPORT_FORMAT = "qkms-audit-export-v1"
 PUBLIC_KEYS_FORMAT = "qkms-kme-public-keys-v1"
@@ -41,91 +35,6 @@ def report_json(report: VerificationReport) -> dict[str, Any]:
         "anchors_checked": report.anchors,
         "problems": report.problems,
     }
-
-
-class AuditService:
-    def __init__(
-        self,
-        db: Database,
-        identity: KmeIdentity,
-        kme_id: str,
-        window: TailWindow = DEFAULT_WINDOW,
-        anchors: AnchorFile | None = None,
-    ) -> None:
-        self.db = db
-        self.identity = identity
-        self.kme_id = kme_id
-        self.window = window
-        self.anchors = anchors
-
-    @classmethod
-    def for_settings(cls, db: Database, identity: KmeIdentity, settings: KmsSettings) -> AuditService:
-        """With the configured tail window and the KME's anchor file."""
-        from kms.audit.startup import anchor_file, tail_window
-
-        return cls(db, identity, settings.kme.id, tail_window(settings), anchor_file(settings))
-
-    def provenance(self, key_id: str) -> dict[str, Any] | None:
-        with self.db.read() as conn:
-            return key_provenance(conn, key_id, self.kme_id)
-
-    def events(self, after_seq: int = 0, since: str | None = None, limit: int = 100) -> dict[str, Any]:
-        with self.db.read() as conn:
-            records = audit.read_records(conn, since_seq=after_seq, limit=limit, since_time=since)
-            seq, head = audit.head(conn)
-        return {"records": [r.to_json() for r in records], "head": {"seq": seq, "hash": head}}
-
-    def checkpoints_raw(self) -> list[AnyCheckpoint]:
-        with self.db.read() as conn:
-            return audit.read_checkpoints(conn)
-
-    def checkpoints(self) -> dict[str, Any]:
-        with self.db.read() as conn:
-            return {"checkpoints": [c.to_json() for c in audit.read_checkpoints(conn)]}
-
-    def public_keys(self) -> dict[str, Any]:
-        return {
-            "format": PUBLIC_KEYS_FORMAT,
-            "kme_id": self.kme_id,
-            "keys": [k.to_json() for k in self.identity.public_keys()],
-        }
-
-    def verify(self, anchors: AnchorFile | None = None) -> VerificationReport:
-        """The whole chain, checkpoints and tail window; and against ``anchors`` (default: the KME's
-        own anchor file, when it has one)."""
-        anchor_file = anchors or self.anchors
-        # The anchors first: a running KME commits a checkpoint before it anchors it, so every anchor
-        # read now is in the database snapshot taken next (the other order calls the checkpoint
-        # signed in between "missing").
-        anchored = read_anchor_file(anchor_file)
-        with self.db.read() as conn:
-            audit.snapshot(conn)
-            records = audit.read_records(conn)
-            checkpoints = audit.read_checkpoints(conn)
-        report = verify_chain(
-            records,
-            checkpoints,
-            lambda v, m, sig, ctx: self.identity.verify(v, m, sig, ctx),
-            self.window,
-        )
-        keys = {k.version: k.public_key for k in self.identity.public_keys() if k.purpose == "sign"}
-        check_anchors(report, anchor_file, checkpoints, records, keys, anchored)
-        return report
-
-    def verify_report(self) -> dict[str, Any]:
-        return report_json(self.verify())
-
-    def export(self) -> dict[str, Any]:
-        with self.db.read() as conn:
-            audit.snapshot(conn)
-            records = audit.read_records(conn)
-            checkpoints = audit.read_checkpoints(conn)
-        return {
-            "format": EXPORT_FORMAT,
-            "kme_id": self.kme_id,
-            "records": [r.to_json() for r in records],
-            "checkpoints": [c.to_json() for c in checkpoints],
-        }
 
 
 def load_public_keys(path: Path) -> list[PublicKeyInfo]:
