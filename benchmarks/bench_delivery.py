@@ -153,7 +153,7 @@ class _AiohttpSae:
 
 
 async def _run_client(spec: ClientSpec) -> dict[str, Any]:
-    from kms.launcher import client_ssl_context
+    from kms.lab.launcher import client_ssl_context
 
     kind = _AiohttpSae if spec.client == "aiohttp" else _HttpxSae
     clients = {
@@ -536,14 +536,14 @@ PACKAGES: list[tuple[str, str]] = [
     ("kms.domain", "kms/domain/"),
     ("kms.service", "kms/service/"),
     ("kms.api", "kms/api/"),
-    ("kms.ingest (pool filler)", "kms/ingest.py"),
+    ("kms.runtime.filler (pool filler)", "kms/runtime/filler.py"),
     ("qkd_adapters (random source)", "qkd_adapters/"),
     ("asyncio / uvloop event loop", "asyncio/"),
     ("threading", "threading.py"),
 ]
 
 INCLUSIVE = [
-    ("pool filler thread (ingest)", "kms/ingest.py"),
+    ("pool filler thread (ingest)", "kms/runtime/filler.py"),
     ("SaeAuthMiddleware (cert -> SAE)", "kms/api/identity.py"),
     ("get_keys (enc_keys service)", "get_keys (kms/service/gateway.py"),
     ("  Get key unit (_reserve)", "_reserve (kms/service/get_keys.py"),

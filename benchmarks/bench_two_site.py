@@ -1,6 +1,6 @@
 """Two-site key delivery over the KME-to-KME protocol, against single-site delivery on the same machine.
 
-Three real KME processes (``kms.pilot``: sites A, B, C; links A-B and B-C; SQLite; random paired test
+Three real KME processes (``kms.lab.pilot``: sites A, B, C; links A-B and B-C; SQLite; random paired test
 sources) on 127.0.0.1, all over mTLS. One load-generator process (asyncio, one keep-alive aiohttp
 session per SAE) runs, one scenario after another, ``--pairs`` concurrent master/slave pairs looping
 ``enc_keys (number=1, 256 bits) at the master's KME -> dec_keys at the slave's KME`` and checking the
@@ -80,7 +80,7 @@ async def _loop(
 async def _client(spec: dict[str, Any]) -> dict[str, Any]:
     import aiohttp
 
-    from kms.launcher import client_ssl_context
+    from kms.lab.launcher import client_ssl_context
 
     sessions = {
         sae: aiohttp.ClientSession(
@@ -146,7 +146,7 @@ def main() -> int:
         print(json.dumps(asyncio.run(_client(json.loads(Path(args.client_spec).read_text())))))
         return 0
 
-    from kms.pilot import LinkSpec, SiteSpec, prepare_network, running_network
+    from kms.lab.pilot import LinkSpec, SiteSpec, prepare_network, running_network
     from kms.provision.peers import add_link
     from tests.peer.conftest import Network, wait_for_remote_keys
 

@@ -1,13 +1,11 @@
-"""Runs a KME: uvicorn over TLS 1.2+ with client certificates required, plus its background work.
-
-Background work per process: the pool filler (one process per KME fills: several API processes
-elect one with a PostgreSQL advisory lock or, on SQLite, a file lock), and the sweeper that expires
-reserved keys nobody fetched.
+"""Runs a KME (``qkms serve``): uvicorn over TLS 1.2+ with client certificates required, the checks a
+KME passes before it serves (durable database, audit intact, peers' copies agree), and with
+``--workers N`` the supervisor of N processes. Each process's background work (pool filler, expiry
+sweep, audit checkpoints) is ``kms.runtime.background``.
 """
 
 from __future__ import annotations
 
-import fcntl
 import multiprocessing
 import multiprocessing.process
 import os
@@ -17,28 +15,21 @@ import ssl
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import structlog
 import uvicorn
 from fastapi import FastAPI
-from sqlalchemy import text
 
 from kms.api.app import create_app
 from kms.api.http_limits import hardened_protocol
-from kms.audit.integrity import AuditIntegrityError
 from kms.config import KmsSettings, ServerSection
-from kms.ingest import PoolFiller
-from kms.logs import configure_logging
-from kms.runtime import Runtime, build_runtime
-from kms.service.audit_checkpoints import CheckpointWriter
+from kms.runtime.assembly import Runtime, build_runtime
+from kms.runtime.background import Background
+from kms.runtime.logs import configure_logging
 from kms.service.audit_startup import EXIT_AUDIT_REFUSED, refuse_unless_audit_intact
-from kms.service.expiry import close_redelivery_windows
-from kms.service.peer_sweep import sweep_peer_state
 from kms.storage.database import sqlite_lock_path
 from kms.storage.durability import durability_problems
 
@@ -61,191 +52,6 @@ def server_ssl_context(settings: KmsSettings) -> ssl.SSLContext:
         ctx.load_verify_locations(cadata=load_bundle(peer.bundle).ca_cert_pem)
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
-
-
-class Background:
-    """The filler and sweeper threads of one server process."""
-
-    def __init__(self, runtime: Runtime, fill: bool = True) -> None:
-        self.runtime = runtime
-        self.fill = fill
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._filler: PoolFiller | None = None
-
-    def start(self) -> None:
-        self._threads = [
-            threading.Thread(target=self._sweep, name="qkms-expiry", daemon=True),
-            threading.Thread(target=self._checkpoint, name="qkms-audit-checkpoint", daemon=True),
-        ]
-        if self.runtime.db.is_sqlite:
-            self._threads.append(threading.Thread(target=self._wal_checkpoint, name="qkms-wal", daemon=True))
-        if self.runtime.countersigner is not None:
-            self._threads.append(
-                threading.Thread(target=self._countersign, name="qkms-audit-countersign", daemon=True)
-            )
-        if (self.fill and self.runtime.settings.links) or self.runtime.network is not None:
-            self._threads.append(
-                threading.Thread(target=self._lead_and_fill, name="qkms-filler", daemon=True)
-            )
-        for t in self._threads:
-            t.start()
-
-    def stop(self) -> None:
-        # Before the final checkpoint (written when the threads stop), so that it signs this too.
-        try:
-            n = close_redelivery_windows(self.runtime.db, self.runtime.settings.kme.id)
-            if n:
-                log.info("redelivery_windows_closed", rows=n)
-        except Exception as exc:
-            log.error("redelivery_close_failed", error=type(exc).__name__)
-        self._stop.set()
-        if self._filler is not None:
-            self._filler.stop()
-        for t in self._threads:
-            t.join(timeout=5)
-
-    def _sweep(self) -> None:
-        """Expire reserved keys past their TTL and end redelivery windows; the first pass at start,
-        for what ended while the KME was down (after a crash: a clean stop ends every window)."""
-        interval = self.runtime.settings.pool.expiry_sweep_seconds
-        while True:
-            try:
-                n = self.runtime.service.expire_reserved()
-                if n:
-                    log.info("keys_expired", count=n)
-            except Exception as exc:
-                log.error("expiry_sweep_failed", error=type(exc).__name__)
-            if self._stop.wait(interval):
-                return
-
-    def _checkpoint(self) -> None:
-        """Sign and anchor the audit head every ``audit.checkpoint_records`` records or
-        ``audit.checkpoint_seconds``, and once more on shutdown; never over a rewritten database."""
-        rt, cfg = self.runtime, self.runtime.settings.audit
-        writer = CheckpointWriter.for_settings(rt.db, rt.identity, rt.settings)
-        pause = min(0.5, cfg.checkpoint_seconds)
-        while True:
-            stopping = self._stop.wait(pause)
-            try:
-                if stopping or writer.due(cfg.checkpoint_records, cfg.checkpoint_seconds):
-                    writer.write()
-                pause = min(0.5, cfg.checkpoint_seconds)
-            except AuditIntegrityError as exc:
-                log.error("audit_checkpoint_refused", problems=exc.problems)
-                pause = 30.0
-            except Exception as exc:
-                log.error("audit_checkpoint_failed", error=type(exc).__name__)
-            if stopping:
-                return
-
-    def _countersign(self) -> None:
-        """Send new audit checkpoints to the adjacent peers, who keep copies and countersign them
-        (``kms.peer.countersign``); a peer that is down gets them when it is back."""
-        countersigner = self.runtime.countersigner
-        assert countersigner is not None
-        interval = max(1.0, self.runtime.settings.audit.checkpoint_seconds)
-        while not self._stop.wait(interval):
-            try:
-                countersigner.push()
-            except Exception as exc:
-                log.error("audit_countersign_failed", error=type(exc).__name__)
-
-    def _peer_sync(self) -> None:
-        """Confirm shared blocks with adjacent KMEs and forget peer nonces past the freshness window."""
-        network = self.runtime.network
-        assert network is not None
-        interval = self.runtime.settings.peering.sync_seconds
-        window = timedelta(seconds=2 * self.runtime.settings.peering.max_clock_skew_seconds)
-        last_prune = 0.0
-        while not self._stop.wait(interval):
-            try:
-                network.sync_once()
-                network.rebalance_once()
-                if time.monotonic() - last_prune > 30:
-                    now = datetime.now(UTC)
-                    stale = now - timedelta(seconds=10 * self.runtime.settings.peering.timeout_seconds)
-                    actor = f"kme:{self.runtime.settings.kme.id}/peer-sync"
-                    sweep_peer_state(self.runtime.db, actor, now, now - window, stale)
-                    last_prune = time.monotonic()
-            except Exception as exc:
-                log.error("peer_sync_failed", error=type(exc).__name__, detail=str(exc)[:200])
-
-    def _wal_checkpoint(self) -> None:
-        """SQLite: fold the WAL into the database file off the request path, once a second; truncate
-        it when nobody wrote for a second or it passed its limit (``Database.truncate_wal``), and
-        once more on a clean stop, after the other background threads (whose last act may be a
-        write: the audit checkpoint's) have finished, so that a stopped KME leaves an empty WAL."""
-        db = self.runtime.db
-        frames = 0
-        while not self._stop.wait(1.0):
-            try:
-                previous, frames = frames, db.checkpoint()
-                idle = frames > 0 and frames == previous
-                if idle or db.wal_bytes() > db.wal_limit_bytes:
-                    db.truncate_wal(blocking=False)
-            except Exception as exc:
-                log.error("wal_checkpoint_failed", error=type(exc).__name__)
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join(timeout=5)
-        try:
-            if not db.truncate_wal():
-                log.warning("wal_not_truncated_at_stop", wal_bytes=db.wal_bytes())
-        except Exception as exc:
-            log.error("wal_checkpoint_failed", error=type(exc).__name__)
-
-    def _lead_and_fill(self) -> None:
-        """Do the leader's work only while holding the KME's leader lock, so that one process of
-        several fills the pool and talks block confirmation with peers: a PostgreSQL advisory lock,
-        or on SQLite an ``flock`` on ``<database file>.leader``. The lock dies with its process, so
-        another one takes over within seconds."""
-        db = self.runtime.db
-        if db.is_sqlite:
-            self._lead_sqlite(db.lock_path)
-            return
-        lock_key = zlib.crc32(f"qkms-filler/{self.runtime.settings.kme.id}".encode())
-        while not self._stop.is_set():
-            with db.engine.connect() as conn:
-                got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": lock_key}).scalar()
-                conn.commit()
-                if got:
-                    log.info("filler_leader", pid=os.getpid())
-                    try:
-                        self._fill_until_stopped()
-                    finally:
-                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": lock_key})
-                        conn.commit()
-                    return
-            self._stop.wait(2.0)
-
-    def _lead_sqlite(self, write_lock: Path | None) -> None:
-        if write_lock is None:  # in-memory database: one process by construction
-            self._fill_until_stopped()
-            return
-        fd = os.open(write_lock.with_suffix(".leader"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            while not self._stop.is_set():
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    self._stop.wait(2.0)
-                    continue
-                log.info("filler_leader", pid=os.getpid())
-                self._fill_until_stopped()
-                return
-        finally:
-            os.close(fd)  # releases the lock
-
-    def _fill_until_stopped(self) -> None:
-        """The leader's work: fill the pool and, with peers, confirm blocks and sweep peer state."""
-        if self.fill and self.runtime.settings.links:
-            self._filler = self.runtime.make_filler()
-            self._filler.start()
-        if self.runtime.network is not None:
-            self._peer_sync()
-        else:
-            self._stop.wait()
 
 
 def build_app(settings: KmsSettings, fill: bool = True) -> FastAPI:

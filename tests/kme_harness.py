@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 
 from kms.config import KmsSettings
-from kms.launcher import KmeProcess, free_port
-from kms.workdir import init_workdir, sae_credential_paths
+from kms.lab.launcher import KmeProcess, free_port
+from kms.provision.workdir import init_workdir, sae_credential_paths
 
 SAES = ("SAE-M", "SAE-S", "SAE-T", "SAE-U", "SAE-V", "SAE-W")
 

@@ -29,7 +29,7 @@ from cryptography import x509
 
 from kms.cli.pilot import serve_device_pair
 from kms.config import KmsSettings
-from kms.launcher import KmeProcess, free_port
+from kms.lab.launcher import KmeProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker" / "compose.two-site.yml"

@@ -1,4 +1,4 @@
-"""Tests for kms.pki: certificate profiles, chain verification, key files and a real mTLS handshake."""
+"""Tests for kms.crypto.pki: certificate profiles, chain verification, key files and a real mTLS handshake."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from kms import pki
+from kms.crypto import pki
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kms.launcher import KmeProcess, free_port
-from kms.workdir import init_workdir, sae_credential_paths
+from kms.lab.launcher import KmeProcess, free_port
+from kms.provision.workdir import init_workdir, sae_credential_paths
 from tests.conftest import database_url
 from tests.support.procfs import worker_pids
 

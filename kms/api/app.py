@@ -23,7 +23,7 @@ from kms.api.identity import SaeAuthMiddleware
 from kms.api.routes.audit import audit_router
 from kms.api.routes.keys import KeyHandlers, keys_router
 from kms.api.routes.status import status_router
-from kms.runtime import Runtime
+from kms.runtime.assembly import Runtime
 from kms.service.audit_queries import AuditService
 from kms.service.gateway import DeliveryGateway
 

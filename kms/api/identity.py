@@ -10,10 +10,10 @@ import anyio
 
 from kms.api.denials import Denial, DenialAggregator, write_denials
 from kms.api.errors import error_response
+from kms.crypto.pki import certificate_common_name, certificate_role, fingerprint_sha256
 from kms.domain.errors import NotEntitled
 from kms.domain.saes import SaeInfo
-from kms.pki import certificate_common_name, certificate_role, fingerprint_sha256
-from kms.runtime import Runtime
+from kms.runtime.assembly import Runtime
 
 
 @functools.lru_cache(maxsize=4096)

@@ -30,7 +30,7 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to the KME
 
 
 def _runtime(config: Path):  # type: ignore[no-untyped-def]
-    from kms.runtime import build_runtime
+    from kms.runtime.assembly import build_runtime
 
     try:
         settings = KmsSettings.load(config)

@@ -2,7 +2,7 @@
 
 The device pair itself is ``qkd_adapters.simdevice`` (it imports nothing of ``kms``). What the KMS
 side adds is the lab tooling: :func:`init_device_dir` makes the pair's credentials with the KME's own
-X.509 code (``kms.pki``) and writes ``device.toml``; ``serve`` builds the ML-DSA authenticator of the
+X.509 code (``kms.crypto.pki``) and writes ``device.toml``; ``serve`` builds the ML-DSA authenticator of the
 link's classical channel (``kms.crypto.channel_auth``) and hands it to the device.
 
 Layout made by :func:`init_device_dir`::
@@ -14,7 +14,7 @@ Layout made by :func:`init_device_dir`::
     DIR/clients/<SAE>.pem, .key     the client credentials each KME uses as SAE of its device
 
 A KME at site A is configured with ``ca.pem`` and ``clients/<site-a-client>.pem/.key``; at site B
-with the site-B client's. Keys are 0600, as ``kms.pki.write_credential`` writes them.
+with the site-B client's. Keys are 0600, as ``kms.crypto.pki.write_credential`` writes them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def init_device_dir(
     ip_addresses: tuple[str, ...] = ("127.0.0.1",),
 ) -> DeviceDir:
     """Create the device CA, both device server certificates and one client credential per KME."""
-    from kms import pki
+    from kms.crypto import pki
     from qkd_adapters.simdevice.pair import SITES
     from qkd_adapters.simdevice.serve import DeviceDir, DeviceSetupError, DeviceSite
 
@@ -160,7 +160,7 @@ def device_serve(
 ) -> None:
     """Run devices A and B over one simulated link, each an ETSI GS QKD 014 server over mTLS."""
     from kms.crypto.channel_auth import device_authenticator
-    from kms.logs import configure_logging
+    from kms.runtime.logs import configure_logging
     from qkd_adapters.simdevice.pair import PairLimits
     from qkd_adapters.simdevice.serve import (
         DEFAULT_LINK_ID,

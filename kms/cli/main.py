@@ -15,7 +15,7 @@ from kms.cli.peer import peer_app
 from kms.cli.pilot import pilot_app
 from kms.cli.sim import sim_app
 from kms.config import ConfigError, KmsSettings
-from kms.file_modes import restrict_umask
+from kms.storage.file_modes import restrict_umask
 
 app = typer.Typer(
     name="qkms",
@@ -82,7 +82,7 @@ def init(
 ) -> None:
     """Create a working directory: config, CA, KME and SAE certificates, KEK (0600) and a migrated database."""
     from kms.crypto.envelope import KekError
-    from kms.workdir import InitError, init_workdir
+    from kms.provision.workdir import InitError, init_workdir
 
     if link_source not in ("simulated", "random", "none"):
         raise typer.BadParameter("--link-source must be 'simulated', 'random' or 'none'")
@@ -133,7 +133,7 @@ def serve(
 ) -> None:
     """Run the KME over HTTPS with client certificates required, until interrupted."""
     from kms.crypto.envelope import KekError
-    from kms.runtime import load_envelope
+    from kms.runtime.assembly import load_envelope
     from kms.server import serve as run_server
 
     settings = _settings(config)
@@ -172,7 +172,7 @@ def db_check(
     restore, a migration, a crash, or as a control)."""
     from rich.table import Table
 
-    from kms.runtime import load_envelope
+    from kms.runtime.assembly import load_envelope
     from kms.storage.database import Database
     from kms.storage.integrity import run_checks
 
@@ -252,7 +252,7 @@ def demo(
     link_source: Annotated[str, typer.Option("--link-source", help="'simulated' or 'random'.")] = "simulated",
 ) -> None:
     """Run the main job: create a KME, serve it over mTLS, and have a master and a slave SAE share keys."""
-    from kms.demo import run_demo
+    from kms.lab.demo import run_demo
 
     raise typer.Exit(run_demo(directory, link_source, console))
 

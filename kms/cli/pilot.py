@@ -30,7 +30,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from kms.pilot import Site
+    from kms.lab.pilot import Site
 
 pilot_app = typer.Typer(
     help="The two-site pilot: run it as plain processes, run its SAE exchange, issue its certificates.",
@@ -68,7 +68,7 @@ class SaeEndpoint:
     key: Path
 
     def client(self, timeout: float = 15.0) -> httpx.Client:
-        from kms.launcher import client_ssl_context
+        from kms.lab.launcher import client_ssl_context
 
         ctx = client_ssl_context(self.ca_cert, self.cert, self.key)
         return httpx.Client(base_url=self.url, verify=ctx, timeout=timeout)
@@ -228,7 +228,7 @@ def server_cert(
 ) -> None:
     """Issue a server certificate (new key) for the names a KME or device is reached by, e.g. its
     container's service name; clients match these names, never the CN."""
-    from kms import pki
+    from kms.crypto import pki
 
     try:
         ca = pki.load_credential(ca_cert, ca_key)
@@ -305,7 +305,7 @@ def two_site(
 ) -> None:
     """Create KME-A and KME-B (each its own CA, KEK and database), exchange their bundles, declare the
     shared link, start both, run the SAE exchange once (SAE-A1 at A, SAE-B1 at B) and stop."""
-    from kms.pilot import LinkSpec, SiteSpec, prepare_network
+    from kms.lab.pilot import LinkSpec, SiteSpec, prepare_network
 
     if link not in ("random", "device"):
         raise typer.BadParameter("--link must be 'random' or 'device'")
@@ -335,7 +335,7 @@ def _maybe_devices(directory: Path, wanted: bool) -> Iterator[dict[str, str] | N
         yield None
         return
     from kms.cli.device import init_device_dir
-    from kms.launcher import free_port
+    from kms.lab.launcher import free_port
 
     device = init_device_dir(directory, "kme-a", "kme-b")
     with serve_device_pair(device.directory, {"A": free_port(), "B": free_port()}) as urls:
@@ -343,7 +343,7 @@ def _maybe_devices(directory: Path, wanted: bool) -> Iterator[dict[str, str] | N
 
 
 def _run_two_site(directory: Path, sites: dict[str, Site], device: bool, number: int, wait: float) -> bool:
-    from kms.pilot import running_network
+    from kms.lab.pilot import running_network
     from kms.provision.peers import add_link, add_peer
 
     a, b = sites[SITE_A], sites[SITE_B]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kms.pki import certificate_common_name, certificate_role, fingerprint_sha256
+from kms.crypto.pki import certificate_common_name, certificate_role, fingerprint_sha256
 
 BUNDLE_FORMAT = "qkms-peer-bundle/1"
 

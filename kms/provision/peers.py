@@ -20,7 +20,7 @@ from kms.peer.bundle import BundleError, load_bundle, make_bundle
 
 def export_bundle(config_path: Path, out: Path) -> Path:
     """Write this KME's public peer bundle to ``out``."""
-    from kms.runtime import build_runtime
+    from kms.runtime.assembly import build_runtime
     from kms.service.audit_queries import AuditService
 
     settings = KmsSettings.load(config_path)

@@ -1,6 +1,6 @@
 """Block ingest: adapter key blocks into the encrypted pool, and link alarms recorded (suspending the
 link when the alarm calls for it, docs/DECISIONS.md D-22). Each is one audited transaction; the pool
-filler (``kms.ingest.PoolFiller``) and the peer network call these."""
+filler (``kms.runtime.filler.PoolFiller``) and the peer network call these."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The registries as a use case: the configured SAEs, auditors and links written into the database at
-start (``kms.runtime.build_runtime``), and the registered SAEs read back for authentication.
+start (``kms.runtime.assembly.build_runtime``), and the registered SAEs read back for authentication.
 
 Synchronising from the configuration is not audited: the configuration file is the record, and a
 KME writes it again at every start.

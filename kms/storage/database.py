@@ -27,7 +27,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
-from kms.file_modes import PRIVATE_DIR_MODE, create_private_file, tighten
+from kms.storage.file_modes import PRIVATE_DIR_MODE, create_private_file, tighten
 
 log = structlog.get_logger(__name__)
 MIB = 1024 * 1024

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from kms.cli.device import init_device_dir
-from kms.launcher import client_ssl_context, free_port
+from kms.lab.launcher import client_ssl_context, free_port
 from qkd_adapters.simdevice.serve import DeviceDir
 
 # A fast link for tests: GYS detectors over 5 km, 2e8-pulse blocks (~50 kbit each, ~0.3 s of CPU),

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kms.workdir import sae_credential_paths
+from kms.provision.workdir import sae_credential_paths
 from qkd_adapters.etsi014_upstream import Etsi014Follower, Etsi014Master, block_id_for
 from qkd_adapters.keyblock import KeyBlock, KeySourceError
 from tests.kme_harness import RunningKme, running_kme

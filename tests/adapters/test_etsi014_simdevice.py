@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kms.launcher import free_port
+from kms.lab.launcher import free_port
 from qkd_adapters.etsi014_upstream import Etsi014Follower, Etsi014Master, block_id_for
 from qkd_adapters.keyblock import FollowerKeySource, KeyBlock, KeySource, KeySourceError, LinkAlarm
 from tests.adapters.device_harness import SimDevice, sim_device

@@ -10,8 +10,8 @@ from pathlib import Path
 import tomli_w
 
 from kms.config import KmsSettings
-from kms.launcher import KmeProcess, free_port
-from kms.workdir import auditor_credential_paths, init_workdir, sae_credential_paths
+from kms.lab.launcher import KmeProcess, free_port
+from kms.provision.workdir import auditor_credential_paths, init_workdir, sae_credential_paths
 from tests.adapters.test_key_files import write_block
 
 M, S, AUD = "SAE-M", "SAE-S", "AUD"

@@ -7,7 +7,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from kms.pki import certificate_common_name, fingerprint_sha256
+from kms.crypto.pki import certificate_common_name, fingerprint_sha256
 
 
 def qkms(*args: str) -> subprocess.CompletedProcess[str]:

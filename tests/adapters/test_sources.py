@@ -8,7 +8,7 @@ import pytest
 
 from kms.cli.device import init_device_dir
 from kms.config import ConfigError, LinkSection
-from kms.sources import build_follower, build_source, is_follower
+from kms.runtime.sources import build_follower, build_source, is_follower
 from qkd_adapters.etsi014_upstream import Etsi014Follower, Etsi014Master
 from qkd_adapters.key_files import KeyFileSource
 from qkd_adapters.keyblock import FollowerKeySource, KeySource

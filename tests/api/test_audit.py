@@ -15,8 +15,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, delete, text, update
 
+from kms.provision.workdir import auditor_credential_paths
 from kms.storage.schema import audit_head, audit_records
-from kms.workdir import auditor_credential_paths
 from tests.kme_harness import RunningKme, running_kme
 
 M, S, AUDITOR = "SAE-M", "SAE-S", "AUDITOR-1"
@@ -107,7 +107,7 @@ def test_events_and_signed_checkpoints_verify(akme: RunningKme) -> None:
 
 
 def test_denied_access_is_audited(akme: RunningKme) -> None:
-    from kms.workdir import init_workdir  # noqa: F401  (the harness already created the SAEs)
+    from kms.provision.workdir import init_workdir  # noqa: F401  (the harness already created the SAEs)
 
     key_id = akme.client(M).get(f"/api/v1/keys/{S}/enc_keys").json()["keys"][0]["key_ID"]
     assert akme.client(M).get(f"/api/v1/keys/{S}/dec_keys", params={"key_ID": key_id}).status_code in (

@@ -32,8 +32,8 @@ from kms.config import KmsSettings
 from kms.crypto.pqc.base import SignatureAlgorithm
 from kms.crypto.pqc.registry import get_signature_provider
 from kms.domain.audit_chain import GENESIS, record_hash
-from kms.launcher import KmeProcess, free_port
-from kms.runtime import build_runtime
+from kms.lab.launcher import KmeProcess, free_port
+from kms.runtime.assembly import build_runtime
 from kms.service.audit_checkpoints import anchor_file, tail_window
 from kms.service.audit_queries import AuditService
 from kms.service.audit_startup import check_audit_at_start

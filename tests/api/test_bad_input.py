@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kms import pki
-from kms.launcher import client_ssl_context
+from kms.crypto import pki
+from kms.lab.launcher import client_ssl_context
 from tests.kme_harness import RunningKme
 
 M, S, T = "SAE-M", "SAE-S", "SAE-T"

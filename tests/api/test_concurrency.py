@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine
 
-from kms.runtime import build_runtime
+from kms.runtime.assembly import build_runtime
 from kms.service.audit_queries import AuditService
 from kms.storage import pool_repository
 from tests.conftest import database_url
@@ -110,7 +110,7 @@ def test_concurrent_slaves_cannot_double_fetch(
         assert isinstance(cert_paths, httpx.Client)
 
         def fetch(key_id: str) -> tuple[int, str]:
-            from kms.workdir import sae_credential_paths
+            from kms.provision.workdir import sae_credential_paths
 
             cert, key = sae_credential_paths(kme.workdir, "SAE-B")
             with kme.process.client(kme.ca, cert, key) as c:

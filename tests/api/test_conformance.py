@@ -176,7 +176,7 @@ def test_openapi_document_describes_the_endpoints(kme: RunningKme) -> None:
 def test_unregistered_certificate_gets_401_error_body(kme: RunningKme, path: str, tmp_path: object) -> None:
     from pathlib import Path
 
-    from kms import pki
+    from kms.crypto import pki
 
     ca = pki.load_credential(kme.workdir / "pki" / "ca.pem", kme.workdir / "pki" / "ca.key")
     stranger = pki.issue_client_cert(ca, "SAE-STRANGER")
@@ -191,7 +191,7 @@ def test_unregistered_certificate_gets_401_error_body(kme: RunningKme, path: str
 def test_certificate_with_registered_cn_but_other_key_is_refused(kme: RunningKme, tmp_path: object) -> None:
     from pathlib import Path
 
-    from kms import pki
+    from kms.crypto import pki
 
     ca = pki.load_credential(kme.workdir / "pki" / "ca.pem", kme.workdir / "pki" / "ca.key")
     impostor = pki.issue_client_cert(ca, M)  # right CN, wrong (unpinned) certificate

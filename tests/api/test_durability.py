@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from kms.config import KmsSettings
-from kms.launcher import KmeProcess, free_port
+from kms.lab.launcher import KmeProcess, free_port
+from kms.provision.workdir import init_workdir
 from kms.storage.database import Database
 from kms.storage.durability import durability_problems
-from kms.workdir import init_workdir
 from tests.support.postgres import PostgresServer, postgres_available
 
 pytestmark = pytest.mark.postgres

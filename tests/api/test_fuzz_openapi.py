@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.core.transport import Response
 
-from kms.workdir import sae_credential_paths
+from kms.provision.workdir import sae_credential_paths
 from tests.kme_harness import RunningKme
 
 MASTER, SLAVE = "SAE-M", "SAE-S"

@@ -23,11 +23,11 @@ import httpx
 import pytest
 import tomli_w
 
-from kms import pki
 from kms.api.denials import Denial, DenialAggregator
 from kms.config import KmsSettings
-from kms.launcher import KmeProcess, client_ssl_context, free_port
-from kms.workdir import auditor_credential_paths, init_workdir, sae_credential_paths
+from kms.crypto import pki
+from kms.lab.launcher import KmeProcess, client_ssl_context, free_port
+from kms.provision.workdir import auditor_credential_paths, init_workdir, sae_credential_paths
 from tests.conftest import database_url
 
 M, S, AUDITOR = "SAE-M", "SAE-S", "AUDITOR-1"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from kms.config import KmsSettings
-from kms.launcher import KmeProcess, free_port
-from kms.workdir import sae_credential_paths
+from kms.lab.launcher import KmeProcess, free_port
+from kms.provision.workdir import sae_credential_paths
 from tests.support.softhsm import SoftHsm, softhsm_available, softhsm_required
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, select
 
-from kms.runtime import build_runtime
+from kms.runtime.assembly import build_runtime
 from kms.service.audit_queries import AuditService
 from kms.storage.schema import key_blocks, keys
 from tests.conftest import database_url

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, select
 
+from kms.provision.workdir import sae_credential_paths
 from kms.storage import pool_repository as pool
 from kms.storage.schema import audit_records, keys
-from kms.workdir import sae_credential_paths
 from tests.conftest import database_url
 from tests.kme_harness import RunningKme, running_kme
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from kms.launcher import KmeProcess
+from kms.lab.launcher import KmeProcess
 from tests.kme_harness import RunningKme, running_kme
 
 M, S = "SAE-M", "SAE-S"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from kms.workdir import auditor_credential_paths
+from kms.provision.workdir import auditor_credential_paths
 from tests.kme_harness import running_kme
 
 M, S, AUD = "SAE-M", "SAE-S", "AUD"

@@ -20,8 +20,8 @@ import pytest
 import tomli_w
 
 from kms.config import KmsSettings
-from kms.launcher import KmeProcess, free_port
-from kms.workdir import init_workdir, sae_credential_paths
+from kms.lab.launcher import KmeProcess, free_port
+from kms.provision.workdir import init_workdir, sae_credential_paths
 
 M, S = "SAE-M", "SAE-S"
 MIB = 1024 * 1024

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from kms.launcher import client_ssl_context
-from kms.workdir import sae_credential_paths
+from kms.lab.launcher import client_ssl_context
+from kms.provision.workdir import sae_credential_paths
 from tests.chaos.ledger import Batch, Ledger, Pair, etsi_error_problem
 
 # Errors raised before the request reached the server: nothing can have been committed.

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from kms.config import KmsSettings
-from kms.launcher import KmeProcess
+from kms.lab.launcher import KmeProcess
 from tests.support.procfs import worker_pids
 
 T = TypeVar("T")

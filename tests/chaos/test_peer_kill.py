@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from kms.config import KmsSettings
-from kms.pilot import Site, running_network
+from kms.lab.pilot import Site, running_network
 from kms.storage import pool_repository
 from tests.chaos.ledger import Ledger, Pair
 from tests.chaos.load import Endpoint, LoadThread, Route, run_until_served, settle, stop_load

@@ -41,14 +41,14 @@ from kms.config import KmsSettings
 from kms.domain.audit_chain import GENESIS, record_hash
 from kms.domain.errors import InvalidRequest, NotEntitled, ServiceUnavailable
 from kms.domain.saes import SaeInfo
-from kms.ingest import store_block
-from kms.runtime import Runtime, build_runtime
+from kms.provision.workdir import init_workdir
+from kms.runtime.assembly import Runtime, build_runtime
+from kms.runtime.filler import store_block
 from kms.storage import audit_repository as audit
 from kms.storage import link_repository as links
 from kms.storage import migrate
 from kms.storage import pool_repository as pool
 from kms.storage.integrity import run_checks
-from kms.workdir import init_workdir
 from qkd_adapters.keyblock import KeyBlock, Provenance
 from tests.model.reference import ReferenceStore
 from tests.support.postgres import PostgresServer

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kms.launcher import client_ssl_context
-from kms.pilot import LinkSpec, Site, SiteSpec, prepare_network, running_network
+from kms.lab.launcher import client_ssl_context
+from kms.lab.pilot import LinkSpec, Site, SiteSpec, prepare_network, running_network
 from tests.conftest import database_url
 
 POOL = {"max_pool_bits": 2 * 1024 * 1024, "reserved_ttl_seconds": 60.0}

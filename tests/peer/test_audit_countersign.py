@@ -20,9 +20,9 @@ from sqlalchemy import Connection, create_engine, text
 
 from kms.config import KmsSettings
 from kms.domain.audit_chain import Checkpoint
-from kms.launcher import KmeProcess
+from kms.lab.launcher import KmeProcess
 from kms.peer.client import PeerRefused
-from kms.runtime import build_runtime
+from kms.runtime.assembly import build_runtime
 from tests.peer.conftest import Network, open_network, query, wait_for_remote_keys
 
 
@@ -32,7 +32,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
         env.setenv("QKMS_AUDIT__CHECKPOINT_SECONDS", "0.3")
         env.setenv("QKMS_AUDIT__CHECKPOINT_RECORDS", "4")
         network = open_network(tmp_path_factory.mktemp("countersign"), {})
-        from kms.pilot import running_network
+        from kms.lab.pilot import running_network
 
         with running_network(network.sites):
             try:

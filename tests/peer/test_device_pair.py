@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from kms.pilot import SiteSpec, prepare_network, running_network
+from kms.lab.pilot import SiteSpec, prepare_network, running_network
 from kms.provision.peers import add_link, add_peer
 from tests.adapters.device_harness import SimDevice, sim_device
 from tests.peer.conftest import POOL, Network

@@ -18,11 +18,11 @@ import tomli_w
 
 from kms.config import KmsSettings
 from kms.domain.lifecycle import KeyState
-from kms.launcher import client_ssl_context
+from kms.lab.launcher import client_ssl_context
+from kms.lab.pilot import running_network
 from kms.peer.ledger_master import entry_body
 from kms.peer.messages import SIGNATURE_HEADER, MessageSealer
-from kms.pilot import running_network
-from kms.runtime import Runtime, build_runtime
+from kms.runtime.assembly import Runtime, build_runtime
 from kms.storage import migrate
 from kms.storage import pool_repository as pool
 from kms.storage.database import Database

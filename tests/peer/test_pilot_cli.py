@@ -12,8 +12,8 @@ import pytest
 from cryptography import x509
 from typer.testing import CliRunner
 
-from kms import pki
 from kms.cli.main import app
+from kms.crypto import pki
 from tests.conftest import database_url
 
 REPO = Path(__file__).resolve().parents[2]

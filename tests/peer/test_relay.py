@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kms.pilot import LinkSpec, Site, SiteSpec, prepare_network, running_network
+from kms.lab.pilot import LinkSpec, Site, SiteSpec, prepare_network, running_network
 from tests.conftest import database_url
 from tests.peer.conftest import POOL, Network, query, wait_for_remote_keys
 

@@ -26,9 +26,9 @@ import pytest
 from sqlalchemy import create_engine
 
 from kms.config import KmsSettings
-from kms.launcher import KmeProcess, free_port
+from kms.lab.launcher import KmeProcess, free_port
+from kms.provision.workdir import init_workdir, sae_credential_paths
 from kms.storage import pool_repository as pool
-from kms.workdir import init_workdir, sae_credential_paths
 from tests.conftest import database_url
 
 PAIRS = 8

@@ -99,7 +99,7 @@ def test_remote_sae_cannot_call_here(two_sites: Network) -> None:
     site_b = two_sites.sites["KME-B"]
     import httpx
 
-    from kms.launcher import client_ssl_context
+    from kms.lab.launcher import client_ssl_context
 
     cert, key = site_b.sae_credentials("SAE-B1")
     ctx = client_ssl_context(two_sites.sites["KME-A"].ca, cert, key)

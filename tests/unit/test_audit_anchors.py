@@ -12,10 +12,10 @@ from sqlalchemy import text
 from kms.audit.anchors import AnchorFile, AnchorFileError, read_anchors
 from kms.audit.integrity import AuditIntegrityError
 from kms.config import KmsSettings
-from kms.runtime import Runtime, build_runtime
+from kms.provision.workdir import init_workdir
+from kms.runtime.assembly import Runtime, build_runtime
 from kms.service.audit_checkpoints import CheckpointWriter, anchor_file, tail_window
 from kms.service.audit_startup import check_audit_at_start
-from kms.workdir import init_workdir
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kms.config import ConfigError, KmsSettings
-from kms.pki import certificate_common_name, fingerprint_sha256
+from kms.crypto.pki import certificate_common_name, fingerprint_sha256
 from kms.storage.migrate import head_revision
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from sqlalchemy import text
 
+from kms.provision.workdir import init_workdir
 from kms.storage import migrate
 from kms.storage.database import Database
-from kms.workdir import init_workdir
 from tests.kme_harness import running_kme
 
 M, S = "SAE-M", "SAE-S"

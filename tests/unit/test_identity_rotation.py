@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 from kms.config import KmsSettings
-from kms.runtime import build_runtime
+from kms.provision.workdir import init_workdir
+from kms.runtime.assembly import build_runtime
 from kms.service.audit_checkpoints import write_checkpoint
 from kms.service.audit_queries import AuditService
-from kms.workdir import init_workdir
 
 
 def test_rotation_keeps_old_checkpoints_verifiable(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ from sqlalchemy import select
 
 from kms.config import KmsSettings
 from kms.domain.errors import InvalidRequest, ServiceUnavailable
-from kms.ingest import PoolFiller
-from kms.runtime import Runtime, build_runtime
+from kms.provision.workdir import init_workdir
+from kms.runtime.assembly import Runtime, build_runtime
+from kms.runtime.filler import PoolFiller
 from kms.storage.schema import key_blocks
-from kms.workdir import init_workdir
 from qkd_adapters.keyblock import KeyBlock, LinkAlarm, Provenance
 
 M, S, T = "SAE-M", "SAE-S", "SAE-T"

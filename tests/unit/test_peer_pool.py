@@ -11,7 +11,7 @@ import pytest
 
 from kms.crypto.envelope import Envelope
 from kms.domain.lifecycle import KeyState
-from kms.ingest import piece_parity, split_block
+from kms.runtime.filler import piece_parity, split_block
 from kms.storage import migrate
 from kms.storage import peer_repository as peers
 from kms.storage import pool_repository as pool

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from kms.crypto.envelope import Envelope
 from kms.domain.key_ids import run_member
 from kms.domain.lifecycle import IllegalTransition, KeyState, check_transition
-from kms.ingest import split_block
+from kms.runtime.filler import split_block
 from kms.storage import migrate
 from kms.storage import pool_repository as pool
 from kms.storage import registry_repository as registry

@@ -20,13 +20,13 @@ from sqlalchemy import update
 from kms.config import KmsSettings
 from kms.domain.errors import InvalidRequest, NotEntitled
 from kms.domain.saes import SaeInfo
-from kms.runtime import Runtime, build_runtime
+from kms.provision.workdir import init_workdir
+from kms.runtime.assembly import Runtime, build_runtime
 from kms.service.group_commit import run_unit
 from kms.storage import link_repository
 from kms.storage import pool_repository as pool
 from kms.storage.pool_repository import EventBatch
 from kms.storage.schema import keys
-from kms.workdir import init_workdir
 from tests.conftest import database_url
 
 M, S, T = "SAE-M", "SAE-S", "SAE-T"

@@ -24,10 +24,10 @@ from kms.config import KmsSettings
 from kms.domain.delivery import DeliveredKey
 from kms.domain.errors import InvalidRequest, NotEntitled
 from kms.domain.saes import SaeInfo
-from kms.runtime import Runtime, build_runtime
+from kms.provision.workdir import init_workdir
+from kms.runtime.assembly import Runtime, build_runtime
 from kms.storage import audit_repository as audit
 from kms.storage import pool_repository as pool
-from kms.workdir import init_workdir
 from tests.conftest import database_url
 
 M, S, T, U = "SAE-M", "SAE-S", "SAE-T", "SAE-U"

@@ -33,9 +33,7 @@ MIN_REASON_WORDS = 5
 # qualified name, Class.method).
 ALLOWED: dict[str, frozenset[str]] = {
     # being refactored under issue 14 (remove when done)
-    "kms/server.py": frozenset({MODULE}),
-    # being refactored under issue 14 (remove when done)
-    "kms/workdir.py": frozenset({"_init_workdir"}),
+    "kms/provision/workdir.py": frozenset({"_init_workdir"}),
     # being refactored under issue 14 (remove when done)
     "kms/cli/sim.py": frozenset({"run"}),
     # being refactored under issue 14 (remove when done)

@@ -15,12 +15,12 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, select, update
 
 from kms.config import KmsSettings
-from kms.runtime import Runtime, build_runtime
+from kms.provision.workdir import init_workdir
+from kms.runtime.assembly import Runtime, build_runtime
 from kms.storage import migrate
 from kms.storage import pool_repository as pool
 from kms.storage.integrity import run_checks
 from kms.storage.schema import Base, keys
-from kms.workdir import init_workdir
 from tests.conftest import database_url
 
 M, S = "SAE-M", "SAE-S"

@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from kms.config import KmsSettings
-from kms.launcher import KmeProcess, free_port
-from kms.runtime import build_runtime
+from kms.lab.launcher import KmeProcess, free_port
+from kms.provision.workdir import init_workdir, sae_credential_paths
+from kms.runtime.assembly import build_runtime
 from kms.service.audit_queries import AuditService
 from kms.storage.status_queries import pool_report
-from kms.workdir import init_workdir, sae_credential_paths
 
 MARKER = ".qkms-demo"
 MASTER, SLAVE, EXTRA = "SAE-ALICE", "SAE-BOB", "SAE-CAROL"

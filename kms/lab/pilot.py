@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kms.launcher import KmeProcess, free_port
+from kms.lab.launcher import KmeProcess, free_port
 from kms.provision.peers import add_link, add_peer, export_bundle
-from kms.workdir import init_workdir, sae_credential_paths
+from kms.provision.workdir import init_workdir, sae_credential_paths
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from kms.crypto.pqc.base import KemAlgorithm
 from kms.crypto.pqc.registry import get_kem_provider, get_signature_provider
 from kms.domain.policy import Mode, PairPolicy, PolicyBook, PolicyRule
 from kms.domain.saes import SaeInfo, SaeRegistry
-from kms.ingest import PoolFiller
+from kms.runtime.filler import PoolFiller
+from kms.runtime.sources import build_source
 from kms.service import registry as registry_service
 from kms.service.delivery import KeyDeliveryService
 from kms.service.identity_keys import IdentityKeys
-from kms.sources import build_source
 from kms.storage.database import Database
 from qkd_adapters.keyblock import FollowerKeySource
 

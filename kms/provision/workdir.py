@@ -23,12 +23,12 @@ from typing import Any
 
 import tomli_w
 
-from kms import pki
 from kms.config import KmsSettings
+from kms.crypto import pki
 from kms.crypto.envelope import generate_kek_file
-from kms.file_modes import PRIVATE_DIR_MODE, owner_only_umask
-from kms.runtime import build_runtime
+from kms.runtime.assembly import build_runtime
 from kms.storage import migrate
+from kms.storage.file_modes import PRIVATE_DIR_MODE, owner_only_umask
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CONFIG_NAME = "qkms.toml"

@@ -50,7 +50,7 @@ class KmeProcess:
         cmd += ["--port", str(self.port), "--workers", str(self.workers)]
         log = self.log_path or self.config_path.parent / f"server-{self.port}.log"
         self.log_path = log
-        # Owner-only like everything else in the KME's directory (``kms.file_modes``).
+        # Owner-only like everything else in the KME's directory (``kms.storage.file_modes``).
         with os.fdopen(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_listening(timeout)
