@@ -185,19 +185,9 @@ def device_serve(
             max_stored_bits=max_stored_bits,
             key_ttl_s=key_ttl,
         )
-        link_options: dict[str, object] = {
-            "preset": preset,
-            "distance_km": distance_km,
-            "protocol": protocol,
-            "clock_rate_hz": clock_rate,
-            "attack": attack,
-            "pacing": pacing,
-            "seed": seed,
-        }
-        if pulses_per_block is not None:
-            link_options["pulses_per_block"] = pulses_per_block
-        else:
-            link_options["seconds_per_block"] = 1.0 if block_seconds is None else block_seconds
+        link_options = _link_options(
+            preset, distance_km, protocol, clock_rate, attack, pacing, seed, block_seconds, pulses_per_block
+        )
         # The device's classical channel is authenticated with ML-DSA, the KMS's PQC code (the device
         # itself imports nothing of kms).
         authenticator = device_authenticator(channel_auth, DEFAULT_LINK_ID)
@@ -205,3 +195,31 @@ def device_serve(
     except (DeviceSetupError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
     run_devices(device, pair, {"A": port_a, "B": port_b}, host=host)
+
+
+def _link_options(
+    preset: str,
+    distance_km: float,
+    protocol: str,
+    clock_rate: float,
+    attack: str,
+    pacing: str,
+    seed: int | None,
+    block_seconds: float | None,
+    pulses_per_block: int | None,
+) -> dict[str, object]:
+    """The simulated link's options from ``serve``'s; a block is 1 s of link time unless told."""
+    link_options: dict[str, object] = {
+        "preset": preset,
+        "distance_km": distance_km,
+        "protocol": protocol,
+        "clock_rate_hz": clock_rate,
+        "attack": attack,
+        "pacing": pacing,
+        "seed": seed,
+    }
+    if pulses_per_block is not None:
+        link_options["pulses_per_block"] = pulses_per_block
+    else:
+        link_options["seconds_per_block"] = 1.0 if block_seconds is None else block_seconds
+    return link_options

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -12,6 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kms.cli.device import device_app
+
+if TYPE_CHECKING:  # imported where used: `qkms` starts without the link's physics
+    from qkd_adapters.sim.link import SimulatedLink
 
 sim_app = typer.Typer(help="Simulated QKD links: presets, link runs, key-rate plots.", no_args_is_help=True)
 sim_app.add_typer(device_app, name="device")
@@ -55,8 +59,6 @@ def run(
     seed: Annotated[int | None, typer.Option(help="Seed for a reproducible run.")] = None,
 ) -> None:
     """Simulate a link block by block (physics and post-processing) and summarise what it delivered."""
-    from qkd_adapters.keyblock import KeyBlock
-    from qkd_adapters.sim import analytic
     from qkd_adapters.sim.link import SimulatedLink
 
     try:
@@ -74,10 +76,36 @@ def run(
     except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     blocks = max(1, round(seconds / block_seconds))
-    final = sifted = leaked = aborted = 0
-    qbers: list[float] = []
-    alarms: dict[str, int] = {}
     started = time.perf_counter()
+    tally = _run_blocks(link, blocks, key_bits, f"{protocol} at {distance_km:g} km")
+    wall = time.perf_counter() - started
+    table = Table(
+        title=f"simulated {protocol} link, {link.params.name}, {distance_km:g} km, {clock_rate:.3g} Hz"
+    )
+    table.add_column("figure")
+    table.add_column("value")
+    for name, value in _summary_rows(link, protocol, tally, wall):
+        table.add_row(name, value)
+    console.print(table)
+
+
+@dataclass
+class _Tally:
+    """What a ``qkms sim run`` link delivered, summed over its blocks."""
+
+    final: int = 0
+    sifted: int = 0
+    leaked: int = 0
+    aborted: int = 0
+    qbers: list[float] = field(default_factory=list)
+    alarms: dict[str, int] = field(default_factory=dict)
+
+
+def _run_blocks(link: SimulatedLink, blocks: int, key_bits: int | None, description: str) -> _Tally:
+    """Produce up to ``blocks`` blocks (fewer once ``key_bits`` final bits exist), with a progress bar."""
+    from qkd_adapters.keyblock import KeyBlock
+
+    tally = _Tally()
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -85,37 +113,39 @@ def run(
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        task = progress.add_task(f"{protocol} at {distance_km:g} km", total=blocks)
+        task = progress.add_task(description, total=blocks)
         for _ in range(blocks):
             event, _bob = link.produce_block()
             if isinstance(event, KeyBlock):
-                final += event.bit_length
+                tally.final += event.bit_length
                 prov = event.provenance
-                sifted += int(prov.details.get("sifted_bits", 0))
-                leaked += prov.leaked_bits or 0
+                tally.sifted += int(prov.details.get("sifted_bits", 0))
+                tally.leaked += prov.leaked_bits or 0
                 if prov.qber is not None:
-                    qbers.append(prov.qber)
+                    tally.qbers.append(prov.qber)
             else:
-                aborted += 1
-                alarms[event.reason] = alarms.get(event.reason, 0) + 1
+                tally.aborted += 1
+                tally.alarms[event.reason] = tally.alarms.get(event.reason, 0) + 1
             progress.advance(task)
-            if key_bits is not None and final >= key_bits:
+            if key_bits is not None and tally.final >= key_bits:
                 break
-    wall = time.perf_counter() - started
+    return tally
+
+
+def _summary_rows(link: SimulatedLink, protocol: str, tally: _Tally, wall: float) -> list[tuple[str, str]]:
+    """The (figure, value) rows of the ``qkms sim run`` summary table."""
+    from qkd_adapters.sim import analytic
+
     simulated = link.simulated_seconds
-    table = Table(
-        title=f"simulated {protocol} link, {link.params.name}, {distance_km:g} km, {clock_rate:.3g} Hz"
-    )
-    table.add_column("figure")
-    table.add_column("value")
+    qbers = tally.qbers
     rows = [
-        ("blocks (aborted)", f"{link.blocks_produced} ({aborted})"),
-        ("alarms", ", ".join(f"{k} x{v}" for k, v in alarms.items()) or "none"),
-        ("sifted bits", f"{sifted:,}"),
+        ("blocks (aborted)", f"{link.blocks_produced} ({tally.aborted})"),
+        ("alarms", ", ".join(f"{k} x{v}" for k, v in tally.alarms.items()) or "none"),
+        ("sifted bits", f"{tally.sifted:,}"),
         ("mean QBER", f"{sum(qbers) / len(qbers):.4f}" if qbers else "-"),
-        ("bits leaked in reconciliation + verification", f"{leaked:,}"),
-        ("final secret key bits", f"{final:,}"),
-        ("secret key rate (finite-key)", f"{final / simulated:,.0f} bit/s" if simulated else "-"),
+        ("bits leaked in reconciliation + verification", f"{tally.leaked:,}"),
+        ("final secret key bits", f"{tally.final:,}"),
+        ("secret key rate (finite-key)", f"{tally.final / simulated:,.0f} bit/s" if simulated else "-"),
     ]
     if protocol == "decoy-bb84":
         asym = analytic.key_rate_weak_vacuum(link.params) * link.params.clock_rate_hz
@@ -123,9 +153,7 @@ def run(
     rows += [
         ("simulated link time / wall time", f"{simulated:.2f} s / {wall:.2f} s (x{simulated / wall:.2f})"),
     ]
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
+    return rows
 
 
 @sim_app.command("keyrate")

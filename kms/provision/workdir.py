@@ -129,17 +129,51 @@ def _init_workdir(
     pkcs11: dict[str, Any] | None,
 ) -> InitResult:
     auditor_ids = auditor_ids or []
+    _check_ids(kme_id, sae_ids, auditor_ids)
+    _prepare_directory(directory)
+    ca = _write_kme_pki(directory, kme_id)
+    saes, creds = _issue_sae_credentials(ca, directory, sae_ids)
+    auditors, auditor_creds = _issue_auditor_credentials(ca, directory, auditor_ids)
+    kek_section = _provision_kek(directory, pkcs11)
+    config: dict[str, Any] = {
+        "kme": {"id": kme_id, "host": "127.0.0.1", "port": port},
+        "tls": {"ca_cert": "pki/ca.pem", "server_cert": "pki/kme.pem", "server_key": "pki/kme.key"},
+        "database": {"url": database_url or "sqlite:///qkms.db"},
+        "kek": kek_section,
+        "pool": pool_overrides or {},
+        "links": [default_link(kme_id, link_source)] if link_source else [],
+        "saes": saes,
+        "auditors": auditors,
+        "policy": policy or {"mode": "qkd", "pqc_fallback": False, "kem": "ML-KEM-768"},
+    }
+    config_path = directory / CONFIG_NAME
+    config_path.write_text(tomli_w.dumps(config), encoding="utf-8")
+    settings = KmsSettings.load(config_path)
+    migrate.upgrade(settings.database.url)
+    build_runtime(settings, sync_registry=True).close()  # register the SAEs and links now
+    return InitResult(config_path, directory / "pki" / "ca.pem", creds, auditor_creds)
+
+
+def _check_ids(kme_id: str, sae_ids: list[str], auditor_ids: list[str]) -> None:
+    """Every ID is safe as a file name and a certificate CN, and the SAE and auditor IDs are all distinct."""
     for ident in [kme_id, *sae_ids, *auditor_ids]:
         if not SAFE_ID.match(ident):
             raise InitError(f"ID {ident!r} must be 1-128 characters of letters, digits, '.', '_' or '-'")
     if len(set(sae_ids + auditor_ids)) != len(sae_ids) + len(auditor_ids):
         raise InitError("SAE and auditor IDs must be distinct")
+
+
+def _prepare_directory(directory: Path) -> None:
+    """Create ``directory`` (absent or empty) owner-only, with its ``pki/sae`` folder."""
     if directory.exists() and any(directory.iterdir()):
         raise InitError(f"{directory} is not empty; choose a new directory")
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(PRIVATE_DIR_MODE)  # an existing empty directory may have been 0755
     (directory / "pki" / "sae").mkdir(parents=True, exist_ok=True)
 
+
+def _write_kme_pki(directory: Path, kme_id: str) -> pki.IssuedCredential:
+    """The CA, the KME's TLS server certificate and its client certificate; returns the CA."""
     ca = pki.create_ca(f"QKMS CA for {kme_id}")
     pki.write_credential(ca, directory / "pki" / "ca.pem", directory / "pki" / "ca.key")
     server = pki.issue_server_cert(ca, kme_id)
@@ -149,6 +183,13 @@ def _init_workdir(
     pki.write_credential(
         peer_client, directory / "pki" / "kme-client.pem", directory / "pki" / "kme-client.key"
     )
+    return ca
+
+
+def _issue_sae_credentials(
+    ca: pki.IssuedCredential, directory: Path, sae_ids: list[str]
+) -> tuple[list[dict[str, str]], dict[str, tuple[Path, Path]]]:
+    """One client certificate per SAE: the config's ``saes`` entries and each SAE's (cert, key)."""
     saes = []
     creds: dict[str, tuple[Path, Path]] = {}
     for sae_id in sae_ids:
@@ -157,6 +198,13 @@ def _init_workdir(
         pki.write_credential(cred, cert_path, key_path)
         creds[sae_id] = (cert_path, key_path)
         saes.append({"id": sae_id, "cert_fingerprint": cred.fingerprint_sha256})
+    return saes, creds
+
+
+def _issue_auditor_credentials(
+    ca: pki.IssuedCredential, directory: Path, auditor_ids: list[str]
+) -> tuple[list[dict[str, str]], dict[str, tuple[Path, Path]]]:
+    """One client certificate per auditor: the config's ``auditors`` entries and each (cert, key)."""
     auditors = []
     auditor_creds: dict[str, tuple[Path, Path]] = {}
     for auditor_id in auditor_ids:
@@ -166,7 +214,11 @@ def _init_workdir(
         pki.write_credential(cred, cert_path, key_path)
         auditor_creds[auditor_id] = (cert_path, key_path)
         auditors.append({"id": auditor_id, "cert_fingerprint": cred.fingerprint_sha256})
-    kek_section: dict[str, Any]
+    return auditors, auditor_creds
+
+
+def _provision_kek(directory: Path, pkcs11: dict[str, Any] | None) -> dict[str, Any]:
+    """Create the KEK (a file, or wrapped by an HSM key when ``pkcs11`` is given); its config section."""
     if pkcs11:
         from kms.crypto.kek_pkcs11 import Pkcs11KekConfig, create_wrapping_key, provision_wrapped_kek
 
@@ -185,25 +237,6 @@ def _init_workdir(
         )
         create_wrapping_key(cfg)
         provision_wrapped_kek(cfg)
-        kek_section = {"pkcs11": {**p11, "module": str(p11["module"])}, "key_id": "kek-1"}
-    else:
-        generate_kek_file(directory / "kek.bin")
-        kek_section = {"file": "kek.bin", "key_id": "kek-1"}
-
-    config: dict[str, Any] = {
-        "kme": {"id": kme_id, "host": "127.0.0.1", "port": port},
-        "tls": {"ca_cert": "pki/ca.pem", "server_cert": "pki/kme.pem", "server_key": "pki/kme.key"},
-        "database": {"url": database_url or "sqlite:///qkms.db"},
-        "kek": kek_section,
-        "pool": pool_overrides or {},
-        "links": [default_link(kme_id, link_source)] if link_source else [],
-        "saes": saes,
-        "auditors": auditors,
-        "policy": policy or {"mode": "qkd", "pqc_fallback": False, "kem": "ML-KEM-768"},
-    }
-    config_path = directory / CONFIG_NAME
-    config_path.write_text(tomli_w.dumps(config), encoding="utf-8")
-    settings = KmsSettings.load(config_path)
-    migrate.upgrade(settings.database.url)
-    build_runtime(settings, sync_registry=True).close()  # register the SAEs and links now
-    return InitResult(config_path, directory / "pki" / "ca.pem", creds, auditor_creds)
+        return {"pkcs11": {**p11, "module": str(p11["module"])}, "key_id": "kek-1"}
+    generate_kek_file(directory / "kek.bin")
+    return {"file": "kek.bin", "key_id": "kek-1"}

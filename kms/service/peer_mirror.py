@@ -17,9 +17,9 @@ from typing import Any
 from kms.service import audit_recorder
 from kms.service.ingest import store_block
 from kms.service.peer_context import PeerSite, Received, check_link, remember
-from kms.storage import peer_repository as peers
+from kms.storage import mirror_repository as mirrors
 from kms.storage import pool_repository as pool
-from kms.storage.peer_repository import SharedBlock
+from kms.storage.mirror_repository import SharedBlock
 from qkd_adapters.keyblock import KeyBlock
 
 
@@ -31,7 +31,7 @@ class PeerMirror:
     def pending_blocks(self, link_id: str) -> list[SharedBlock]:
         """This end's shared blocks on ``link_id`` the peer has not confirmed yet."""
         with self.site.db.read() as conn:
-            return peers.pending_blocks(conn, link_id)
+            return mirrors.pending_blocks(conn, link_id)
 
     def confirmed(self, link_id: str, peer_id: str, confirmed: list[str], mismatched: Any) -> None:
         """The peer's answer to an announcement: activate what it confirmed; audit what differs."""
@@ -39,7 +39,7 @@ class PeerMirror:
         events = pool.EventBatch(at)
         actor = f"kme:{peer_id}"
         with self.site.db.write() as conn:
-            n = peers.activate_blocks(conn, link_id, confirmed, actor, events)
+            n = mirrors.activate_blocks(conn, link_id, confirmed, actor, events)
             events.flush(conn)
             entries: list[audit_recorder.AuditEntry] = []
             if n:
@@ -57,11 +57,11 @@ class PeerMirror:
         delivered what was missing)."""
         if message is None:
             with self.site.db.read() as conn:
-                return peers.blocks_by_id(conn, link_id, list(block_ids))
+                return mirrors.blocks_by_id(conn, link_id, list(block_ids))
         with self.site.db.write() as conn:
             remember(conn, message)
             check_link(conn, link_id, message.sender)
-            return peers.blocks_by_id(conn, link_id, list(block_ids))
+            return mirrors.blocks_by_id(conn, link_id, list(block_ids))
 
     def store_fetched(self, block: KeyBlock, peer_kme_id: str) -> None:
         """A block the follower's device delivered for an announcement: stored already confirmed."""
@@ -89,7 +89,7 @@ class PeerMirror:
         at = datetime.now(UTC)
         events = pool.EventBatch(at)
         with self.site.db.write() as conn:
-            peers.activate_blocks(conn, link_id, confirmed, f"kme:{sender}", events)
+            mirrors.activate_blocks(conn, link_id, confirmed, f"kme:{sender}", events)
             events.flush(conn)
             if mismatched:
                 audit_recorder.record(
@@ -101,7 +101,7 @@ class PeerMirror:
     def claimable(self, link_id: str, peer_id: str, bits: int) -> list[tuple[str, int]]:
         """Untouched pieces of the peer's worth about ``bits`` (what to ask for)."""
         with self.site.db.read() as conn:
-            return peers.claimable_pieces(conn, link_id, peer_id, bits)
+            return mirrors.claimable_pieces(conn, link_id, peer_id, bits)
 
     def take_over(self, link_id: str, peer_id: str, granted: list[tuple[str, int]]) -> int:
         """Pieces the peer granted become this end's; how many."""
@@ -109,7 +109,7 @@ class PeerMirror:
         events = pool.EventBatch(at)
         actor = f"kme:{peer_id}"
         with self.site.db.write() as conn:
-            n = peers.take_over_pieces(conn, link_id, peer_id, granted, actor, events)
+            n = mirrors.take_over_pieces(conn, link_id, peer_id, granted, actor, events)
             events.flush(conn)
             if n:
                 audit_recorder.record(
@@ -124,7 +124,7 @@ class PeerMirror:
         with self.site.db.write() as conn:
             remember(conn, message)
             check_link(conn, link_id, message.sender)
-            granted = peers.grant_pieces(
+            granted = mirrors.grant_pieces(
                 conn, link_id, message.sender, wanted, f"kme:{self.site.kme_id}", events
             )
             events.flush(conn)

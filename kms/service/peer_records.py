@@ -25,10 +25,11 @@ from kms.domain.ledger import check_entry, one_time_pad, route_position
 from kms.domain.policy import POLICY_FALLBACK
 from kms.service import audit_recorder
 from kms.service.peer_context import PeerSite, Received, check_link, remember
+from kms.storage import mirror_repository as mirrors
 from kms.storage import peer_repository as peers
 from kms.storage import pool_repository as pool
 from kms.storage.database import savepoint
-from kms.storage.peer_repository import BitRange
+from kms.storage.mirror_repository import BitRange
 
 # What refuses one entry of a batch without refusing the others (LedgerConflict is a ValueError).
 ENTRY_ERRORS = (PeerRequestRefused, ValueError, KeyError, TypeError)
@@ -203,7 +204,7 @@ class PeerRecords:
             state = check_link(conn, link_id, sender)
             if state != "active":
                 raise PeerRequestRefused(f"link {link_id} is {state} here")
-            got = peers.take_mirrored(
+            got = mirrors.take_mirrored(
                 conn,
                 self.site.envelope,
                 link_id,

@@ -13,11 +13,12 @@ from kms.crypto.envelope import Envelope
 from kms.domain.lifecycle import KeyState
 from kms.runtime.filler import piece_parity, split_block
 from kms.storage import migrate
+from kms.storage import mirror_repository as mirrors
 from kms.storage import peer_repository as peers
 from kms.storage import pool_repository as pool
 from kms.storage import registry_repository as registry
 from kms.storage.database import Database
-from kms.storage.peer_repository import BitRange, LedgerConflict
+from kms.storage.mirror_repository import BitRange, LedgerConflict
 from qkd_adapters.keyblock import KeyBlock, Provenance
 
 
@@ -78,7 +79,7 @@ def store_as_b(db: Database, env: Envelope) -> None:
 def take(db: Database, env: Envelope, ranges: list[BitRange]) -> list[bytes]:
     events = pool.EventBatch(datetime.now(UTC))
     with db.write() as conn:
-        got = peers.take_mirrored(conn, env, "L-AB", "KME-A", ranges, 64, events, "kme:KME-A")
+        got = mirrors.take_mirrored(conn, env, "L-AB", "KME-A", ranges, 64, events, "kme:KME-A")
         events.flush(conn)
     return [bits for bits, _, _ in got]
 
@@ -209,13 +210,13 @@ def test_untouched_pieces_move_to_the_end_that_runs_short(tmp_path: Path, env: E
         )
     assert cut is not None and cut[0].source_bit == b_pieces[0]
     with db_a.read() as conn:
-        wanted = peers.claimable_pieces(conn, "L-AB", "KME-B", 1 << 20)
+        wanted = mirrors.claimable_pieces(conn, "L-AB", "KME-B", 1 << 20)
     assert wanted == [("B1", o) for o in b_pieces]
     with db_b.write() as conn:
-        granted = peers.grant_pieces(conn, "L-AB", "KME-A", wanted, "t", pool.EventBatch(datetime.now(UTC)))
+        granted = mirrors.grant_pieces(conn, "L-AB", "KME-A", wanted, "t", pool.EventBatch(datetime.now(UTC)))
     assert granted == [("B1", o) for o in b_pieces[1:]]
     with db_a.write() as conn:
-        assert peers.take_over_pieces(
+        assert mirrors.take_over_pieces(
             conn, "L-AB", "KME-B", granted, "t", pool.EventBatch(datetime.now(UTC))
         ) == len(granted)
     with db_a.read() as conn:
@@ -230,5 +231,5 @@ def test_untouched_pieces_move_to_the_end_that_runs_short(tmp_path: Path, env: E
 def take_mirrored_as(db: Database, env: Envelope, owner: str, ranges: list[BitRange]) -> list[bytes]:
     events = pool.EventBatch(datetime.now(UTC))
     with db.write() as conn:
-        got = peers.take_mirrored(conn, env, "L-AB", owner, ranges, 64, events, "t")
+        got = mirrors.take_mirrored(conn, env, "L-AB", owner, ranges, 64, events, "t")
     return [bits for bits, _, _ in got]
