@@ -5,7 +5,7 @@ ID with a sequence number, a 128-bit nonce, a timestamp, the body — signed wit
 ML-DSA-65 identity key (docs/DECISIONS.md D-5; mTLS underneath). The signature covers the exact bytes sent,
 so nothing is re-serialised before checking. The receiver rejects a wrong recipient, a sender that
 is not the authenticated TLS peer, a timestamp outside the allowed skew, and (in the database, see
-``peer_repository.remember``) any nonce or (session, seq) seen before. A reply names the nonce it
+``peer_repository.remember_message``) any nonce or (session, seq) seen before. A reply names the nonce it
 answers, so an old reply cannot be passed off for a new request.
 """
 
