@@ -181,15 +181,36 @@ class Countersigner:
             return None
         checkpoint_hash, version = str(body["hash"]), int(body["key_version"])
         key = self.ctx.directory.sign_key(peer_id, version)
-        signature = bytes.fromhex(str(body["countersignature"]))
-        message = countersign_message(self.ctx.kme_id, peer_id, number, checkpoint_hash)
-        if key is None or not self.ctx.identity.signer.verify(
-            SignatureAlgorithm(key.algorithm), key.public_key, message, signature, COUNTERSIGN_CONTEXT
-        ):
+        if key is None:
             raise PeerRefused(peer_id, "its countersignature does not verify")
-        return Receipt(
-            peer_id, number, checkpoint_hash, version, key.algorithm, signature.hex(), datetime.now(UTC)
+        receipt = Receipt(
+            peer_id,
+            number,
+            checkpoint_hash,
+            version,
+            key.algorithm,
+            str(body["countersignature"]),
+            datetime.now(UTC),
         )
+        if not countersignature_valid(self.ctx, receipt):
+            raise PeerRefused(peer_id, "its countersignature does not verify")
+        return receipt
+
+
+def countersignature_valid(ctx: PeerAudit, r: Receipt) -> bool:
+    """Whether ``r`` is the peer's signature (its key ``r.key_version``, as its bundle says) over
+    holding this KME's chain up to checkpoint ``r.number`` with hash ``r.checkpoint_hash``."""
+    key = ctx.directory.sign_key(r.peer, r.key_version)
+    if key is None or key.algorithm != r.algorithm:
+        return False
+    try:
+        signature = bytes.fromhex(r.signature)
+    except ValueError:
+        return False
+    message = countersign_message(ctx.kme_id, r.peer, r.number, r.checkpoint_hash)
+    return ctx.identity.signer.verify(
+        SignatureAlgorithm(r.algorithm), key.public_key, message, signature, COUNTERSIGN_CONTEXT
+    )
 
 
 def peer_problems(ctx: PeerAudit, client: PeerClient) -> tuple[list[str], list[str]]:
@@ -221,18 +242,9 @@ def receipt_report(ctx: PeerAudit) -> tuple[list[str], list[str]]:
     problems: list[str] = []
     latest, ours = audit_countersign.latest_receipts(ctx.db)
     for r in latest:
-        key = ctx.directory.sign_key(r.peer, r.key_version)
-        message = countersign_message(ctx.kme_id, r.peer, r.number, r.checkpoint_hash)
-        valid = key is not None and ctx.identity.signer.verify(
-            SignatureAlgorithm(r.algorithm),
-            key.public_key,
-            message,
-            bytes.fromhex(r.signature),
-            COUNTERSIGN_CONTEXT,
-        )
         mine = ours.get(r.number)
         name = f"KME {r.peer}'s countersignature of checkpoint #{r.number}"
-        if not valid:
+        if not countersignature_valid(ctx, r):
             problems.append(f"{name} does not verify (forged, or the peer's key is unknown)")
         elif mine is None:
             problems.append(f"{name}: the database lacks that checkpoint (deleted)")

@@ -9,18 +9,14 @@ class only wires them to one :class:`~kms.service.context.DeliveryContext`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
-
-from sqlalchemy import Connection
 
 from kms.config import PoolSection
 from kms.crypto.envelope import Envelope
 from kms.crypto.hybrid import KeyDeriver
 from kms.crypto.identity import KmeIdentity
 from kms.domain.delivery import DeliveredKey, KemExchange, KeyOrder, Status
-from kms.domain.keys import CutKey
-from kms.domain.policy import PairPolicy, PolicyBook
+from kms.domain.policy import PolicyBook
 from kms.domain.saes import SaeInfo, SaeRegistry
 from kms.service.context import DeliveryContext, RemoteDelivery
 from kms.service.expiry import sweep_expired
@@ -29,7 +25,6 @@ from kms.service.get_keys_with_ids import GetKeysWithIds
 from kms.service.group_commit import Unit
 from kms.service.hybrid_keys import HybridKeys
 from kms.service.status import GetStatus
-from kms.storage import pool_repository as pool
 from kms.storage.database import Database
 
 
@@ -137,41 +132,6 @@ class KeyDeliveryService:
         return sweep_expired(self.ctx.db, self.ctx.kme_id)
 
     # -- for the peer network (kms.peer) --------------------------------------------------------
-    def cut(
-        self,
-        conn: Connection,
-        target: str,
-        number: int,
-        size: int,
-        policy: PairPolicy,
-        events: pool.EventBatch,
-        actor: str,
-    ) -> list[CutKey]:
-        return self.keys.cut(conn, target, number, size, policy, events, actor)
-
-    def encapsulate_to(
-        self,
-        conn: Connection,
-        policy: PairPolicy,
-        target_kme_id: str,
-        algorithm: str,
-        version: int,
-        public_key: bytes,
-        at: datetime,
-    ) -> KemExchange:
-        return self.hybrid.encapsulate_to(conn, policy, target_kme_id, algorithm, version, public_key, at)
-
-    def delivered(
-        self,
-        cut: Sequence[CutKey],
-        exchange: KemExchange | None,
-        suite: str | None,
-        master_sae_id: str,
-        slave: SaeInfo,
-        size: int,
-    ) -> list[DeliveredKey]:
-        return self.hybrid.delivered(cut, exchange, suite, master_sae_id, slave, size)
-
     def key_deriver(
         self,
         exchange: KemExchange,

@@ -116,7 +116,7 @@ class PeerLedger:
         """Cut ``order``'s keys toward ``peer_id`` and record them ``pre_active`` without material,
         in the caller's transaction."""
         assert self.delivery is not None
-        cut = self.delivery.cut(
+        cut = self.delivery.keys.cut(
             conn, peer_id, order.number, order.size, order.policy, events, f"sae:{order.master.sae_id}"
         )
         # Short or suspended link and a pair that allows it: ML-KEM-only keys, made for the slave's
@@ -161,7 +161,7 @@ class PeerLedger:
         transaction)."""
         assert self.delivery is not None
         order = prepared.order
-        return self.delivery.delivered(
+        return self.delivery.hybrid.delivered(
             prepared.cut, prepared.exchange, prepared.suite, order.master.sae_id, order.slave, order.size
         )
 
@@ -172,6 +172,6 @@ class PeerLedger:
             raise ServiceUnavailable(
                 f"no ML-KEM public key is known for KME {target}; import its peer bundle"
             )
-        return self.delivery.encapsulate_to(
+        return self.delivery.hybrid.encapsulate_to(
             conn, policy, target, key.algorithm, key.version, key.public_key, at
         )
