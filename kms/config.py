@@ -215,6 +215,9 @@ class PeeringSection(BaseModel):
     timeout_seconds: float = Field(default=3.0, gt=0)
     max_clock_skew_seconds: float = Field(default=30.0, gt=0)
     sync_seconds: float = Field(default=0.5, gt=0)
+    # A shared block the peer has not confirmed within this long is destroyed (it counts against the
+    # link's pool limit while it waits).
+    unconfirmed_block_seconds: float = Field(default=600.0, gt=0)
 
 
 class PeerSection(BaseModel):

@@ -102,6 +102,7 @@ class KmeIdentity:
         self._public: dict[tuple[str, int], PublicKeyInfo] = {}
         self._active: dict[str, tuple[float, PublicKeyInfo]] = {}
         self._decapsulators: dict[int, Callable[[bytes], bytes]] = {}
+        self._signers: dict[int, Callable[[bytes, bytes], bytes]] = {}
         self._lock = threading.Lock()
 
     # -- creation and rotation ----------------------------------------------------------------
@@ -185,12 +186,13 @@ class KmeIdentity:
     def sign(self, message: bytes, context: bytes) -> tuple[int, str, bytes]:
         """Sign with the active key: (version, algorithm, signature)."""
         info = self.active_public(SIGN)
-        alg = SignatureAlgorithm(info.algorithm)
-        return (
-            info.version,
-            info.algorithm,
-            self.signer.sign(alg, self._seed(SIGN, info.version), message, context),
-        )
+        with self._lock:
+            bound = self._signers.get(info.version)
+        if bound is None:  # expanded once and kept like its seed
+            bound = self.signer.signer(SignatureAlgorithm(info.algorithm), self._seed(SIGN, info.version))
+            with self._lock:
+                self._signers[info.version] = bound
+        return info.version, info.algorithm, bound(message, context)
 
     def verify(self, version: int, message: bytes, signature: bytes, context: bytes) -> bool:
         try:
@@ -221,4 +223,6 @@ class KmeIdentity:
             self._public.pop((purpose, version), None)
             if purpose == KEM:
                 self._decapsulators.pop(version, None)
+            else:
+                self._signers.pop(version, None)
         return bool(done)

@@ -15,7 +15,7 @@ from kms.config import PoolSection
 from kms.peer.client import PeerClient, PeerError
 from kms.peer.directory import PeerDirectory
 from kms.peer.messages import MessageRejected, PeerMessage
-from kms.service.peer_context import PeerSite, peer_link_levels
+from kms.service.link_stock import LinkStock
 from kms.service.peer_mirror import PeerMirror
 from qkd_adapters.keyblock import FollowerKeySource, KeyBlock, KeySourceError
 
@@ -25,12 +25,13 @@ log = structlog.get_logger(__name__)
 class Mirror:
     def __init__(
         self,
-        site: PeerSite,
+        stock: LinkStock,
         client: PeerClient,
         directory: PeerDirectory,
         followers: Mapping[str, FollowerKeySource],
     ) -> None:
-        self.site = site
+        self.stock = stock
+        self.site = site = stock.site
         self.cfg: PoolSection = site.cfg
         self.client = client
         self.directory = directory
@@ -41,7 +42,7 @@ class Mirror:
     def sync_once(self) -> int:
         """Announce this KME's unconfirmed blocks to each adjacent peer; activate what it confirms."""
         confirmed_total = 0
-        for lv in peer_link_levels(self.site):
+        for lv in self.stock.peer_links():
             peer = self.directory.get(lv.peer_kme_id)
             if peer is None or not peer.url or lv.state != "active":
                 continue
@@ -110,7 +111,7 @@ class Mirror:
         from, under a row lock, so no bit is ever cut by both. Returns the bits taken over.
         """
         gained = 0
-        for lv in peer_link_levels(self.site):
+        for lv in self.stock.levels():
             peer = self.directory.get(lv.peer_kme_id)
             if peer is None or not peer.url or lv.state != "active" or lv.own_bits * 4 >= lv.mirror_bits:
                 continue

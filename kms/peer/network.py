@@ -35,6 +35,7 @@ from kms.peer.mirror import Mirror
 from kms.peer.routing import Edge, Topology
 from kms.peer.topology import Router
 from kms.service.delivery import KeyDeliveryService
+from kms.service.link_stock import LinkStock
 from kms.service.peer_context import PeerSite
 from kms.service.peer_ledger import PeerLedger
 from kms.service.peer_records import PeerRecords
@@ -70,14 +71,15 @@ class PeerNetwork:
         self.client = PeerClient(kme_id, peering, directory, identity)
         self.topology = Topology(kme_id)
         site = PeerSite(kme_id, pool_cfg, db, envelope, identity, registry)
-        self.router = Router(site, self.client, directory, self.topology)
+        stock = LinkStock(site)
+        self.router = Router(stock, self.client, directory, self.topology)
         self.ledger = PeerLedger(site, directory.kem_key)
         self.master = LedgerMaster(kme_id, self.client, directory, self.ledger, self.router.route_to)
         records = PeerRecords(site)
         self.receiver = LedgerPeer(
             records, PeerRelay(site, records), self.master.send_and_settle, pool_cfg.max_key_per_request
         )
-        self.mirror = Mirror(site, self.client, directory, self.followers)
+        self.mirror = Mirror(stock, self.client, directory, self.followers)
         self._handlers: dict[str, Handler] = {
             "keys.record": self.receiver.on_record,
             "keys.record.batch": self.receiver.on_record_batch,

@@ -5,7 +5,6 @@ theirs (``topology`` messages), and routes over both (``routing``: Dijkstra, cos
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from typing import Any
 
@@ -15,26 +14,28 @@ from kms.peer.client import PeerClient, PeerError
 from kms.peer.directory import PeerDirectory
 from kms.peer.messages import PeerMessage
 from kms.peer.routing import Edge, Topology
-from kms.service.peer_context import PeerSite, peer_link_levels, remember_alone
+from kms.service.link_stock import LinkStock
+from kms.service.peer_context import remember_alone
+from kms.storage.peer_repository import LinkLevel
 
 log = structlog.get_logger(__name__)
-OWN_EDGES_MAX_AGE = 0.5
 
 
 class Router:
     def __init__(
-        self, site: PeerSite, client: PeerClient, directory: PeerDirectory, topology: Topology
+        self, stock: LinkStock, client: PeerClient, directory: PeerDirectory, topology: Topology
     ) -> None:
-        self.site = site
-        self.kme_id = site.kme_id
+        self.stock = stock
+        self.kme_id = stock.site.kme_id
         self.client = client
         self.directory = directory
         self.topology = topology
-        self._lock = threading.Lock()
-        self._own_edges_cache: tuple[float, list[Edge]] | None = None
 
     def own_edges(self) -> list[Edge]:
-        levels = peer_link_levels(self.site)
+        """This KME's links as they are now (a peer's topology request, Get status)."""
+        return self._edges(self.stock.fresh())
+
+    def _edges(self, levels: list[LinkLevel]) -> list[Edge]:
         now = time.time()
         return [Edge(self.kme_id, lv.peer_kme_id, lv.link_id, lv.state, lv.own_bits, now) for lv in levels]
 
@@ -48,21 +49,9 @@ class Router:
                 log.info("topology_refresh_failed", peer=peer.kme_id, error=str(exc)[:200])
         self.topology.mark_refreshed()
 
-    def _cached_own_edges(self) -> list[Edge]:
-        """Own link levels, re-read at most every ``OWN_EDGES_MAX_AGE`` s: routing runs per request, and
-        a stale stock figure only makes the cut itself answer 503."""
-        now = time.monotonic()
-        with self._lock:
-            cached = self._own_edges_cache
-        if cached is not None and now - cached[0] < OWN_EDGES_MAX_AGE:
-            return cached[1]
-        edges = self.own_edges()
-        with self._lock:
-            self._own_edges_cache = (now, edges)
-        return edges
-
     def route_to(self, target_kme_id: str, needed_bits: int) -> list[str] | None:
-        own = self._cached_own_edges()
+        """Runs per request: on the stock as ``LinkStock`` last read it (``kms.service.link_stock``)."""
+        own = self._edges(self.stock.levels())
         if any(e.dst == target_kme_id and e.state == "active" and e.bits >= needed_bits for e in own):
             return [self.kme_id, target_kme_id]
         return self.topology.route(own, target_kme_id, needed_bits, refresh=self.refresh_topology)
@@ -78,5 +67,5 @@ class Router:
         return min((e.bits if e else 0) for e in hops) // key_size
 
     def on_topology(self, message: PeerMessage) -> dict[str, Any]:
-        remember_alone(self.site.db, message)
+        remember_alone(self.stock.site.db, message)
         return {"edges": [e.to_json() for e in [*self.own_edges(), *self.topology.learned()]]}

@@ -129,7 +129,10 @@ class Background:
                     now = datetime.now(UTC)
                     stale = now - timedelta(seconds=10 * self.runtime.settings.peering.timeout_seconds)
                     actor = f"kme:{self.runtime.settings.kme.id}/peer-sync"
-                    sweep_peer_state(self.runtime.db, actor, now, now - window, stale)
+                    unconfirmed = now - timedelta(
+                        seconds=self.runtime.settings.peering.unconfirmed_block_seconds
+                    )
+                    sweep_peer_state(self.runtime.db, actor, now, now - window, stale, unconfirmed)
                     last_prune = time.monotonic()
             except Exception as exc:
                 log.error("peer_sync_failed", error=type(exc).__name__, detail=str(exc)[:200])

@@ -2,7 +2,8 @@
 
 Adapter blocks are split into storage blocks of ``pool.storage_block_bits`` so that each cut only
 decrypts and re-seals a few KiB. A link stops being pulled while its pool holds ``max_pool_bits``
-(back-pressure, as a real device buffers or discards). Alarms are recorded as link events. The
+(back-pressure, as a real device buffers or discards), counting blocks not yet confirmed by the
+peer and blocks of a suspended link as held. Alarms are recorded as link events. The
 filler is a background loop; what it stores and records is done by the ingest use case
 (``kms.service.ingest``), and how blocks are split is a domain rule (``kms.domain.blocks``).
 """

@@ -104,7 +104,8 @@ def _received_record(block: KeyBlock, storage_blocks: int, state: KeyState) -> d
 
 
 def stored_bits_by_link(db: Database) -> dict[str, int]:
-    """Unserved bits held in active blocks, per link (the filler stops pulling a link at its limit)."""
+    """Unserved bits held per link, confirmed or not, suspended or not (the filler stops pulling a
+    link at its limit)."""
     with db.read() as conn:
         return pool.stored_bits_by_link(conn)
 

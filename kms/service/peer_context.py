@@ -1,6 +1,6 @@
 """What the peer use cases (``peer_ledger``, ``peer_records``, ``peer_relay``, ``peer_mirror``,
 ``peer_sweep``) work with: this KME as a site of the network, the received message as far as a unit
-needs it (its replay identity), and the reads ``kms.peer`` routes and confirms blocks by.
+needs it (its replay identity). The link stock ``kms.peer`` routes by is ``link_stock``.
 
 The replay check of a received message (``remember``) runs inside the unit that acts on it: the
 message is remembered in the same transaction as its effect, so a replay is refused and a refused
@@ -22,7 +22,6 @@ from kms.domain.errors import PeerRequestRefused
 from kms.domain.saes import SaeRegistry
 from kms.storage import peer_repository as peers
 from kms.storage.database import Database
-from kms.storage.peer_repository import LinkLevel
 
 
 @dataclass(frozen=True)
@@ -66,13 +65,6 @@ def remember_alone(db: Database, message: Received) -> None:
     """:func:`remember` in a transaction of its own (a message that changes nothing else: topology)."""
     with db.write() as conn:
         remember(conn, message)
-
-
-def peer_link_levels(site: PeerSite) -> list[LinkLevel]:
-    """Every link toward another KME, with this end's own stock and its mirror of the peer's."""
-    with site.db.read() as conn:
-        levels = peers.link_levels(conn)
-    return [lv for lv in levels if lv.peer_kme_id != site.kme_id]
 
 
 def check_link(conn: Connection, link_id: str, sender: str) -> str:

@@ -102,6 +102,35 @@ def activate_blocks(
     return len(rows)
 
 
+def discard_unconfirmed(
+    conn: Connection, received_before: Any, actor: str, events: EventBatch, limit: int = 4096
+) -> dict[str, int]:
+    """Shared blocks still ``pre_active`` that were received before ``received_before``: destroyed,
+    their material dropped. The peer never confirmed them (its device lost them, or it was gone too
+    long); kept, they would hold the link's pool limit forever. Returns pieces destroyed per link."""
+    raw = Raw(conn)
+    rows = raw.all(
+        "SELECT id, link_id, source_block_id, source_offset_bits FROM key_blocks"
+        " WHERE state = 'pre_active' AND received_at < ? LIMIT ?" + raw.for_update(skip_locked=True),
+        (raw.ts(received_before), limit),
+    )
+    per_link: dict[str, int] = {}
+    for _, link_id, block_id, offset in rows:
+        events.add(
+            "block",
+            f"{link_id}/{block_id}@{offset}",
+            KeyState.PRE_ACTIVE,
+            KeyState.DESTROYED,
+            actor,
+            "never confirmed by the peer",
+        )
+        per_link[link_id] = per_link.get(link_id, 0) + 1
+    if rows:
+        where, params = raw.in_list("id", [r[0] for r in rows])
+        raw.execute(f"UPDATE key_blocks SET state = 'destroyed', material = NULL WHERE {where}", params)
+    return per_link
+
+
 @dataclass(frozen=True)
 class BitRange:
     block_id: str

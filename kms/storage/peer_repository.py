@@ -136,6 +136,13 @@ def link_levels(conn: Connection) -> list[LinkLevel]:
     ]
 
 
+def peer_links(conn: Connection) -> list[LinkLevel]:
+    """Every link with its peer and state; the stock figures left 0 (no sum over the pool)."""
+    return [
+        LinkLevel(r[0], r[1], r[2], 0, 0) for r in Raw(conn).all("SELECT id, peer_kme_id, state FROM links")
+    ]
+
+
 def peer_link(conn: Connection, link_id: str) -> tuple[str, str] | None:
     """(peer KME, state) of a link."""
     row = Raw(conn).one("SELECT peer_kme_id, state FROM links WHERE id = ?", (link_id,))

@@ -145,13 +145,18 @@ def store_block_pieces(
     return len(rows)
 
 
+HELD_BLOCK_STATES = (KeyState.ACTIVE.value, KeyState.PRE_ACTIVE.value, KeyState.SUSPENDED.value)
+
+
 def stored_bits_by_link(conn: Connection) -> dict[str, int]:
-    """Unserved bits held in active blocks, per link."""
+    """Unserved bits held per link: in active blocks, in blocks of a shared link the peer has not
+    confirmed yet (``pre_active``) and in blocks stored while the link is suspended. Counting only the
+    active ones let a link end that ran ahead of its peer, or a suspended link, grow without bound."""
     stmt = (
         select(
             key_blocks.c.link_id, func.coalesce(func.sum(key_blocks.c.bit_length - key_blocks.c.next_bit), 0)
         )
-        .where(key_blocks.c.state == KeyState.ACTIVE.value)
+        .where(key_blocks.c.state.in_(HELD_BLOCK_STATES))
         .group_by(key_blocks.c.link_id)
     )
     return {row[0]: int(row[1]) for row in conn.execute(stmt)}

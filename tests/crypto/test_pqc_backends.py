@@ -180,6 +180,20 @@ def test_signature_seed_reproduces_key(sig: SignatureProvider, alg: SignatureAlg
 
 
 @pytest.mark.parametrize("alg", SIGS)
+def test_bound_signer_signs_like_sign(sig: SignatureProvider, alg: SignatureAlgorithm) -> None:
+    pair = sig.generate(alg)
+    bound = sig.signer(alg, pair.private_seed)
+    for context in (b"", b"qkms/kme-to-kme"):
+        signature = bound(b"ledger entry 42", context)
+        assert sig.verify(alg, pair.public_key, b"ledger entry 42", signature, context) is True
+        assert sig.verify(alg, pair.public_key, b"ledger entry 43", signature, context) is False
+    with pytest.raises(PqcError):
+        bound(b"m", b"x" * 256)
+    with pytest.raises(InvalidKeyError):
+        sig.signer(alg, pair.private_seed + b"\x00")
+
+
+@pytest.mark.parametrize("alg", SIGS)
 def test_signature_rejects_malformed_input(sig: SignatureProvider, alg: SignatureAlgorithm) -> None:
     pair = sig.generate(alg)
     with pytest.raises(PqcError):

@@ -23,16 +23,14 @@ def peer_router(network: PeerNetwork) -> APIRouter:
     # Peer messages may wait on the next hop or a device: run them off the event loop, a few at a time.
     limiter = anyio.CapacityLimiter(16)
 
-    @router.post("/peer/v1/messages")
-    async def messages(request: Request) -> Response:
-        sender = current_sae(request.scope).sae_id
-        raw = await request.body()
-        if len(raw) > MAX_MESSAGE_BYTES:
-            return error_response(413, "peer message too large")
+    def answer(sender: str, raw: bytes, signature: str | None) -> Response:
+        """Verify, act, sign the reply: all off the event loop, in one worker thread. An ML-DSA
+        signature and its check are a millisecond or two of CPU that the loop, serving the SAEs' own
+        requests meanwhile, should not wait behind."""
         try:
             message = open_message(
                 raw,
-                request.headers.get(SIGNATURE_HEADER),
+                signature,
                 network.directory,
                 network.identity,
                 network.peering.max_clock_skew_seconds,
@@ -42,12 +40,21 @@ def peer_router(network: PeerNetwork) -> APIRouter:
             log.warning("peer_message_rejected", peer=sender, reason=exc.reason)
             return error_response(401, exc.reason)
         try:
-            body = await anyio.to_thread.run_sync(network.handle, message, limiter=limiter)
+            body = network.handle(message)
             reply_type = f"{message.type}.ok"
         except MessageRejected as exc:
             log.warning("peer_message_refused", peer=sender, type=message.type, reason=exc.reason)
             body, reply_type = {"message": exc.reason}, "error"
         _, reply_raw, header = sealer.seal(sender, reply_type, body, reply_to=message.nonce)
         return Response(reply_raw, media_type="application/json", headers={SIGNATURE_HEADER: header})
+
+    @router.post("/peer/v1/messages")
+    async def messages(request: Request) -> Response:
+        sender = current_sae(request.scope).sae_id
+        raw = await request.body()
+        if len(raw) > MAX_MESSAGE_BYTES:
+            return error_response(413, "peer message too large")
+        signature = request.headers.get(SIGNATURE_HEADER)
+        return await anyio.to_thread.run_sync(answer, sender, raw, signature, limiter=limiter)
 
     return router

@@ -227,6 +227,11 @@ class SignatureProvider(Protocol):
         """A (hedged) signature over ``message`` under ``context`` (at most 255 bytes)."""
         ...
 
+    def signer(self, alg: SignatureAlgorithm, private_seed: bytes) -> Callable[[bytes, bytes], bytes]:
+        """``sign(message, context)`` bound to one long-lived key, expanded once: a KME signs every
+        peer message with its identity key, and expanding the seed is a third of a signature's cost."""
+        ...
+
     def verify(
         self,
         alg: SignatureAlgorithm,

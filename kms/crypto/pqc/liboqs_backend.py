@@ -292,6 +292,17 @@ class LiboqsSignatureProvider(_LiboqsBase):
             except RuntimeError:
                 raise PqcError(f"liboqs {alg} signing failed") from None
 
+    def signer(self, alg: SignatureAlgorithm, private_seed: bytes) -> Callable[[bytes, bytes], bytes]:
+        """liboqs has no key object to keep: each call signs from the seed."""
+        alg = signature_algorithm(alg)
+        check_length(f"{alg} seed", private_seed, SIGNATURE_SIZES[alg].seed, InvalidKeyError)
+        seed = bytes(private_seed)
+
+        def sign(message: bytes, context: bytes = b"") -> bytes:
+            return self.sign(alg, seed, message, context)
+
+        return sign
+
     def verify(
         self,
         alg: SignatureAlgorithm,

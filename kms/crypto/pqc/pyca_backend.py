@@ -170,6 +170,17 @@ class PycaSignatureProvider:
         private = self._private(alg, private_seed)
         return private.sign(bytes(message), bytes(context) if context else None)
 
+    def signer(self, alg: SignatureAlgorithm, private_seed: bytes) -> Callable[[bytes, bytes], bytes]:
+        alg = signature_algorithm(alg)
+        private = self._private(alg, private_seed)
+
+        def sign(message: bytes, context: bytes = b"") -> bytes:
+            if len(context) > ML_DSA_MAX_CONTEXT_BYTES:
+                raise PqcError(f"ML-DSA context must be at most {ML_DSA_MAX_CONTEXT_BYTES} bytes")
+            return private.sign(bytes(message), bytes(context) if context else None)
+
+        return sign
+
     def verify(
         self,
         alg: SignatureAlgorithm,
