@@ -111,7 +111,9 @@ class Mirror:
         from, under a row lock, so no bit is ever cut by both. Returns the bits taken over.
         """
         gained = 0
-        for lv in self.stock.levels():
+        # A fresh reading (twice a second at most, and it refreshes the routers' reading too): a
+        # stale one could claim again pieces this end was just granted.
+        for lv in self.stock.fresh():
             peer = self.directory.get(lv.peer_kme_id)
             if peer is None or not peer.url or lv.state != "active" or lv.own_bits * 4 >= lv.mirror_bits:
                 continue

@@ -50,7 +50,8 @@ class LinkStock:
             self._reading.release()
 
     def fresh(self) -> list[LinkLevel]:
-        """The stock as it is now (Get status, the topology a peer asks for); kept for ``levels``."""
+        """The stock as it is now (Get status, the topology a peer asks for, rebalancing); kept for
+        ``levels``."""
         started = time.monotonic()
         with self.site.db.read() as conn:
             levels = [lv for lv in peers.link_levels(conn) if lv.peer_kme_id != self.site.kme_id]

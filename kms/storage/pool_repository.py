@@ -149,9 +149,10 @@ HELD_BLOCK_STATES = (KeyState.ACTIVE.value, KeyState.PRE_ACTIVE.value, KeyState.
 
 
 def stored_bits_by_link(conn: Connection) -> dict[str, int]:
-    """Unserved bits held per link (DECISIONS.md D-25): in active blocks, in blocks of a shared link the peer has not
-    confirmed yet (``pre_active``) and in blocks stored while the link is suspended. Counting only the
-    active ones let a link end that ran ahead of its peer, or a suspended link, grow without bound."""
+    """Unserved bits held per link (DECISIONS.md D-25): in active blocks, in blocks of a shared link
+    the peer has not confirmed yet (``pre_active``) and in blocks stored while the link is suspended.
+    Counting only the active ones let a link end that ran ahead of its peer, or a suspended link,
+    grow without bound."""
     stmt = (
         select(
             key_blocks.c.link_id, func.coalesce(func.sum(key_blocks.c.bit_length - key_blocks.c.next_bit), 0)

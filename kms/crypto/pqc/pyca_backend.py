@@ -164,11 +164,7 @@ class PycaSignatureProvider:
     def sign(
         self, alg: SignatureAlgorithm, private_seed: bytes, message: bytes, context: bytes = b""
     ) -> bytes:
-        alg = signature_algorithm(alg)
-        if len(context) > ML_DSA_MAX_CONTEXT_BYTES:
-            raise PqcError(f"ML-DSA context must be at most {ML_DSA_MAX_CONTEXT_BYTES} bytes")
-        private = self._private(alg, private_seed)
-        return private.sign(bytes(message), bytes(context) if context else None)
+        return self.signer(alg, private_seed)(message, context)
 
     def signer(self, alg: SignatureAlgorithm, private_seed: bytes) -> Callable[[bytes, bytes], bytes]:
         alg = signature_algorithm(alg)
