@@ -26,17 +26,19 @@ from kms.service.peer_context import PeerSite
 from kms.service.peer_sweep import sweep_peer_state
 from kms.storage.integrity import run_checks
 from kms.storage.schema import audit_records, key_blocks
+from tests.conftest import database_url
 
 LIMIT = 1 << 20
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Iterator[Runtime]:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def rt(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Runtime]:
     res = init_workdir(
         tmp_path / "kme",
         "KME-T",
         ["SAE-M", "SAE-S"],
         link_source="random",
+        database_url=database_url(request.param, request),
         pool_overrides={"max_pool_bits": LIMIT},
     )
     runtime = build_runtime(KmsSettings.load(res.config_path))
