@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -260,6 +261,19 @@ class AuditCountersignature(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
+class LinkStateRecord(Base):
+    """The newest signed link-state record of each KME of the network (``kms.peer.link_state``),
+    shared by every process of this KME; ``record`` is the signed document as received."""
+
+    __tablename__ = "link_state_records"
+
+    origin_kme_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    issued_at: Mapped[float] = mapped_column(Float, nullable=False)
+    record: Mapped[str] = mapped_column(Text, nullable=False)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 class KeyRecipient(Base):
     """An *additional* slave SAE entitled to a multicast key (the named slave is on the key row)."""
 
@@ -315,4 +329,5 @@ audit_records = cast(Table, AuditRecordRow.__table__)
 audit_head = cast(Table, AuditHead.__table__)
 audit_checkpoints = cast(Table, AuditCheckpoint.__table__)
 audit_countersignatures = cast(Table, AuditCountersignature.__table__)
+link_state_records = cast(Table, LinkStateRecord.__table__)
 peer_messages = cast(Table, PeerMessage.__table__)
