@@ -65,6 +65,42 @@ class Sae(Base):
     role: Mapped[str] = mapped_column(String(16), nullable=False, default="sae", server_default="sae")
     enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # The SAE lifecycle (migration 0013, DECISIONS.md D-26): active, suspended or revoked; ``enabled``
+    # is kept equal to ``state = 'active'``. ``managed_by``: 'config' while qkms.toml is the record,
+    # 'cli' once a ``qkms sae`` command changed the SAE (the configuration no longer overrides it).
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="active", server_default="active")
+    managed_by: Mapped[str] = mapped_column(
+        String(8), nullable=False, default="config", server_default="config"
+    )
+    state_reason: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class SaeCertificate(Base):
+    """Every certificate pinned for an SAE by ``qkms sae``: the current one, the previous one during a
+    rotation's grace period (accepted until ``valid_until``), and retired ones, for the record."""
+
+    __tablename__ = "sae_certificates"
+
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sae_id: Mapped[str] = mapped_column(ForeignKey("saes.id"), nullable=False, index=True)
+    subject: Mapped[str] = mapped_column(String(512), nullable=False)
+    issuer: Mapped[str] = mapped_column(String(512), nullable=False)
+    origin: Mapped[str] = mapped_column(String(16), nullable=False)  # site-ca or enterprise
+    not_after: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    state: Mapped[str] = mapped_column(String(8), nullable=False)  # current, grace or retired
+    valid_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class RegistryVersion(Base):
+    """One row: a number every SAE lifecycle change increments in its transaction, which each
+    process compares with the version its in-memory registry reflects."""
+
+    __tablename__ = "registry_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
 class KeyBlockRow(Base):
@@ -319,6 +355,8 @@ class PeerMessage(Base):
 
 links = cast(Table, Link.__table__)
 saes = cast(Table, Sae.__table__)
+sae_certificates = cast(Table, SaeCertificate.__table__)
+registry_version = cast(Table, RegistryVersion.__table__)
 key_blocks = cast(Table, KeyBlockRow.__table__)
 keys = cast(Table, KeyRow.__table__)
 key_recipients = cast(Table, KeyRecipient.__table__)
