@@ -237,6 +237,22 @@ class KmeKey(Base):
     retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class KekVersion(Base):
+    """A key-encryption key version (migration 0014, docs/DECISIONS.md D-26): where it is loaded from
+    (``reference``, never the key itself), its public check value and its state: ``active`` (seals
+    new records; exactly one), ``draining`` (a rotation re-seals its records away) or ``retired``."""
+
+    __tablename__ = "kek_versions"
+
+    kek_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(String(16), nullable=False)
+    reference: Mapped[dict[str, object]] = mapped_column(JSON, nullable=False)
+    check_value: Mapped[str] = mapped_column(String(64), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 class AuditRecordRow(Base):
     """An append-only, hash-chained audit record. ``data`` is canonical JSON text, hashed as stored."""
 
@@ -369,3 +385,4 @@ audit_checkpoints = cast(Table, AuditCheckpoint.__table__)
 audit_countersignatures = cast(Table, AuditCountersignature.__table__)
 link_state_records = cast(Table, LinkStateRecord.__table__)
 peer_messages = cast(Table, PeerMessage.__table__)
+kek_versions = cast(Table, KekVersion.__table__)
