@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from qkd_adapters.sim.postproc._cascade_lazy import bob_build_tree, parity64, set_known
 from qkd_adapters.sim.postproc._types import I32Array, I64Array, Int, U8Array
 
 _DROP = 0
@@ -28,47 +29,12 @@ _QUERY = 2
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _parity64(x: Int) -> Int:
-    x ^= x >> 32
-    x ^= x >> 16
-    x ^= x >> 8
-    x ^= x >> 4
-    x ^= x >> 2
-    x ^= x >> 1
-    return x & 1
-
-
-@njit(cache=True, nogil=True)
-def build_trees(
-    key: U8Array,
-    frame_base: int,
-    n_f: int,
-    perm: I32Array,
-    words: I64Array,
-    wtree: U8Array,
-) -> None:
-    """Gather ``key[frame_base + perm[i]]`` for the frame's positions, pack, build parities."""
-    w_count = words.shape[0]
-    for w in range(w_count):
-        i0 = w * 64
-        acc = np.int64(0)
-        if i0 < n_f:
-            lim = min(64, n_f - i0)
-            for j in range(lim):
-                acc |= np.int64(key[frame_base + perm[i0 + j]]) << j
-        words[w] = acc
-        wtree[w_count + w] = np.uint8(_parity64(acc))
-    for u in range(w_count - 1, 0, -1):
-        wtree[u] = wtree[2 * u] ^ wtree[2 * u + 1]
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _node_parity(words: I64Array, wtree: U8Array, v: Int, s: Int, n: Int) -> Int:
     if s >= 64:
         return np.int64(wtree[v])
     start = v * s - n
     bits = (words[start >> 6] >> (start & 63)) & ((np.int64(1) << s) - 1)
-    return _parity64(bits)
+    return parity64(bits)
 
 
 @njit(cache=True, nogil=True)
@@ -136,17 +102,6 @@ def _known(kf: I64Array, kv: I64Array, v: Int, s: Int, n: Int, n_f: Int) -> Int:
     return np.int64(-1)
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _set_known(kf: I64Array, kv: I64Array, v: Int, bit: Int) -> None:
-    w = v >> 6
-    m = np.int64(1) << (v & 63)
-    kf[w] |= m
-    if bit:
-        kv[w] |= m
-    else:
-        kv[w] &= ~m
-
-
 @njit(cache=True, nogil=True)
 def bob_start_pass(
     words: I64Array,
@@ -179,12 +134,12 @@ def bob_start_pass(
                 bit = np.int64(parities[k])
                 k += 1
             acc ^= bit
-            _set_known(kf[t], kv[t], v, bit)
+            set_known(kf[t], kv[t], v, bit)
             if bit ^ _node_parity(words[t], wtree[t], v, np.int64(top), np.int64(n)):
                 act_t[a] = t
                 act_v[a] = v
                 a += 1
-        _set_known(kf[t], kv[t], np.int64(1), acc)
+        set_known(kf[t], kv[t], np.int64(1), acc)
     return act_t[:a], act_v[:a], np.full(a, top, dtype=np.int64)
 
 
@@ -196,15 +151,30 @@ def bob_apply_replies(
     for i in range(q_t.shape[0]):
         t = q_t[i]
         v = q_v[i]
-        _set_known(kf[t], kv[t], v, np.int64(bits[i]))
+        set_known(kf[t], kv[t], v, np.int64(bits[i]))
         asked[t, v >> 6] &= ~(np.int64(1) << (v & 63))
 
 
 @njit(cache=True, nogil=True)
-def _grow(a: I64Array, size: int) -> I64Array:
+def _grow(a: I64Array, size: Int) -> I64Array:
     b = np.empty(size, dtype=a.dtype)
     b[: a.shape[0]] = a
     return b
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _push(
+    qt: I64Array, qv: I64Array, qs: I64Array, cnt: Int, t: Int, v: Int, s: Int
+) -> tuple[I64Array, I64Array, I64Array]:
+    """Append (t, v, s) at index ``cnt`` of the work queue, doubling it when full."""
+    if cnt == qt.shape[0]:
+        qt = _grow(qt, 2 * cnt)
+        qv = _grow(qv, 2 * cnt)
+        qs = _grow(qs, 2 * cnt)
+    qt[cnt] = t
+    qv[cnt] = v
+    qs[cnt] = s
+    return qt, qv, qs
 
 
 @njit(cache=True, nogil=True)
@@ -215,6 +185,9 @@ def bob_round(
     kv: I64Array,
     asked: I64Array,
     bob_key: U8Array,
+    packed: I64Array,
+    corrected: I64Array,
+    tree_built: U8Array,
     perm_full: I32Array,
     inv_full: I32Array,
     perm_last: I32Array,
@@ -231,7 +204,9 @@ def bob_round(
     """Bob: advance every pending bisection as far as known parities allow.
 
     Corrections cascade at once into every pass already started (sub-block reuse: the deepest
-    known node with odd mismatch containing the corrected bit is bisected next). Returns the
+    known node with odd mismatch containing the corrected bit is bisected next); a lazy pass's
+    tree not built yet is built then (:mod:`._cascade_lazy`). ``packed`` and ``corrected`` (Bob's
+    key and his corrected positions, packed per frame in original order) follow every flip. Returns the
     bisections left waiting for a parity, the queries (tree, node) they wait for, and the
     number of bits corrected.
     """
@@ -277,8 +252,28 @@ def bob_round(
                 bob_key[gi] ^= 1
                 newbit = np.int64(bob_key[gi])
                 flips += 1
+                xbit = np.int64(1) << (x & 63)
+                packed[f, x >> 6] ^= xbit
+                corrected[f, x >> 6] |= xbit
                 for q in range(n_built):
                     tq = f * n_passes + q
+                    if tree_built[tq] == 0:
+                        # A lazy pass: the flip made one half of the frame odd; build its tree now.
+                        bob_build_tree(
+                            bob_key, corrected[f], f * n, n_f,
+                            perm_last[q] if last else perm_full[q],
+                            inv_last[q] if last else inv_full[q],
+                            words[tq], wtree[tq], kf[tq], kv[tq],
+                        )  # fmt: skip
+                        tree_built[tq] = 1
+                        top = top_sizes[q]
+                        for j in range((n_f + top - 1) // top):
+                            a = nn // top + j
+                            ka = _known(kf[tq], kv[tq], a, top, nn, n_f)
+                            if ka >= 0 and (ka ^ _node_parity(words[tq], wtree[tq], a, top, nn)) == 1:
+                                qt, qv, qs = _push(qt, qv, qs, cnt, tq, a, top)
+                                cnt += 1
+                        continue
                     pq = np.int64(inv_last[q, x] if last else inv_full[q, x])
                     words[tq, pq >> 6] ^= np.int64(1) << (pq & 63)
                     u = w_count + (pq >> 6)
@@ -286,19 +281,13 @@ def bob_round(
                         wtree[tq, u] ^= 1
                         u >>= 1
                     leaf = nn + pq
-                    _set_known(kf[tq], kv[tq], leaf, newbit)
+                    set_known(kf[tq], kv[tq], leaf, newbit)
                     a = leaf >> 1
                     sa = np.int64(2)
                     while sa <= top_sizes[q]:
                         ka = _known(kf[tq], kv[tq], a, sa, nn, n_f)
                         if ka >= 0 and (ka ^ _node_parity(words[tq], wtree[tq], a, sa, nn)) == 1:
-                            if cnt == qt.shape[0]:
-                                qt = _grow(qt, 2 * cnt)
-                                qv = _grow(qv, 2 * cnt)
-                                qs = _grow(qs, 2 * cnt)
-                            qt[cnt] = tq
-                            qv[cnt] = a
-                            qs[cnt] = sa
+                            qt, qv, qs = _push(qt, qv, qs, cnt, tq, a, sa)
                             cnt += 1
                             break
                         a >>= 1
@@ -312,13 +301,13 @@ def bob_round(
                 if kl ^ _node_parity(words[t], wtree[t], left, hs, nn):
                     v = left
                 else:
-                    _set_known(kf[t], kv[t], right, k ^ kl)
+                    set_known(kf[t], kv[t], right, k ^ kl)
                     v = right
                 s = hs
                 continue
             kr = _known(kf[t], kv[t], right, hs, nn, n_f)
             if kr >= 0:
-                _set_known(kf[t], kv[t], left, k ^ kr)
+                set_known(kf[t], kv[t], left, k ^ kr)
                 v = right if kr ^ _node_parity(words[t], wtree[t], right, hs, nn) else left
                 s = hs
                 continue

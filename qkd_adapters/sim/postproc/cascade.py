@@ -45,6 +45,7 @@ from typing import Literal
 import numpy as np
 
 from qkd_adapters.sim.postproc import _cascade_kernels as kern
+from qkd_adapters.sim.postproc import _cascade_lazy as lazy
 from qkd_adapters.sim.postproc._types import I32Array, I64Array, U8Array
 from qkd_adapters.sim.postproc.channel import ClassicalChannel
 
@@ -163,6 +164,9 @@ class _Layout:
     perm_last: I32Array
     inv_last: I32Array
     nf_by_frame: I64Array
+    lazy: tuple[bool, ...]
+    mask_full: I64Array
+    mask_last: I64Array
 
     @property
     def passes(self) -> int:
@@ -192,10 +196,38 @@ class _Layout:
             perm_last.setflags(write=False)
             inv_last.setflags(write=False)
         nf.setflags(write=False)
-        return _Layout(n, frame_bits, sizes, seed, perm_full, inv_full, perm_last, inv_last, nf)
+        lazy_passes = tuple(p > 0 and 2 * k == frame_bits for p, k in enumerate(sizes))
+        mask_full = _half_masks(inv_full, lazy_passes, frame_bits, frame_bits)
+        mask_last = _half_masks(inv_last, lazy_passes, frame_bits, int(last))
+        return _Layout(
+            n, frame_bits, sizes, seed, perm_full, inv_full, perm_last, inv_last, nf,
+            lazy_passes, mask_full, mask_last,
+        )  # fmt: skip
 
     def perm_of_frame(self, f: int) -> I32Array:
         return self.perm_last if f == self.frames - 1 else self.perm_full
+
+
+def _half_masks(inv: I32Array, lazy_passes: tuple[bool, ...], frame_bits: int, n_f: int) -> I64Array:
+    """For each lazy pass, the frame positions (of ``n_f`` real ones) its permutation sends into
+    the first half, packed in original order (64 to a word, LSB first); zero for eager passes."""
+    out = np.zeros((len(lazy_passes), frame_bits // 64), dtype=np.int64)
+    for p, is_lazy in enumerate(lazy_passes):
+        if is_lazy:
+            sel = inv[p] < frame_bits // 2
+            sel[n_f:] = False
+            out[p] = _pack_frames(sel.astype(np.uint8), frame_bits)[0]
+    out.setflags(write=False)
+    return out
+
+
+def _pack_frames(bits: U8Array, frame_bits: int) -> I64Array:
+    """Bits packed 64 to an int64 word in original order, one row per frame (zero padding)."""
+    frames = -(-bits.shape[0] // frame_bits)
+    padded = np.zeros(frames * frame_bits, dtype=np.uint8)
+    padded[: bits.shape[0]] = bits
+    words = np.packbits(padded, bitorder="little").view(np.dtype("<i8"))
+    return words.astype(np.int64).reshape(frames, frame_bits // 64)
 
 
 def frame_size(n: int, max_frame_bits: int) -> int:
@@ -220,32 +252,39 @@ class CascadeAlice:
         self._words = np.zeros((trees, w), dtype=np.int64)
         self._wtree = np.zeros((trees, 2 * w), dtype=np.uint8)
         self._built = np.zeros(trees, dtype=np.int32)
+        self._packed = _pack_frames(self._key, frame) if any(lay.lazy) else np.zeros((0, w), np.int64)
+        self._started = 0
 
     def init_message(self) -> bytes:
         lay = self.layout
         head = struct.pack(">QIIQ", lay.n, lay.frame_bits, lay.passes, lay.seed)
         return head + np.asarray(lay.sizes, dtype=">u4").tobytes()
 
+    def _build(self, t: int) -> None:
+        lay = self.layout
+        f, p = divmod(t, lay.passes)
+        lazy.build_trees(
+            self._key, f * lay.frame_bits, int(lay.nf_by_frame[f]), lay.perm_of_frame(f)[p],
+            self._words[t], self._wtree[t],
+        )  # fmt: skip
+        self._built[t] = 1
+
     def on_pass(self, payload: bytes) -> tuple[bytes, int]:
-        """Build this pass's parity trees and disclose its top-level block parities."""
+        """Disclose this pass's top-level block parities (building its trees unless it is lazy)."""
         if len(payload) != 4:
             raise ReconciliationError("malformed pass request")
         (p,) = struct.unpack(">I", payload)
         lay = self.layout
-        if p >= lay.passes:
-            raise ReconciliationError("pass index out of range")
+        if p != self._started:
+            raise ReconciliationError("pass index out of order")
+        self._started = p + 1
+        if lay.lazy[p]:  # trees built only if Bob asks; the last half follows from the frame parity
+            halves = lazy.half_parities(self._packed, lay.mask_full[p], lay.mask_last[p])
+            bits = halves[lay.nf_by_frame > lay.sizes[p]]
+            return _pack_bits(bits), int(bits.shape[0])
         trees = np.arange(lay.frames, dtype=np.int32) * lay.passes + p
-        for f in range(lay.frames):
-            t = int(trees[f])
-            kern.build_trees(
-                self._key,
-                f * lay.frame_bits,
-                int(lay.nf_by_frame[f]),
-                lay.perm_of_frame(f)[p],
-                self._words[t],
-                self._wtree[t],
-            )
-            self._built[t] = 1
+        for t in trees:
+            self._build(int(t))
         bits = kern.top_parities(
             self._words, self._wtree, trees, lay.nf_by_frame, lay.sizes[p], lay.frame_bits
         )
@@ -257,9 +296,15 @@ class CascadeAlice:
         return _pack_bits(bits), int(bits.shape[0])
 
     def on_query(self, payload: bytes) -> tuple[bytes, int]:
-        """Disclose the parities of the nodes Bob asks for."""
+        """Disclose the parities of the nodes Bob asks for (building a lazy pass's tree first)."""
         q_t, q_v = _unpack_query(payload)
-        bits = kern.answer_parities(self._words, self._wtree, q_t, q_v, self.layout.frame_bits, self._built)
+        lay = self.layout
+        in_range = q_t[(q_t >= 0) & (q_t < self._built.shape[0])]
+        unbuilt = in_range[self._built[in_range] == 0]
+        for t in np.unique(unbuilt) if unbuilt.shape[0] else ():
+            if int(t) % lay.passes < self._started:
+                self._build(int(t))
+        bits = kern.answer_parities(self._words, self._wtree, q_t, q_v, lay.frame_bits, self._built)
         if bits.shape[0] and int(bits.max()) == 255:
             raise ReconciliationError("invalid parity request")
         return _pack_bits(bits), int(bits.shape[0])
@@ -297,44 +342,53 @@ class CascadeBob:
         self._act_t = np.zeros(0, dtype=np.int32)
         self._act_v = np.zeros(0, dtype=np.int64)
         self._act_s = np.zeros(0, dtype=np.int64)
+        self._packed = _pack_frames(self.key, frame)
+        self._corr = np.zeros_like(self._packed)
+        self._tree_built = np.zeros(trees, dtype=np.uint8)
+
+    def _build(self, t: int) -> None:
+        lay = self.layout
+        f, p = divmod(t, lay.passes)
+        last = f == lay.frames - 1
+        lazy.bob_build_tree(
+            self.key, self._corr[f], f * lay.frame_bits, int(lay.nf_by_frame[f]),
+            (lay.perm_last if last else lay.perm_full)[p], (lay.inv_last if last else lay.inv_full)[p],
+            self._words[t], self._wtree[t], self._kf[t], self._kv[t],
+        )  # fmt: skip
+        self._tree_built[t] = 1
 
     def start_pass(self, p: int) -> bytes:
         lay = self.layout
-        for f in range(lay.frames):
-            t = f * lay.passes + p
-            kern.build_trees(
-                self.key,
-                f * lay.frame_bits,
-                int(lay.nf_by_frame[f]),
-                lay.perm_of_frame(f)[p],
-                self._words[t],
-                self._wtree[t],
-            )
+        if not lay.lazy[p]:
+            for f in range(lay.frames):
+                self._build(f * lay.passes + p)
         self.built = p + 1
         return struct.pack(">I", p)
 
     def on_top_parities(self, p: int, payload: bytes) -> None:
         lay = self.layout
-        counts = -(-lay.nf_by_frame // lay.sizes[p])
-        expected = int(counts.sum()) - (lay.frames if p > 0 else 0)
-        bits = _unpack_bits(payload, expected)
         trees = np.arange(lay.frames, dtype=np.int32) * lay.passes + p
-        act_t, act_v, act_s = kern.bob_start_pass(
-            self._words,
-            self._wtree,
-            self._kf,
-            self._kv,
-            trees,
-            lay.nf_by_frame,
-            bits,
-            self._totals,
-            lay.sizes[p],
-            lay.frame_bits,
-        )
-        if p == 0:
-            self._totals = np.bitwise_xor.reduceat(
-                bits, np.concatenate(([0], np.cumsum(counts)[:-1]))
-            ).astype(np.uint8)
+        if lay.lazy[p]:
+            bits = _unpack_bits(payload, int(np.count_nonzero(lay.nf_by_frame > lay.sizes[p])))
+            act_t, act_v = lazy.bob_start_lazy_pass(
+                self._packed, lay.mask_full[p], lay.mask_last[p], self._kf, self._kv, trees,
+                lay.nf_by_frame, bits, self._totals, lay.sizes[p], lay.frame_bits,
+            )  # fmt: skip
+            for t in np.unique(act_t):
+                self._build(int(t))
+            act_s = np.full(act_t.shape[0], lay.sizes[p], dtype=np.int64)
+        else:
+            counts = -(-lay.nf_by_frame // lay.sizes[p])
+            expected = int(counts.sum()) - (lay.frames if p > 0 else 0)
+            bits = _unpack_bits(payload, expected)
+            act_t, act_v, act_s = kern.bob_start_pass(
+                self._words, self._wtree, self._kf, self._kv, trees, lay.nf_by_frame, bits,
+                self._totals, lay.sizes[p], lay.frame_bits,
+            )  # fmt: skip
+            if p == 0:
+                self._totals = np.bitwise_xor.reduceat(
+                    bits, np.concatenate(([0], np.cumsum(counts)[:-1]))
+                ).astype(np.uint8)
         self._act_t = np.concatenate((self._act_t, act_t))
         self._act_v = np.concatenate((self._act_v, act_v))
         self._act_s = np.concatenate((self._act_s, act_s))
@@ -345,7 +399,7 @@ class CascadeBob:
         while self._act_t.shape[0]:
             pt, pv, ps, q_t, q_v, flips = kern.bob_round(
                 self._words, self._wtree, self._kf, self._kv, self._asked, self.key,
-                lay.perm_full, lay.inv_full, lay.perm_last, lay.inv_last, lay.nf_by_frame,
+                self._packed, self._corr, self._tree_built, lay.perm_full, lay.inv_full, lay.perm_last, lay.inv_last, lay.nf_by_frame,
                 lay.passes, lay.frame_bits, self.built, self._tops,
                 self._act_t, self._act_v, self._act_s,
             )  # fmt: skip
