@@ -308,6 +308,7 @@ class SimulatedLink:
                 "rounds": rec.rounds,
                 "efficiency": rec.efficiency() if rec.errors_corrected else None,
             },
+            "privacy_amplification": result.privacy_amplification,
             "classical_channel": result.channel,
             "postprocessing_s": dict(result.timings_s),
         }

@@ -10,7 +10,8 @@ message through one authenticated :class:`~.postproc.channel.ClassicalChannel`:
 2. error correction - Cascade (:mod:`.postproc.cascade`), every disclosed parity counted;
 3. verification - polynomial hashing with collision bound <= eps_cor (:mod:`.postproc.verification`);
 4. the secret key length from the finite-key bound with the *actual* leak (parities + tags);
-5. privacy amplification - Toeplitz hashing (:mod:`.postproc.privacy_amplification`).
+5. privacy amplification - a proven two-universal hash family, multiply-add-shift by default, seed
+   from a CSPRNG (:mod:`.postproc.privacy_amplification`).
 
 Any failure aborts the block with an alarm reason and no key. For BBM92 the key length is the
 entanglement-based finite-key bound of Tomamichel, Lim, Gisin, Renner, Nat. Commun. 3, 634
@@ -40,7 +41,13 @@ from qkd_adapters.sim.postproc.cascade import (
     reconcile,
 )
 from qkd_adapters.sim.postproc.channel import ChannelAuthenticationError, ClassicalChannel
-from qkd_adapters.sim.postproc.privacy_amplification import amplify
+from qkd_adapters.sim.postproc.privacy_amplification import (
+    DEFAULT_FAMILY,
+    FAMILIES,
+    PrivacyAmplificationError,
+    amplify,
+    describe,
+)
 from qkd_adapters.sim.postproc.verification import VerificationError, verify_keys
 
 ALARM_QBER = "qber-over-threshold"
@@ -49,6 +56,7 @@ ALARM_VERIFICATION = "verification-failed"
 ALARM_AUTHENTICATION = "authentication-failed"
 ALARM_RECONCILIATION = "reconciliation-failed"
 ALARM_NO_BELL_VIOLATION = "no-bell-violation"
+ALARM_PRIVACY_AMPLIFICATION = "privacy-amplification-failed"
 ALARMS = (
     ALARM_QBER,
     ALARM_NO_KEY,
@@ -56,6 +64,7 @@ ALARMS = (
     ALARM_AUTHENTICATION,
     ALARM_RECONCILIATION,
     ALARM_NO_BELL_VIOLATION,
+    ALARM_PRIVACY_AMPLIFICATION,
 )
 
 EXPECTED_EC_EFFICIENCY = 1.08  # for the pre-check only; the real leak is counted afterwards
@@ -68,6 +77,12 @@ class PostprocessConfig:
     qber_threshold: float = 0.11
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     qber_hint: float | None = None  # Cascade block sizes; default: the test-basis error rate
+    pa_family: str = DEFAULT_FAMILY  # privacy amplification: "multiply-add-shift" or "toeplitz"
+
+    def __post_init__(self) -> None:
+        if self.pa_family not in FAMILIES:
+            known = ", ".join(sorted(FAMILIES))
+            raise ValueError(f"unknown privacy-amplification family {self.pa_family!r} (known: {known})")
 
 
 @dataclass(frozen=True, repr=False)
@@ -92,6 +107,7 @@ class PostprocessResult:
     channel: dict[str, dict[str, int]]
     timings_s: dict[str, float]
     decoy: dict[str, float] = field(default_factory=dict)
+    privacy_amplification: dict[str, Any] | None = None  # family, lengths, seed bits (metadata)
 
     @property
     def ok(self) -> bool:
@@ -156,6 +172,7 @@ class _Run:
         self.collision: float | None = None
         self.timings: dict[str, float] = {}
         self.decoy: dict[str, float] = {}
+        self.pa: dict[str, Any] | None = None
 
     def abort(self, alarm: str, detail: str | None) -> PostprocessResult:
         return self._result(alarm, detail, None, None, 0)
@@ -182,6 +199,7 @@ class _Run:
             channel=self.channel.summary(),
             timings_s=dict(self.timings),
             decoy=dict(self.decoy),
+            privacy_amplification=self.pa,
         )
 
     def _key_length(self, leak: int) -> tuple[int, str | None]:
@@ -243,7 +261,11 @@ class _Run:
             return self.abort(ALARM_NO_KEY, reason)
         # 5. privacy amplification
         t3 = time.perf_counter()
-        ka, kb = amplify(block.alice_key, corrected, length, self.channel, self.rng)
+        try:
+            ka, kb = amplify(block.alice_key, corrected, length, self.channel, family=self.cfg.pa_family)
+        except PrivacyAmplificationError as exc:
+            return self.abort(ALARM_PRIVACY_AMPLIFICATION, str(exc))
+        self.pa = describe(self.cfg.pa_family, self.n, length)
         self.timings["privacy_amplification"] = time.perf_counter() - t3
         self.timings["total"] = time.perf_counter() - t0
         return self._result(None, None, ka, kb, length)

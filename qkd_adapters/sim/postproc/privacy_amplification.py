@@ -1,81 +1,152 @@
-"""Privacy amplification by Toeplitz hashing, computed exactly with the FFT.
+"""Privacy amplification: the choice of hash family, the seed exchange, and both ends' hashing.
 
-Random binary Toeplitz matrices form a universal_2 family (Carter, Wegman 1979; Mansour,
-Nisan, Tiwari, STOC '90; Krawczyk, CRYPTO '94), so by the leftover hash lemma (Impagliazzo,
-Levin, Luby 1989; Renner 2005, Tomamichel et al. 2011) hashing the reconciled n-bit key to the
-length m allowed by the finite-key bound leaves a key eps_sec-close to uniform and independent
-of Eve. The m x n matrix T[i, j] = s[i - j + n - 1] is fixed by an (n + m - 1)-bit seed that
-Alice draws and sends in the clear (public, counted as traffic, not as leak).
+By the quantum leftover hash lemma (Renner 2005; Tomamichel, Schaffner, Smith, Renner, IEEE TIT
+57, 5524 (2011)) hashing the reconciled n-bit key with a function drawn from *any* two-universal
+family to the m bits the finite-key bound allows (:mod:`qkd_adapters.sim.finite_key`) leaves a key
+eps_sec-close to uniform and independent of Eve (D-10). Two proven families are built:
 
-y = T x (mod 2) is the middle of the linear convolution s * x, computed with real FFTs in
-float64 (Hayashi, Tsurumaru, IEEE TIT 62, 2213 (2016) for FFT-based Toeplitz PA). It is exact
-because every convolution value is an integer <= min(n, m) < 2^53 and the FFT's rounding error
-is far below 1/2 at these lengths (Percival's bound ~ eps log2(L) ||s|| ||x||); the code checks
-every value is within 0.25 of an integer and, should it not be, recomputes in column chunks
-(T x = sum over chunks of T[:, chunk] x[chunk], each a smaller Toeplitz product).
+* ``multiply-add-shift`` (default, :mod:`.pa_multiply_add_shift`): strongly universal, one GMP
+  product per hash, seed 2(n + m - 1) bits;
+* ``toeplitz`` (reference and cross-check, :mod:`.pa_toeplitz`): universal, FFT product, seed
+  n + m - 1 bits.
+
+Alice's end draws the seed from the operating system's CSPRNG (``secrets.token_bytes``: the seed
+must be uniform and independent of everything Eve holds, not secret) and sends it in the clear
+over the authenticated classical channel as one ``pa/seed`` message: a header naming the family,
+n and m, then the packed seed (:mod:`.pa_bits`). Bob refuses a message for another family or
+other lengths, and a seed of the wrong length, so both ends hash with the very same function.
+The seed is public and independent of the key, so it counts as traffic, not as leaked bits.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import scipy.fft as sfft
+import secrets
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+from qkd_adapters.sim.postproc import pa_multiply_add_shift, pa_toeplitz
 from qkd_adapters.sim.postproc._types import U8Array
 from qkd_adapters.sim.postproc.channel import ClassicalChannel
+from qkd_adapters.sim.postproc.pa_bits import PrivacyAmplificationError, seed_bytes
+from qkd_adapters.sim.postproc.pa_toeplitz import toeplitz_hash, toeplitz_matrix
 
-MAX_ROUNDING_ERROR = 0.25
+__all__ = [
+    "DEFAULT_FAMILY",
+    "FAMILIES",
+    "PrivacyAmplificationError",
+    "amplify",
+    "decode_seed_message",
+    "describe",
+    "draw_seed",
+    "encode_seed_message",
+    "hash_key",
+    "seed_bits",
+    "toeplitz_hash",
+    "toeplitz_matrix",
+]
 
-
-class PrivacyAmplificationError(RuntimeError):
-    """The output length is impossible, or the seed does not fit the input."""
-
-
-def toeplitz_hash(x: U8Array, seed: U8Array, m: int, *, chunk_bits: int | None = None) -> U8Array:
-    """y = T x mod 2 with T[i, j] = seed[i - j + n - 1] (m x n); exact.
-
-    ``chunk_bits`` forces the input to be processed in column chunks of that size (used when
-    float rounding would otherwise not be safe, and by the tests to prove both paths agree).
-    """
-    n = int(x.shape[0])
-    if m <= 0 or n <= 0:
-        raise PrivacyAmplificationError("input and output lengths must be positive")
-    if seed.shape[0] != n + m - 1:
-        raise PrivacyAmplificationError("Toeplitz seed must have n + m - 1 bits")
-    if chunk_bits is None or chunk_bits >= n:
-        y = _toeplitz_fft(x, seed, m)
-        if y is not None:
-            return y
-        chunk_bits = max(1, n // 4)
-    out = np.zeros(m, dtype=np.uint8)
-    for j0 in range(0, n, chunk_bits):
-        j1 = min(n, j0 + chunk_bits)
-        c = j1 - j0
-        part = toeplitz_hash(x[j0:j1], seed[n - j1 : n - j1 + c + m - 1], m, chunk_bits=None if c > 1 else c)
-        out ^= part
-    return out
+RandBytes = Callable[[int], bytes]
+SEED_KIND = "pa/seed"
+_HEADER = struct.Struct(">B32sQQ")  # version, family name (NUL-padded ASCII), n, m
+_VERSION = 1
 
 
-def _toeplitz_fft(x: U8Array, seed: U8Array, m: int) -> U8Array | None:
-    """The FFT product, or None if any value is not safely an integer."""
-    n = int(x.shape[0])
-    length = sfft.next_fast_len(n + m - 1, real=True)
-    fs = sfft.rfft(seed.astype(np.float64), n=length, workers=1)
-    fx = sfft.rfft(x.astype(np.float64), n=length, workers=1)
-    fs *= fx
-    del fx
-    conv = sfft.irfft(fs, n=length, workers=1)[n - 1 : n - 1 + m]
-    rounded = np.rint(conv)
-    if float(np.max(np.abs(conv - rounded), initial=0.0)) > MAX_ROUNDING_ERROR:
-        return None
-    bits: U8Array = (rounded.astype(np.int64) & 1).astype(np.uint8)
-    return bits
+@dataclass(frozen=True)
+class _Family:
+    seed_bits: Callable[[int, int], int]
+    hash: Callable[[U8Array, bytes, int], U8Array]
+    universality: str
 
 
-def toeplitz_matrix(seed: U8Array, n: int, m: int) -> U8Array:
-    """The dense m x n matrix (for tests on small sizes)."""
-    i = np.arange(m)[:, None]
-    j = np.arange(n)[None, :]
-    return np.asarray(seed[i - j + n - 1], dtype=np.uint8)
+FAMILIES: dict[str, _Family] = {
+    pa_multiply_add_shift.FAMILY: _Family(
+        pa_multiply_add_shift.seed_bits, pa_multiply_add_shift.multiply_add_shift_hash, "strongly universal"
+    ),
+    pa_toeplitz.FAMILY: _Family(pa_toeplitz.seed_bits, pa_toeplitz.toeplitz_hash_packed, "universal"),
+}
+DEFAULT_FAMILY = pa_multiply_add_shift.FAMILY
+
+
+def _family(name: str) -> _Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        known = ", ".join(sorted(FAMILIES))
+        raise PrivacyAmplificationError(
+            f"unknown privacy-amplification family {name!r} (known: {known})"
+        ) from None
+
+
+def _check_lengths(n: int, m: int) -> None:
+    if n <= 0 or not 0 < m <= n:
+        raise PrivacyAmplificationError(f"final length must lie in (0, n]; got m = {m} for n = {n}")
+
+
+def seed_bits(family: str, n: int, m: int) -> int:
+    """The seed length of ``family`` for n input and m output bits."""
+    _check_lengths(n, m)
+    return _family(family).seed_bits(n, m)
+
+
+def draw_seed(family: str, n: int, m: int, randbytes: RandBytes = secrets.token_bytes) -> bytes:
+    """A uniform packed seed: ``randbytes`` (a CSPRNG) for every bit, padding bits cleared."""
+    bits = seed_bits(family, n, m)
+    raw = bytearray(randbytes(seed_bytes(bits)))
+    if len(raw) != seed_bytes(bits):
+        raise PrivacyAmplificationError("the random source returned the wrong number of bytes")
+    pad = (-bits) % 8
+    if pad:
+        raw[-1] &= 0xFF ^ ((1 << pad) - 1)
+    return bytes(raw)
+
+
+def hash_key(family: str, x: U8Array, seed: bytes, m: int) -> U8Array:
+    """The m-bit hash of the key bit vector ``x`` under ``seed`` (checked for its exact length)."""
+    _check_lengths(int(x.shape[0]), m)
+    return _family(family).hash(x, seed, m)
+
+
+def encode_seed_message(family: str, n: int, m: int, seed: bytes) -> bytes:
+    """The ``pa/seed`` payload: header (version, family, n, m) then the packed seed."""
+    _family(family)
+    return _HEADER.pack(_VERSION, family.encode("ascii"), n, m) + seed
+
+
+def decode_seed_message(payload: bytes, family: str, n: int, m: int) -> bytes:
+    """The seed of a ``pa/seed`` payload, refused unless it is for ``family``, n and m exactly."""
+    if len(payload) < _HEADER.size:
+        raise PrivacyAmplificationError("privacy-amplification seed message is shorter than its header")
+    version, raw_name, n_rx, m_rx = _HEADER.unpack_from(payload)
+    name = raw_name.rstrip(b"\0").decode("ascii", errors="replace")
+    if version != _VERSION:
+        raise PrivacyAmplificationError(f"privacy-amplification seed message version {version} unknown")
+    if name != family:
+        raise PrivacyAmplificationError(f"seed is for family {name!r}, this end hashes with {family!r}")
+    if (n_rx, m_rx) != (n, m):
+        raise PrivacyAmplificationError(
+            f"seed is for n = {n_rx}, m = {m_rx} bits; this end has n = {n}, m = {m}"
+        )
+    seed = payload[_HEADER.size :]
+    want = seed_bytes(seed_bits(family, n, m))
+    if len(seed) != want:
+        raise PrivacyAmplificationError(
+            f"{family} seed must be {want} bytes for n = {n}, m = {m}; got {len(seed)} bytes"
+        )
+    return seed
+
+
+def describe(family: str, n: int, m: int) -> dict[str, Any]:
+    """The provenance entry of one block's amplification (no seed, no key: metadata only)."""
+    return {
+        "family": family,
+        "universality": _family(family).universality,
+        "input_bits": n,
+        "output_bits": m,
+        "seed_bits": seed_bits(family, n, m),
+        "seed_source": "csprng",
+    }
 
 
 def amplify(
@@ -83,17 +154,15 @@ def amplify(
     bob_key: U8Array,
     final_bits: int,
     channel: ClassicalChannel,
-    rng: np.random.Generator,
+    *,
+    family: str = DEFAULT_FAMILY,
+    randbytes: RandBytes = secrets.token_bytes,
 ) -> tuple[U8Array, U8Array]:
-    """Alice draws and sends the seed; both ends hash their (identical) keys to ``final_bits``."""
+    """Alice draws and sends the seed; each end hashes its own key with the seed it holds."""
     n = int(alice_key.shape[0])
-    if not 0 < final_bits <= n:
-        raise PrivacyAmplificationError("final length must lie in (0, n]")
-    seed = rng.integers(0, 2, size=n + final_bits - 1, dtype=np.uint8)
-    header = final_bits.to_bytes(8, "big")
-    received = channel.send("alice", "pa/seed", header + np.packbits(seed).tobytes())
-    m_rx = int.from_bytes(received[:8], "big")
-    bob_seed = np.unpackbits(np.frombuffer(received, dtype=np.uint8, offset=8), count=n + m_rx - 1)
-    if m_rx != final_bits:
-        raise PrivacyAmplificationError("seed message does not match the agreed length")
-    return toeplitz_hash(alice_key, seed, final_bits), toeplitz_hash(bob_key, bob_seed, m_rx)
+    if int(bob_key.shape[0]) != n:
+        raise PrivacyAmplificationError("the two ends hold keys of different lengths")
+    seed = draw_seed(family, n, final_bits, randbytes)
+    received = channel.send("alice", SEED_KIND, encode_seed_message(family, n, final_bits, seed))
+    bob_seed = decode_seed_message(received, family, n, final_bits)
+    return hash_key(family, alice_key, seed, final_bits), hash_key(family, bob_key, bob_seed, final_bits)
