@@ -91,7 +91,12 @@ class KekSection(BaseModel):
     file: Path | None = None
     env_var: str | None = None
     pkcs11: Pkcs11KekSection | None = None
+    # The first version's name. After ``qkms kek rotate`` the database's keyring (kek_versions) says
+    # which versions exist and where each is loaded from; this section is then only the first one.
     key_id: str = "kek-1"
+    # How often each process re-reads the keyring (and at once when a record names a version it
+    # lacks): a rotation's new version seals everywhere within this time (docs/DECISIONS.md D-27).
+    refresh_seconds: float = Field(default=2.0, gt=0, le=60)
 
     @model_validator(mode="after")
     def _one_source(self) -> KekSection:

@@ -11,8 +11,10 @@ from rich.table import Table
 
 from kms.cli.admin import audit_app, keys_app, link_app
 from kms.cli.doctor import doctor
+from kms.cli.kek import kek_app
 from kms.cli.peer import peer_app
 from kms.cli.pilot import pilot_app
+from kms.cli.sae import expiry_table, sae_app
 from kms.cli.sim import sim_app
 from kms.config import ConfigError, KmsSettings
 from kms.storage.file_modes import restrict_umask
@@ -25,6 +27,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema management (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(kek_app, name="kek")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -242,6 +245,10 @@ def status(config: ConfigOpt) -> None:
         keys.add_row(state, str(count))
     console.print(keys)
     console.print(f"registered SAEs: {', '.join(report.saes) or 'none'}")
+    certificates, warnings = expiry_table(settings)
+    console.print(certificates)
+    for warning in warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 @app.command()
@@ -264,3 +271,4 @@ app.command(help="Report the PQC backends found, their versions and self-tests."
 app.add_typer(sim_app, name="sim")
 app.add_typer(peer_app, name="peer")
 app.add_typer(pilot_app, name="pilot")
+app.add_typer(sae_app, name="sae")

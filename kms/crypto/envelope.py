@@ -8,9 +8,13 @@ Stored form: ``nonce || ciphertext || tag``.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 import stat
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -36,20 +40,147 @@ class MaterialIntegrityError(RuntimeError):
 
 
 class Envelope:
-    """Seals and opens key material under one KEK."""
+    """Seals under one *write* KEK version and opens under any version it holds (a keyring).
+
+    Several versions are held only while a KEK rotation re-seals the store (docs/DECISIONS.md D-26):
+    every sealed record names its version in its ``kek_id`` column, so callers that read the column
+    pass it to :meth:`open`; the others fall back to trying the write version first, then the rest
+    (AES-GCM's tag makes a wrong key fail, never open to wrong bytes). ``attach_sync`` lets the
+    service layer learn new versions from the database without a restart; the crypto layer itself
+    never reads the database.
+    """
 
     def __init__(self, kek: bytes, kek_id: str) -> None:
+        self._keys: dict[str, AESGCM] = {}
+        self._write: tuple[str, AESGCM] = ("", AESGCM(bytes(KEK_BYTES)))
+        self._sync: Callable[[Envelope], None] | None = None
+        self._sync_every = 0.0
+        self._next_sync = 0.0
+        self._sync_lock = threading.Lock()
+        self.add_version(kek_id, kek, write=True)
+
+    # -- the keyring ---------------------------------------------------------------------------
+    def add_version(self, kek_id: str, kek: bytes, *, write: bool = False) -> None:
         if len(kek) != KEK_BYTES:
             raise KekError(f"the KEK must be {KEK_BYTES} bytes")
-        self._aead = AESGCM(kek)
+        self._keys = {**self._keys, kek_id: AESGCM(kek)}
+        if write:
+            self.set_write(kek_id)
+
+    def set_write(self, kek_id: str) -> None:
+        """Seal everything from now on under ``kek_id`` (a version already held)."""
+        self._write = (kek_id, self._keys[kek_id])
+
+    def forget(self, kek_id: str) -> None:
+        """Drop a retired version (never the write version)."""
+        if kek_id != self._write[0]:
+            self._keys = {k: v for k, v in self._keys.items() if k != kek_id}
+
+    @property
+    def kek_id(self) -> str:
+        """The write version. Read it through :meth:`writer` when it must match what is sealed."""
+        return self._write[0]
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        return tuple(self._keys)
+
+    def attach_sync(self, sync: Callable[[Envelope], None], every_seconds: float) -> None:
+        """Call ``sync(self)`` at most every ``every_seconds`` before sealing, and at once (at most
+        five times a second) when a record names a version this process does not hold."""
+        self._sync, self._sync_every = sync, every_seconds
+        self._next_sync = time.monotonic() + every_seconds
+
+    def _maybe_sync(self, force: bool = False) -> None:
+        sync = self._sync
+        if sync is None:
+            return
+        now = time.monotonic()
+        if now < self._next_sync - (self._sync_every - _FORCED_SYNC_GAP if force else 0.0):
+            return
+        if not self._sync_lock.acquire(blocking=force):
+            return  # another thread is syncing; go on with what is held
+        try:
+            self._next_sync = time.monotonic() + self._sync_every
+            sync(self)
+        finally:
+            self._sync_lock.release()
+
+    # -- sealing and opening --------------------------------------------------------------------
+    def writer(self) -> Sealer:
+        """The write version as one consistent pair: seal with it and store its ``kek_id``."""
+        self._maybe_sync()
+        kek_id, aead = self._write
+        return Sealer(kek_id, aead)
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        return self.writer().seal(plaintext, aad)
+
+    def seal_many(self, plaintexts: Sequence[bytes], aads: Sequence[bytes]) -> list[bytes]:
+        """:meth:`seal` for many records, with their nonces from one read of the OS random source."""
+        return self.writer().seal_many(plaintexts, aads)
+
+    def open(self, sealed: bytes, aad: bytes, kek_id: str | None = None) -> bytes:
+        """Open ``sealed``; with ``kek_id`` (the record's version) under that version only."""
+        try:
+            return self._open(sealed, aad, kek_id)
+        except _NotHeld:
+            self._maybe_sync(force=True)
+        try:
+            return self._open(sealed, aad, kek_id)
+        except _NotHeld as exc:
+            raise MaterialIntegrityError(
+                f"stored key material is sealed under KEK version {kek_id} that this process does not hold"
+                if kek_id is not None
+                else "stored key material failed authentication"
+            ) from exc
+
+    def _open(self, sealed: bytes, aad: bytes, kek_id: str | None) -> bytes:
+        nonce, body = sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:]
+        if kek_id is not None:
+            aead = self._keys.get(kek_id)
+            if aead is None:
+                raise _NotHeld
+            try:
+                return aead.decrypt(nonce, body, aad)
+            except InvalidTag as exc:
+                raise MaterialIntegrityError("stored key material failed authentication") from exc
+        write_id, write = self._write
+        try:
+            return write.decrypt(nonce, body, aad)
+        except InvalidTag:
+            pass
+        for other_id, aead in self._keys.items():
+            if other_id == write_id:
+                continue
+            try:
+                return aead.decrypt(nonce, body, aad)
+            except InvalidTag:
+                continue
+        raise _NotHeld
+
+
+class _NotHeld(Exception):
+    """No held version opens the record (it may be sealed under one this process has not loaded)."""
+
+
+_FORCED_SYNC_GAP = 0.2
+
+
+class Sealer:
+    """One KEK version's sealing side, taken from :meth:`Envelope.writer`."""
+
+    __slots__ = ("_aead", "kek_id")
+
+    def __init__(self, kek_id: str, aead: AESGCM) -> None:
         self.kek_id = kek_id
+        self._aead = aead
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(_NONCE_BYTES)
         return nonce + self._aead.encrypt(nonce, plaintext, aad)
 
     def seal_many(self, plaintexts: Sequence[bytes], aads: Sequence[bytes]) -> list[bytes]:
-        """:meth:`seal` for many records, with their nonces from one read of the OS random source."""
         pool = os.urandom(_NONCE_BYTES * len(plaintexts))
         encrypt = self._aead.encrypt
         out = []
@@ -58,11 +189,11 @@ class Envelope:
             out.append(nonce + encrypt(nonce, plaintext, aad))
         return out
 
-    def open(self, sealed: bytes, aad: bytes) -> bytes:
-        try:
-            return self._aead.decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], aad)
-        except InvalidTag as exc:
-            raise MaterialIntegrityError("stored key material failed authentication") from exc
+
+def kek_check_value(kek: bytes) -> str:
+    """A public fingerprint of a KEK (HMAC-SHA256 of a fixed label, 128 bits in hex): tells whether
+    a loaded KEK is the version the database recorded, without revealing anything about it."""
+    return hmac.new(kek, b"qkms/kek-check-value/v1", hashlib.sha256).hexdigest()[:32]
 
 
 def generate_kek_file(path: Path) -> None:

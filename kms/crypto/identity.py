@@ -76,7 +76,8 @@ class IdentityKeyStore(Protocol):
     def destroy_retired(self, purpose: str, version: int, actor: str) -> bool: ...
 
 
-def _aad(purpose: str, version: int) -> bytes:
+def seed_aad(purpose: str, version: int) -> bytes:
+    """Associated data of a sealed identity-key seed (also what a KEK rotation re-seals it with)."""
     return f"qkms/kme-key/{purpose}/{version}".encode()
 
 
@@ -131,8 +132,9 @@ class KmeIdentity:
         else:
             kem_pair = self.kem.generate(self.kem_algorithm)
             algorithm, public, seed = self.kem_algorithm.value, kem_pair.public_key, kem_pair.private_seed
-        sealed = self.envelope.seal(seed, _aad(purpose, version))
-        return NewKey(purpose, algorithm, version, public, sealed, self.envelope.kek_id)
+        sealer = self.envelope.writer()
+        sealed = sealer.seal(seed, seed_aad(purpose, version))
+        return NewKey(purpose, algorithm, version, public, sealed, sealer.kek_id)
 
     # -- reading ------------------------------------------------------------------------------
     def public_keys(self) -> list[PublicKeyInfo]:
@@ -177,7 +179,7 @@ class KmeIdentity:
         sealed = self.store.sealed_seed(purpose, version)
         if sealed is None:
             raise RuntimeError(f"{purpose} key version {version} is not available (destroyed or unknown)")
-        seed = self.envelope.open(sealed, _aad(purpose, version))
+        seed = self.envelope.open(sealed, seed_aad(purpose, version))
         with self._lock:
             self._seeds[(purpose, version)] = seed
         return seed

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kms.config import ConfigError, KmsSettings, LinkSection
-from kms.crypto.envelope import Envelope, load_kek_env, load_kek_file
+from kms.crypto.envelope import Envelope
 from kms.crypto.identity import KmeIdentity
 from kms.crypto.pqc.base import KemAlgorithm
 from kms.crypto.pqc.registry import get_kem_provider, get_signature_provider
@@ -113,17 +113,20 @@ def build_network(settings: KmsSettings, runtime: Runtime) -> PeerNetwork | None
     return network
 
 
-def load_envelope(settings: KmsSettings) -> Envelope:
-    cfg = settings.kek
-    if cfg.pkcs11 is not None:
-        from kms.crypto.kek_pkcs11 import Pkcs11KekConfig, load_kek_pkcs11
+def load_envelope(settings: KmsSettings, db: Database | None = None) -> Envelope:
+    """The KEK keyring (docs/DECISIONS.md D-27): every live version the database lists, checked;
+    without ``db`` a short-lived connection reads the keyring."""
+    from kms.service.kek_keyring import open_keyring
 
-        kek = load_kek_pkcs11(Pkcs11KekConfig(**cfg.pkcs11.model_dump()))
-    elif cfg.file is not None:
-        kek = load_kek_file(cfg.file)
-    else:
-        kek = load_kek_env(cfg.env_var or "")
-    return Envelope(kek, cfg.key_id)
+    if db is not None:
+        return open_keyring(settings, db)
+    own = Database(settings.database.url, pool_size=1)
+    try:
+        envelope = open_keyring(settings, own)
+    finally:
+        own.dispose()
+    envelope.attach_sync(lambda _env: None, settings.kek.refresh_seconds)  # its database is gone
+    return envelope
 
 
 def policy_book(settings: KmsSettings) -> PolicyBook:
@@ -150,7 +153,7 @@ def build_runtime(settings: KmsSettings, sync_registry: bool = True, server: boo
         background_checkpoints=server,
         wal_limit_bytes=settings.database.wal_limit_mib * 1024 * 1024,
     )
-    envelope = load_envelope(settings)
+    envelope = load_envelope(settings, db)
     identity = KmeIdentity(
         IdentityKeys(db),
         envelope,

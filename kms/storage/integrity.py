@@ -122,6 +122,13 @@ def run_checks(
     )
     out.append(
         _found(
+            "sealed under a live KEK version",
+            "every row holding sealed material names a KEK version the keyring holds and has not retired",
+            _outside_keyring(conn),
+        )
+    )
+    out.append(
+        _found(
             "consumption recorded",
             "every consumed key is named by the audit record of its delivery (or its peer settlement)",
             _unrecorded_consumption(conn, kme_id),
@@ -132,7 +139,7 @@ def run_checks(
             _found(
                 "material opens with the KEK",
                 "every deliverable key's and live block's sealed material authenticates under the KEK"
-                + (f" (sample of {sample} rows each)" if sample is not None else ""),
+                " version its row names" + (f" (sample of {sample} rows each)" if sample is not None else ""),
                 _unopenable(conn, envelope, sample),
             )
         )
@@ -204,25 +211,45 @@ def _unopenable(conn: Connection, envelope: Envelope, sample: int | None) -> lis
     bad: list[str] = []
     key_rows = _rows(
         conn,
-        "SELECT key_id, key_count, material FROM keys WHERE material IS NOT NULL"
+        "SELECT key_id, key_count, material, kek_id FROM keys WHERE material IS NOT NULL"
         " AND state IN ('reserved', 'suspended', 'pre_active', 'consumed')",
         sample,
     )
-    for key_id, count, material in key_rows:
+    for key_id, count, material, kek_id in key_rows:
         step = len(material) // count
         for i in range(count):
             member = key_id if count == 1 else run_member(key_id, i)
-            if not _opens(envelope, bytes(material[i * step : (i + 1) * step]), key_aad(member)):
+            if not _opens(envelope, bytes(material[i * step : (i + 1) * step]), key_aad(member), kek_id):
                 bad.append(member)
     block_rows = _rows(
         conn,
-        "SELECT id, link_id, source_block_id, source_offset_bits, next_bit, material FROM key_blocks"
+        "SELECT id, link_id, source_block_id, source_offset_bits, next_bit, material, kek_id FROM key_blocks"
         " WHERE material IS NOT NULL AND state IN ('active', 'pre_active', 'suspended')",
         sample,
     )
-    for block_id, link_id, source, offset, next_bit, material in block_rows:
-        if not _opens(envelope, bytes(material), block_aad(link_id, source, offset, next_bit)):
+    for block_id, link_id, source, offset, next_bit, material, kek_id in block_rows:
+        if not _opens(envelope, bytes(material), block_aad(link_id, source, offset, next_bit), kek_id):
             bad.append(f"block {block_id}")
+    return bad
+
+
+def _outside_keyring(conn: Connection) -> list[str]:
+    """Sealed rows whose ``kek_id`` is no live version of the keyring (docs/DECISIONS.md D-27); none
+    to check while the keyring is still empty (before the KME's first start on migration 0014)."""
+    live = {str(r[0]) for r in conn.execute(text("SELECT kek_id FROM kek_versions WHERE state <> 'retired'"))}
+    if not conn.execute(text("SELECT COUNT(*) FROM kek_versions")).scalar_one():
+        return []
+    bad: list[str] = []
+    for table, key, column in (
+        ("keys", "key_id", "material"),
+        ("key_blocks", "id", "material"),
+        ("kme_keys", "id", "sealed_seed"),
+    ):
+        for row_key, kek_id in conn.execute(
+            text(f"SELECT {key}, kek_id FROM {table} WHERE {column} IS NOT NULL")
+        ):
+            if kek_id not in live:
+                bad.append(f"{table} {row_key} ({kek_id})")
     return bad
 
 
@@ -242,9 +269,10 @@ def _rows(conn: Connection, sql: str, sample: int | None) -> Iterator[Any]:
     yield from reservoir
 
 
-def _opens(envelope: Envelope, sealed: bytes, aad: bytes) -> bool:
+def _opens(envelope: Envelope, sealed: bytes, aad: bytes, kek_id: str | None = None) -> bool:
+    """Whether ``sealed`` opens under the KEK version its row names (``kek_id``)."""
     try:
-        envelope.open(sealed, aad)
+        envelope.open(sealed, aad, kek_id)
     except MaterialIntegrityError:
         return False
     return True

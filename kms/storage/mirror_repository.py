@@ -233,10 +233,11 @@ class _Mirror:
                 (json.dumps(merged), self.id),
             )
         else:
-            sealed = envelope.seal(bytes(self.material), block_aad(link_id, self.block_id, self.offset, 0))
+            sealer = envelope.writer()  # the row names the version it is sealed under
+            sealed = sealer.seal(bytes(self.material), block_aad(link_id, self.block_id, self.offset, 0))
             raw.execute(
-                "UPDATE key_blocks SET material = ?, taken = ? WHERE id = ?",
-                (sealed, json.dumps(merged), self.id),
+                "UPDATE key_blocks SET material = ?, taken = ?, kek_id = ? WHERE id = ?",
+                (sealed, json.dumps(merged), sealer.kek_id, self.id),
             )
 
 

@@ -116,6 +116,7 @@ def store_block_pieces(
     """Insert pool blocks in ``state``: ``active`` for a local link, ``pre_active`` until a peer
     confirms, ``suspended`` while the link is suspended."""
     rows = []
+    sealer = envelope.writer()  # one version for the whole statement (a KEK rotation may switch it)
     for piece in pieces:
         rows.append(
             {
@@ -125,11 +126,11 @@ def store_block_pieces(
                 "bit_length": len(piece.material) * 8,
                 "next_bit": 0,
                 "state": state.value,
-                "material": envelope.seal(
+                "material": sealer.seal(
                     piece.material,
                     block_aad(link_id, piece.source_block_id, piece.source_offset_bits, 0),
                 ),
-                "kek_id": envelope.kek_id,
+                "kek_id": sealer.kek_id,
                 "provenance": provenance,
                 "received_at": events.at,
                 "owner_kme_id": piece.owner_kme_id,
@@ -197,7 +198,8 @@ def _candidate_block(raw: Raw, link_id: str, size_bits: int, skip_locked: bool) 
     # and stops at the first free block, whatever its statistics say: with the subquery and stale
     # statistics it fetched and sorted every active block (~4 ms with 2,048 blocks) on each cut.
     return raw.one(
-        "SELECT b.id, b.link_id, b.source_block_id, b.source_offset_bits, b.bit_length, b.next_bit, b.material"
+        "SELECT b.id, b.link_id, b.source_block_id, b.source_offset_bits, b.bit_length, b.next_bit, b.material,"
+        " b.kek_id"
         " FROM key_blocks b"
         " WHERE b.link_id = ? AND b.state = 'active' AND b.owner_kme_id IS NULL"
         " AND b.bit_length - b.next_bit >= ?"
@@ -212,7 +214,8 @@ def _first_free_block_pg(raw: Raw, target_kme_id: str, size_bits: int) -> Any:
     :func:`_candidate_block` per link find, in one statement (the LATERAL subquery runs per link,
     with ``link_id = l.id``, so each walks the index and stops at its first free block)."""
     return raw.one(
-        "SELECT b.id, b.link_id, b.source_block_id, b.source_offset_bits, b.bit_length, b.next_bit, b.material"
+        "SELECT b.id, b.link_id, b.source_block_id, b.source_offset_bits, b.bit_length, b.next_bit, b.material,"
+        " b.kek_id"
         " FROM links l CROSS JOIN LATERAL (SELECT * FROM key_blocks kb WHERE kb.link_id = l.id"
         " AND kb.state = 'active' AND kb.owner_kme_id IS NULL AND kb.bit_length - kb.next_bit >= ?"
         " ORDER BY kb.id LIMIT 1 FOR UPDATE SKIP LOCKED) b"
@@ -260,6 +263,7 @@ def cut_keys(
                 remainder = envelope.open(
                     bytes(block.material),
                     block_aad(block.link_id, block.source_block_id, block.source_offset_bits, block.next_bit),
+                    block.kek_id,
                 )
                 take = min(number - len(cut), len(remainder) // size_bytes, RUN_MAX)
                 ids = new_key_id_run(take)
@@ -340,14 +344,15 @@ def insert_reserved_keys(
     raw = Raw(conn)
     now = raw.ts(at)
     expires = raw.ts(at + ttl)
-    kek_id = envelope.kek_id
+    sealer = envelope.writer()  # the version sealed under is the one the rows name
+    kek_id = sealer.kek_id
     slave, additional = slave_sae_ids[0], list(slave_sae_ids[1:])
     multicast = bool(additional)
     to_seal = [c for c in cut if c.material is not None] if keep_material else []
     sealed = dict(
         zip(
             (c.key_id for c in to_seal),
-            envelope.seal_many(
+            sealer.seal_many(
                 [c.material for c in to_seal if c.material is not None], [key_aad(c.key_id) for c in to_seal]
             ),
             strict=True,
@@ -508,6 +513,7 @@ class _Block:
     bit_length: int
     next_bit: int
     material: bytes
+    kek_id: str
 
 
 def _advance_block(
@@ -532,11 +538,13 @@ def _advance_block(
             (next_bit, block.id),
         )
     else:
-        sealed = envelope.seal(
+        sealer = envelope.writer()
+        sealed = sealer.seal(
             rest, block_aad(block.link_id, block.source_block_id, block.source_offset_bits, next_bit)
         )
         raw.execute(
-            "UPDATE key_blocks SET next_bit = ?, material = ? WHERE id = ?", (next_bit, sealed, block.id)
+            "UPDATE key_blocks SET next_bit = ?, material = ?, kek_id = ? WHERE id = ?",
+            (next_bit, sealed, sealer.kek_id, block.id),
         )
 
 
