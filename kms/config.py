@@ -223,6 +223,10 @@ class PeeringSection(BaseModel):
     # A shared block the peer has not confirmed within this long is destroyed (it counts against the
     # link's pool limit while it waits).
     unconfirmed_block_seconds: float = Field(default=600.0, gt=0)
+    # Link-state records (DECISIONS.md D-26): this KME issues its own at least this often, and routes
+    # only on other KMEs' records issued within ``link_state_max_age_seconds``.
+    topology_heartbeat_seconds: float = Field(default=10.0, gt=0)
+    link_state_max_age_seconds: float = Field(default=35.0, gt=0)
 
 
 class PeerSection(BaseModel):
