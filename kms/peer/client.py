@@ -58,6 +58,7 @@ class PeerClient:
         self.sealer = MessageSealer(kme_id, identity)
         self._clients: dict[str, httpx.Client] = {}
         self._down_until: dict[str, float] = {}
+        self._failing_since: dict[str, float] = {}  # peers whose last call failed in transport
         self._lock = threading.Lock()
 
     def _client(self, peer_id: str) -> tuple[httpx.Client, str]:
@@ -90,14 +91,18 @@ class PeerClient:
             )
         except httpx.ConnectError as exc:
             self._down_until[peer_id] = time.monotonic() + RETRY_AFTER_FAILURE
+            self._failing_since.setdefault(peer_id, time.monotonic())
             raise PeerUnavailable(peer_id, f"unreachable ({type(exc).__name__}: {str(exc)[:120]})") from exc
         except httpx.TimeoutException as exc:
+            self._failing_since.setdefault(peer_id, time.monotonic())
             raise PeerUncertain(peer_id, f"no answer within {self.cfg.timeout_seconds:g} s", request) from exc
         except httpx.HTTPError as exc:
+            self._failing_since.setdefault(peer_id, time.monotonic())
             raise PeerUncertain(
                 peer_id, f"connection failed mid-request ({type(exc).__name__})", request
             ) from exc
         self._down_until.pop(peer_id, None)
+        self._failing_since.pop(peer_id, None)
         if response.status_code >= 500:
             raise PeerUncertain(peer_id, f"answered {response.status_code}", request)
         if response.status_code != 200:
@@ -123,6 +128,16 @@ class PeerClient:
         """True for a moment after a connection to the peer failed: callers about to spend key bits on
         a request check this first and answer 503 without cutting anything."""
         return time.monotonic() < self._down_until.get(peer_id, 0.0)
+
+    def heard_from(self, peer_id: str) -> None:
+        """A verified message from the peer arrived: it is up, whatever our last call to it met."""
+        self._failing_since.pop(peer_id, None)
+        self._down_until.pop(peer_id, None)
+
+    def down_peers(self) -> frozenset[str]:
+        """Adjacent KMEs whose last call from this process failed to connect or went unanswered:
+        routing avoids them and the link-state record says their links are down until one answers."""
+        return frozenset(self._failing_since.copy())  # dict.copy is atomic under the GIL
 
     def close(self) -> None:
         with self._lock:

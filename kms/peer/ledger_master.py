@@ -23,13 +23,19 @@ from kms.domain.ledger import kem_json
 from kms.domain.policy import PairPolicy
 from kms.domain.saes import SaeInfo
 from kms.peer.batching import LedgerBatcher, LedgerRequest
-from kms.peer.client import PeerClient, PeerError, PeerUncertain
+from kms.peer.client import PeerClient, PeerError, PeerUnavailable, PeerUncertain
 from kms.peer.directory import PeerDirectory
 from kms.peer.messages import PeerMessage
 from kms.service.peer_ledger import PeerLedger, Prepared, Settlement
 
 log = structlog.get_logger(__name__)
 CANCEL_DELAYS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+MAX_ROUTES = 3  # routes tried for one relayed request when first hops do not answer
+
+
+class NextHopUnreachable(ServiceUnavailable):
+    """The first hop refused the connection: the entry never left this KME (its keys are destroyed
+    here, audited), so another route may be tried within the same request."""
 
 
 def entry_body(route: list[str], prepared: Prepared) -> dict[str, Any]:
@@ -64,7 +70,7 @@ class LedgerMaster:
         client: PeerClient,
         directory: PeerDirectory,
         ledger: PeerLedger,
-        route_to: Callable[[str, int], list[str] | None],
+        route_to: Callable[[str, int, frozenset[str]], list[str] | None],
     ) -> None:
         self.kme_id = kme_id
         self.client = client
@@ -90,14 +96,46 @@ class LedgerMaster:
         size: int,
         policy: PairPolicy,
     ) -> list[DeliveredKey]:
-        target = slave.kme_id
-        route = self.route_to(target, number * size)
+        """Deliver over the best route; if its first hop turns out unreachable (the entry never left
+        this KME), try the next-best route avoiding it, up to ``MAX_ROUTES`` routes in all."""
+        order = KeyOrder(master, slave, recipients, number, size, policy)
+        avoid: frozenset[str] = frozenset()
+        for attempt in range(MAX_ROUTES):
+            route = self._route(order, avoid)
+            if len(route) == 2:
+                return self._batcher(slave.kme_id).submit(LedgerRequest(order))
+            # Relayed: one request at a time through the trusted nodes (each hop waits on the next).
+            prepared = self.ledger.prepare_one(order, route[1])
+            try:
+                self.send_and_settle(
+                    route[1], entry_body(route, prepared), prepared.key_ids, prepared.actor, prepared.subject
+                )
+            except NextHopUnreachable:
+                if attempt + 1 == MAX_ROUTES:
+                    raise
+                avoid = avoid | {route[1]}
+                log.info("relay_rerouted", avoiding=sorted(avoid), target=slave.kme_id)
+                continue
+            return self.ledger.delivered(prepared)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _route(self, order: KeyOrder, avoid: frozenset[str]) -> list[str]:
+        target = order.slave.kme_id
+        route = self.route_to(target, order.number * order.size, avoid)
         peer = self.directory.get(target)
-        if route is None and policy.pqc_fallback and peer is not None and peer.url:
+        if (
+            route is None
+            and order.policy.pqc_fallback
+            and peer is not None
+            and peer.url
+            and target not in avoid
+        ):
             route = [self.kme_id, target]  # the link cannot carry it; PQC fallback to the adjacent KME may
         if route is None:
             raise ServiceUnavailable(
-                f"no route to KME {target} with {number * size} bits of key on every hop; retry later",
+                f"no route to KME {target} with {order.number * order.size} bits of key on every hop"
+                + (f" avoiding {', '.join(sorted(avoid))}, which did not answer" if avoid else "")
+                + "; retry later",
                 [{"target_KME_ID": target}],
             )
         if self.client.recently_unreachable(route[1]):
@@ -105,14 +143,7 @@ class LedgerMaster:
                 f"KME {route[1]} is unreachable; no key bits were used, retry later",
                 [{"peer_KME_ID": route[1]}],
             )
-        order = KeyOrder(master, slave, recipients, number, size, policy)
-        if len(route) == 2:
-            return self._batcher(target).submit(LedgerRequest(order))
-        # Relayed: one request at a time through the trusted nodes (each hop waits on the next).
-        prepared = self.ledger.prepare_one(order, route[1])
-        body = entry_body(route, prepared)
-        self.send_and_settle(route[1], body, prepared.key_ids, prepared.actor, prepared.subject)
-        return self.ledger.delivered(prepared)
+        return route
 
     def deliver_batch(self, peer_id: str, batch: list[LedgerRequest]) -> None:
         """Cut, record at ``peer_id`` and settle a batch of requests (see ``kms.peer.batching``)."""
@@ -180,7 +211,8 @@ class LedgerMaster:
         self.ledger.settle([(actor, subject, key_ids, False, record) for actor, subject, key_ids in requests])
         if isinstance(exc, PeerUncertain):
             self._cancel_later(peer_id, origin, [k for _, _, key_ids in requests for k in key_ids], exc.sent)
-        return ServiceUnavailable(
+        error = NextHopUnreachable if isinstance(exc, PeerUnavailable) else ServiceUnavailable
+        return error(
             f"KME {peer_id} did not record the keys ({exc.reason}); no key was delivered and their bits"
             " were discarded; retry later",
             [{"peer_KME_ID": peer_id}],

@@ -8,7 +8,9 @@ Each responsibility lives in its own module, over the units of work in ``kms.ser
   ``keys.record.batch``, ``keys.cancel``; ``kms.service.peer_records``, ``peer_relay``);
 - ``mirror``: block confirmation and rebalancing of pieces (``blocks.announce``, ``pieces.claim``;
   ``kms.service.peer_mirror``);
-- ``topology``: own links, neighbours' link state (``topology``) and routes.
+- ``topology``: own links, every KME's links from its signed link-state record, and routes;
+- ``flooding``: this KME's link-state record issued, others' kept and passed on (``topology``,
+  ``topology.flood``).
 
 Other peer services add handlers by message type to ``extra_handlers`` (the audit copies:
 ``kms.peer.countersign``).
@@ -28,13 +30,15 @@ from kms.domain.policy import PairPolicy
 from kms.domain.saes import SaeInfo, SaeRegistry
 from kms.peer.client import PeerClient
 from kms.peer.directory import PeerDirectory
+from kms.peer.flooding import LinkStateFlood
 from kms.peer.ledger_master import LedgerMaster
 from kms.peer.ledger_peer import LedgerPeer
 from kms.peer.messages import MessageRejected, PeerMessage
 from kms.peer.mirror import Mirror
-from kms.peer.routing import Edge, Topology
+from kms.peer.routing import Edge
 from kms.peer.topology import Router
 from kms.service.delivery import KeyDeliveryService
+from kms.service.link_state_store import LinkStateStore
 from kms.service.link_stock import LinkStock
 from kms.service.peer_context import PeerSite
 from kms.service.peer_ledger import PeerLedger
@@ -69,10 +73,11 @@ class PeerNetwork:
         self.directory = directory
         self.followers = dict(followers or {})
         self.client = PeerClient(kme_id, peering, directory, identity)
-        self.topology = Topology(kme_id)
         site = PeerSite(kme_id, pool_cfg, db, envelope, identity, registry)
         stock = LinkStock(site)
-        self.router = Router(stock, self.client, directory, self.topology)
+        store = LinkStateStore(db)
+        self.router = Router(stock, self.client, store, peering.link_state_max_age_seconds)
+        self.flood = LinkStateFlood(stock, self.client, directory, identity, store, peering)
         self.ledger = PeerLedger(site, directory.kem_key)
         self.master = LedgerMaster(kme_id, self.client, directory, self.ledger, self.router.route_to)
         records = PeerRecords(site)
@@ -85,7 +90,8 @@ class PeerNetwork:
             "keys.record.batch": self.receiver.on_record_batch,
             "keys.cancel": self.receiver.on_cancel,
             "blocks.announce": self.mirror.on_announce,
-            "topology": self.router.on_topology,
+            "topology": self.flood.on_sync,
+            "topology.flood": self.flood.on_flood,
             "pieces.claim": self.mirror.on_claim,
         }
         # Handlers of other peer services (audit copies: ``kms.peer.countersign``), by message type.
@@ -116,11 +122,14 @@ class PeerNetwork:
     def own_edges(self) -> list[Edge]:
         return self.router.own_edges()
 
-    def refresh_topology(self) -> None:
-        self.router.refresh_topology()
+    def topology_tick(self) -> None:
+        """The leader's link-state work (``kms.peer.flooding``): issue this KME's record when due."""
+        self.flood.tick()
 
-    def route_to(self, target_kme_id: str, needed_bits: int) -> list[str] | None:
-        return self.router.route_to(target_kme_id, needed_bits)
+    def route_to(
+        self, target_kme_id: str, needed_bits: int, avoid: frozenset[str] = frozenset()
+    ) -> list[str] | None:
+        return self.router.route_to(target_kme_id, needed_bits, avoid)
 
     def available_keys(self, target_kme_id: str, key_size: int) -> int:
         return self.router.available_keys(target_kme_id, key_size)
@@ -136,6 +145,7 @@ class PeerNetwork:
     def handle(self, message: PeerMessage) -> dict[str, Any]:
         """Act on a verified message; the reply body. Raises ``MessageRejected`` (answered as a signed
         error) when it must not be acted on."""
+        self.client.heard_from(message.sender)
         handler = self.extra_handlers.get(message.type) or self._handlers.get(message.type)
         if handler is None:
             raise MessageRejected(f"unknown message type {message.type!r}")

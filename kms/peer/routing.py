@@ -1,17 +1,15 @@
 """Routes over the QKD network's link graph, for trusted-node relay.
 
-Each KME knows its own links (state, and the key bits it may cut on each) and learns its neighbours'
-by asking them (``topology`` messages); what a neighbour reports includes what it learned, so link
-state spreads hop by hop. A route is the cheapest path by a cost that prefers links with more key
-in stock and skips links that are suspended or cannot carry the key at all (Dijkstra).
+Each KME knows its own links (state, and the key bits it may cut on each) and every other KME's
+from their signed link-state records (``kms.peer.link_state``, flooded by ``kms.peer.topology``). A
+route is the cheapest path by a cost that prefers links with more key in stock and skips links that
+are suspended, down or cannot carry the key at all (Dijkstra; docs/ARCHITECTURE.md, "Relay").
 """
 
 from __future__ import annotations
 
 import heapq
-import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,40 +76,7 @@ def shortest_route(edges: Iterable[Edge], source: str, target: str, needed_bits:
     return None
 
 
-class Topology:
-    """This KME's view of the network: its own edges (read fresh) and what neighbours reported."""
-
-    def __init__(self, kme_id: str, max_age: float = 2.0, forget_after: float = 60.0) -> None:
-        self.kme_id = kme_id
-        self.max_age = max_age
-        self.forget_after = forget_after
-        self._learned: dict[tuple[str, str], Edge] = {}
-        self._refreshed = 0.0
-        self._lock = threading.Lock()
-
-    def learn(self, edges: Iterable[Edge]) -> None:
-        with self._lock:
-            for e in edges:
-                if e.src == self.kme_id:
-                    continue  # our own links are always read fresh
-                known = self._learned.get((e.src, e.link_id))
-                if known is None or known.at < e.at:
-                    self._learned[(e.src, e.link_id)] = e
-
-    def learned(self) -> list[Edge]:
-        cutoff = time.time() - self.forget_after
-        with self._lock:
-            return [e for e in self._learned.values() if e.at >= cutoff]
-
-    def stale(self) -> bool:
-        return time.monotonic() - self._refreshed > self.max_age
-
-    def mark_refreshed(self) -> None:
-        self._refreshed = time.monotonic()
-
-    def route(
-        self, own: list[Edge], target: str, needed_bits: int, refresh: Callable[[], None] | None = None
-    ) -> list[str] | None:
-        if refresh is not None and self.stale():
-            refresh()
-        return shortest_route([*own, *self.learned()], self.kme_id, target, needed_bits)
+def usable_graph(own: Iterable[Edge], others: Iterable[Edge], avoid: frozenset[str]) -> list[Edge]:
+    """The edges a route may use: this KME's own and what other KMEs' records say, less any edge
+    into or out of a KME to avoid (a next hop that just failed)."""
+    return [e for e in [*own, *others] if e.src not in avoid and e.dst not in avoid]

@@ -35,6 +35,11 @@ class Background:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._filler: PoolFiller | None = None
+        self._leading = threading.Event()
+
+    def role(self) -> str:
+        """``leader`` while this process holds the leader lock (fills the pool), else ``standby``."""
+        return "leader" if self._leading.is_set() else "standby"
 
     def start(self) -> None:
         self._threads = [
@@ -115,13 +120,18 @@ class Background:
                 log.error("audit_countersign_failed", error=type(exc).__name__)
 
     def _peer_sync(self) -> None:
-        """Confirm shared blocks with adjacent KMEs and forget peer nonces past the freshness window."""
+        """Issue and flood this KME's link-state record when due (``kms.peer.flooding``), confirm
+        shared blocks with adjacent KMEs, and forget peer nonces past the freshness window."""
         network = self.runtime.network
         assert network is not None
         interval = self.runtime.settings.peering.sync_seconds
         window = timedelta(seconds=2 * self.runtime.settings.peering.max_clock_skew_seconds)
         last_prune = 0.0
         while not self._stop.wait(interval):
+            try:
+                network.topology_tick()
+            except Exception as exc:
+                log.error("link_state_tick_failed", error=type(exc).__name__, detail=str(exc)[:200])
             try:
                 network.sync_once()
                 network.rebalance_once()
@@ -205,6 +215,7 @@ class Background:
 
     def _fill_until_stopped(self) -> None:
         """The leader's work: fill the pool and, with peers, confirm blocks and sweep peer state."""
+        self._leading.set()
         if self.fill and self.runtime.settings.links:
             self._filler = self.runtime.make_filler()
             self._filler.start()
