@@ -1,47 +1,91 @@
-"""Toeplitz privacy amplification (FFT) throughput on one core, 1e6..1e7-bit input blocks.
+"""Privacy-amplification throughput on one core: multiply-add-shift (GMP) next to Toeplitz (FFT).
 
-Run: .venv/bin/python benchmarks/bench_privacy_amplification.py [--ratio 0.5]
+Run: .venv/bin/python benchmarks/bench_privacy_amplification.py [--ratio 0.5] [--repeats 3]
+     [--sizes 1e6,1e7,1e8] [--toeplitz-max 1e7]
 
-Figures are input bits hashed per wall second by ONE end (seed FFT + key FFT + inverse FFT).
+"one end" is input bits hashed per wall second by ONE end, bit vector in, bit vector out (the
+packing conversions included, the seed draw not): the figure of the issue-17 floor. "seed draw"
+is Alice's CSPRNG draw of the seed; "amplify" is the whole exchange as the simulated link runs it
+(seed draw, the seed message on an unauthenticated channel, both ends hashing), in input Mbit/s.
+Toeplitz above --toeplitz-max is skipped (at 1e8 bits its float64 FFTs need ~5 GB).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 from _common import pin_one_core
 
-from qkd_adapters.sim.postproc.privacy_amplification import toeplitz_hash
+from qkd_adapters.sim.postproc.channel import ClassicalChannel
+from qkd_adapters.sim.postproc.privacy_amplification import FAMILIES, amplify, draw_seed, hash_key
 
-SIZES = (1_000_000, 2_000_000, 5_000_000, 10_000_000)
-FLOOR_MBPS = 50.0
+FLOOR_MBPS = 100.0
+GOAL_MBPS = 300.0
+FLOOR_FAMILY = "multiply-add-shift"
+
+
+def _times(run: Callable[[], object], repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _row(family: str, n: int, m: int, repeats: int) -> float:
+    """Print one row; return the best one-end rate in Mbit/s."""
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 2, n, dtype=np.uint8)
+    seed = draw_seed(family, n, m)
+    hash_key(family, x[:1000], draw_seed(family, 1000, min(m, 500)), min(m, 500))  # warm-up
+    one = _times(lambda: hash_key(family, x, seed, m), repeats)
+    draw = _times(lambda: draw_seed(family, n, m), repeats)
+    both = _times(lambda: amplify(x, x, m, ClassicalChannel(), family=family), max(1, repeats - 1))
+    best, med = n / min(one) / 1e6, n / statistics.median(one) / 1e6
+    print(
+        f"{family:>19} {n:>11,d} {m:>11,d} {min(one):8.3f} {best:8.1f} {med:8.1f}"
+        f" {min(draw):8.3f} {n / min(both) / 1e6:8.1f}"
+    )
+    return best
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.5, help="output bits / input bits")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", default="1e6,1e7,1e8", help="input block sizes in bits, comma-separated")
+    ap.add_argument("--toeplitz-max", type=float, default=1e7, help="largest block to run Toeplitz on")
+    ap.add_argument("--families", default=",".join(sorted(FAMILIES)))
     args = ap.parse_args()
-    print(f"Toeplitz PA via scipy.fft (float64, exact), output/input = {args.ratio}, {pin_one_core()}")
-    rng = np.random.default_rng(1)
-    toeplitz_hash(rng.integers(0, 2, 1000, dtype=np.uint8), rng.integers(0, 2, 1499, dtype=np.uint8), 500)
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    families = args.families.split(",")
+    print(f"privacy amplification, output/input = {args.ratio}, {pin_one_core()}")
+    print(
+        f"{'family':>19} {'input bits':>11} {'output bits':>11} {'best s':>8} {'Mbit/s':>8} {'median':>8}"
+        f" {'seed s':>8} {'amplify':>8}"
+    )
+    print(
+        f"{'':>19} {'':>11} {'':>11} {'one end':>8} {'one end':>8} {'one end':>8} {'draw':>8} {'Mbit/s':>8}"
+    )
     ok = True
-    print(f"{'input bits':>12} {'output bits':>12} {'best s':>8} {'Mbit/s':>8}")
-    for n in SIZES:
+    for n in sizes:
         m = max(1, int(n * args.ratio))
-        x = rng.integers(0, 2, n, dtype=np.uint8)
-        seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
-        best = float("inf")
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            toeplitz_hash(x, seed, m)
-            best = min(best, time.perf_counter() - t0)
-        rate = n / best / 1e6
-        ok &= rate >= FLOOR_MBPS
-        print(f"{n:12d} {m:12d} {best:8.3f} {rate:8.1f}")
-    print(f"floor >= {FLOOR_MBPS} Mbit/s -> {'PASS' if ok else 'FAIL'}")
+        for family in families:
+            if family == "toeplitz" and n > args.toeplitz_max:
+                print(f"{family:>19} {n:>11,d} {'skipped (--toeplitz-max)':>30}")
+                continue
+            rate = _row(family, n, m, args.repeats)
+            if family == FLOOR_FAMILY:
+                ok &= rate >= FLOOR_MBPS
+    verdict = "PASS" if ok else "FAIL"
+    print(
+        f"{FLOOR_FAMILY}: floor >= {FLOOR_MBPS:.0f} Mbit/s at every size -> {verdict} (goal {GOAL_MBPS:.0f})"
+    )
     return 0 if ok else 1
 
 

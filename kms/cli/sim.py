@@ -57,9 +57,13 @@ def run(
         str, typer.Option(help="none | intercept-resend:<fraction> | pns | beam-splitting")
     ] = "none",
     seed: Annotated[int | None, typer.Option(help="Seed for a reproducible run.")] = None,
+    pa_family: Annotated[
+        str, typer.Option(help="Privacy amplification: multiply-add-shift (default) | toeplitz.")
+    ] = "multiply-add-shift",
 ) -> None:
     """Simulate a link block by block (physics and post-processing) and summarise what it delivered."""
     from qkd_adapters.sim.link import SimulatedLink
+    from qkd_adapters.sim.pipeline import PostprocessConfig
 
     try:
         link = SimulatedLink(
@@ -71,6 +75,7 @@ def run(
             seconds_per_block=block_seconds,
             attack=attack,
             seed=seed,
+            postprocess=PostprocessConfig(pa_family=pa_family),
             autostart=False,
         )
     except (ValueError, OSError) as exc:
@@ -98,6 +103,7 @@ class _Tally:
     leaked: int = 0
     aborted: int = 0
     qbers: list[float] = field(default_factory=list)
+    pa_families: set[str] = field(default_factory=set)
     alarms: dict[str, int] = field(default_factory=dict)
 
 
@@ -123,6 +129,8 @@ def _run_blocks(link: SimulatedLink, blocks: int, key_bits: int | None, descript
                 tally.leaked += prov.leaked_bits or 0
                 if prov.qber is not None:
                     tally.qbers.append(prov.qber)
+                if pa := prov.details.get("privacy_amplification"):
+                    tally.pa_families.add(f"{pa['family']} ({pa['universality']})")
             else:
                 tally.aborted += 1
                 tally.alarms[event.reason] = tally.alarms.get(event.reason, 0) + 1
@@ -145,6 +153,7 @@ def _summary_rows(link: SimulatedLink, protocol: str, tally: _Tally, wall: float
         ("mean QBER", f"{sum(qbers) / len(qbers):.4f}" if qbers else "-"),
         ("bits leaked in reconciliation + verification", f"{tally.leaked:,}"),
         ("final secret key bits", f"{tally.final:,}"),
+        ("privacy amplification", ", ".join(sorted(tally.pa_families)) or "-"),
         ("secret key rate (finite-key)", f"{tally.final / simulated:,.0f} bit/s" if simulated else "-"),
     ]
     if protocol == "decoy-bb84":

@@ -31,6 +31,9 @@ def test_keys_from_the_simulated_link_carry_full_provenance(tmp_path: Path) -> N
     assert 0.02 < block["qber"] < 0.05  # GYS misalignment 3.3 % plus dark counts
     assert block["leaked_bits"] > 0 and 0 < block["pa_ratio"] < 1
     assert block["epsilon_sec"] > 0 and block["epsilon_cor"] > 0
+    pa = block["details"]["privacy_amplification"]  # the family is part of the stored provenance
+    assert pa["family"] == "multiply-add-shift" and pa["output_bits"] > 0
+    assert pa["seed_bits"] == 2 * (pa["input_bits"] + pa["output_bits"] - 1)
 
 
 def test_attacked_link_is_suspended_and_the_pair_falls_back_to_ml_kem(tmp_path: Path) -> None:

@@ -93,13 +93,11 @@ def seed_bits(family: str, n: int, m: int) -> int:
 def draw_seed(family: str, n: int, m: int, randbytes: RandBytes = secrets.token_bytes) -> bytes:
     """A uniform packed seed: ``randbytes`` (a CSPRNG) for every bit, padding bits cleared."""
     bits = seed_bits(family, n, m)
-    raw = bytearray(randbytes(seed_bytes(bits)))
+    raw = randbytes(seed_bytes(bits))
     if len(raw) != seed_bytes(bits):
         raise PrivacyAmplificationError("the random source returned the wrong number of bytes")
     pad = (-bits) % 8
-    if pad:
-        raw[-1] &= 0xFF ^ ((1 << pad) - 1)
-    return bytes(raw)
+    return raw[:-1] + bytes([raw[-1] & (0xFF ^ ((1 << pad) - 1))]) if pad else raw
 
 
 def hash_key(family: str, x: U8Array, seed: bytes, m: int) -> U8Array:
