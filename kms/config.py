@@ -244,6 +244,22 @@ class LoggingSection(BaseModel):
     json_logs: bool = False
 
 
+class SaeRegistrySection(BaseModel):
+    """The SAE lifecycle (``qkms sae``, docs/OPERATIONS.md "SAE lifecycle", DECISIONS.md D-29)."""
+
+    # Each serving process compares its registry with the database's version at most this often;
+    # a ``qkms sae`` change is enforced by every process once this much time has passed.
+    refresh_ms: int = Field(default=100, ge=10, le=5000)
+    # After ``qkms sae rotate`` the previous certificate is still accepted for this long.
+    rotation_grace_hours: float = Field(default=24.0, ge=0, le=24 * 90)
+    # ``qkms status`` warns this many days before a certificate expires.
+    expiry_warning_days: int = Field(default=30, ge=0, le=3650)
+    # Validity of SAE certificates ``qkms sae add|rotate`` issues from the site CA.
+    issue_valid_days: int = Field(default=397, ge=1, le=3650)
+    # Enterprise CAs trusted for pinned SAE certificates (relative to the config file's directory).
+    trusted_ca_dir: Path = Path("pki/trusted")
+
+
 class KmsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QKMS_", env_nested_delimiter="__", extra="forbid")
 
@@ -262,6 +278,7 @@ class KmsSettings(BaseSettings):
     peering: PeeringSection = PeeringSection()
     peers: list[PeerSection] = Field(default_factory=list)
     logging: LoggingSection = LoggingSection()
+    sae_registry: SaeRegistrySection = SaeRegistrySection()
     config_dir: Path = Path()
 
     @classmethod
@@ -297,6 +314,8 @@ class KmsSettings(BaseSettings):
             }
         )
         self.peers = [peer.model_copy(update={"bundle": _under(base, peer.bundle)}) for peer in self.peers]
+        trusted = _under(base, self.sae_registry.trusted_ca_dir)
+        self.sae_registry = self.sae_registry.model_copy(update={"trusted_ca_dir": trusted})
         peer_ids = [peer.kme_id for peer in self.peers]
         if len(peer_ids) != len(set(peer_ids)) or self.kme.id in peer_ids:
             raise ValueError("peer KME IDs must be unique and differ from this KME's ID")

@@ -50,6 +50,11 @@ def server_ssl_context(settings: KmsSettings) -> ssl.SSLContext:
         from kms.peer.bundle import load_bundle
 
         ctx.load_verify_locations(cadata=load_bundle(peer.bundle).ca_cert_pem)
+    # Enterprise CAs of pinned SAE certificates (`qkms sae add --ca`, D-29): OpenSSL looks the issuer
+    # up in this directory at each handshake, so a CA added later is trusted without a restart.
+    trusted = settings.sae_registry.trusted_ca_dir
+    trusted.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ctx.load_verify_locations(capath=str(trusted))
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import anyio
@@ -12,8 +13,9 @@ from kms.api.denials import Denial, DenialAggregator, write_denials
 from kms.api.errors import error_response
 from kms.crypto.pki import certificate_common_name, certificate_role, fingerprint_sha256
 from kms.domain.errors import NotEntitled
-from kms.domain.saes import SaeInfo
+from kms.domain.saes import SaeInfo, SaeState
 from kms.runtime.assembly import Runtime
+from kms.service import registry as registry_service
 
 
 @functools.lru_cache(maxsize=4096)
@@ -23,22 +25,39 @@ def _cert_identity(der: bytes) -> tuple[str, str, str | None]:
 
 
 def sae_from_scope(scope: MutableMapping[str, Any], runtime: Runtime) -> SaeInfo:
-    """The calling SAE, or ``NotEntitled`` if the certificate maps to none."""
+    """The calling SAE, or ``NotEntitled`` if the certificate maps to none or to one that is not active.
+
+    The registry is first brought up to date with the database's version if ``refresh_ms`` has
+    passed since this process last compared (DECISIONS.md D-29): a revocation, suspension or
+    rotation applies to the next request, on a keep-alive connection too."""
     der = scope.get("extensions", {}).get("tls", {}).get("client_cert_der")
     if not der:
         raise NotEntitled("a client certificate is required")
     fingerprint, common_name, role = _cert_identity(der)
-    info = runtime.registry.by_fingerprint(fingerprint)
-    if info is None and runtime.registry.stale():
-        runtime.reload_registry()
-        info = runtime.registry.by_fingerprint(fingerprint)
-    if info is None or not info.enabled:
+    registry = runtime.registry
+    interval = runtime.settings.sae_registry.refresh_ms / 1000
+    if registry.next_check <= time.monotonic():
+        registry_service.refresh_if_changed(runtime.db, registry, interval, _remote_entries(runtime))
+    info = registry.by_fingerprint(fingerprint)
+    if info is None and registry.stale():
+        registry_service.reload(runtime.db, registry, _remote_entries(runtime))
+        info = registry.by_fingerprint(fingerprint)
+    if info is None:
         raise NotEntitled("the client certificate does not belong to a registered SAE")
+    if not info.enabled:
+        state = "revoked" if info.state == SaeState.REVOKED else "suspended"
+        raise NotEntitled(f"SAE {info.sae_id} is {state} at this KME")
     if info.sae_id != common_name:
         raise NotEntitled("the client certificate's CN does not match its registered SAE ID")
     if role not in (None, info.role):
         raise NotEntitled("the client certificate's role does not match its registration")
     return info
+
+
+def _remote_entries(runtime: Runtime) -> Callable[[], list[SaeInfo]]:
+    """The registry entries that are not in this KME's database: peer KMEs and their SAEs."""
+    network = runtime.network
+    return (lambda: network.directory.registry_entries()) if network is not None else list
 
 
 SCOPE_KEY = "qkms.sae"

@@ -2,15 +2,18 @@
 start (``kms.runtime.assembly.build_runtime``), and the registered SAEs read back for authentication.
 
 Synchronising from the configuration is not audited: the configuration file is the record, and a
-KME writes it again at every start.
+KME writes it again at every start. SAEs a ``qkms sae`` command changed are no longer overwritten
+(their record is the database's and the audit's, ``kms.service.sae_lifecycle``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 from kms.config import LinkSection
-from kms.domain.saes import SaeInfo
+from kms.domain.saes import SaeInfo, SaeRegistry
 from kms.storage import registry_repository as registry
 from kms.storage.database import Database
 
@@ -35,3 +38,31 @@ def registered_saes(db: Database) -> list[SaeInfo]:
     """The SAEs and auditors the database holds."""
     with db.read() as conn:
         return registry.load_saes(conn)
+
+
+def reload(db: Database, target: SaeRegistry, extra: Callable[[], list[SaeInfo]]) -> None:
+    """Load the registry (entities, certificates in their grace period, version) in one snapshot;
+    ``extra`` adds the entries that are not in the database (peer KMEs, remote SAEs)."""
+    with db.read() as conn:
+        version = registry.registry_version_of(conn)
+        entries = registry.load_saes(conn)
+        grace = registry.load_grace(conn, datetime.now(UTC))
+    target.replace(entries + extra(), grace)
+    target.version = version
+
+
+def refresh_if_changed(
+    db: Database, target: SaeRegistry, interval: float, extra: Callable[[], list[SaeInfo]]
+) -> bool:
+    """At most once per ``interval`` seconds, read the database's registry version and reload if it
+    differs from the one ``target`` reflects (DECISIONS.md D-29). Returns True if it reloaded.
+
+    Called before every request: between checks the cost is one clock reading and a comparison."""
+    if not target.check_due(time.monotonic(), interval):
+        return False
+    with db.read() as conn:
+        version = registry.registry_version_of(conn)
+    if version == target.version:
+        return False
+    reload(db, target, extra)
+    return True

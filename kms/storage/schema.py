@@ -65,7 +65,7 @@ class Sae(Base):
     role: Mapped[str] = mapped_column(String(16), nullable=False, default="sae", server_default="sae")
     enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
-    # The SAE lifecycle (migration 0013, DECISIONS.md D-26): active, suspended or revoked; ``enabled``
+    # The SAE lifecycle (migration 0013, DECISIONS.md D-29): active, suspended or revoked; ``enabled``
     # is kept equal to ``state = 'active'``. ``managed_by``: 'config' while qkms.toml is the record,
     # 'cli' once a ``qkms sae`` command changed the SAE (the configuration no longer overrides it).
     state: Mapped[str] = mapped_column(String(16), nullable=False, default="active", server_default="active")

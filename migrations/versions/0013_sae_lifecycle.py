@@ -1,4 +1,4 @@
-"""SAE lifecycle: states, pinned certificates and a registry version (issue 16, DECISIONS.md D-26).
+"""SAE lifecycle: states, pinned certificates and a registry version (issue 16, DECISIONS.md D-29).
 
 ``saes`` gains ``state`` (active, suspended, revoked), ``managed_by`` (config or cli), the reason
 and time of the last change. ``sae_certificates`` keeps every certificate ``qkms sae`` pinned: the
