@@ -14,6 +14,7 @@ from kms.cli.doctor import doctor
 from kms.cli.kek import kek_app
 from kms.cli.peer import peer_app
 from kms.cli.pilot import pilot_app
+from kms.cli.pilot_network import network as pilot_network
 from kms.cli.sae import expiry_table, sae_app
 from kms.cli.sim import sim_app
 from kms.config import ConfigError, KmsSettings
@@ -270,5 +271,6 @@ app.add_typer(link_app, name="link")
 app.command(help="Report the PQC backends found, their versions and self-tests.")(doctor)
 app.add_typer(sim_app, name="sim")
 app.add_typer(peer_app, name="peer")
+pilot_app.command("network")(pilot_network)
 app.add_typer(pilot_app, name="pilot")
 app.add_typer(sae_app, name="sae")

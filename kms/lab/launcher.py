@@ -46,6 +46,12 @@ class KmeProcess:
         return f"https://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> KmeProcess:
+        self.spawn()
+        self.wait_listening(timeout)
+        return self
+
+    def spawn(self) -> KmeProcess:
+        """Start ``qkms serve`` without waiting for it (``wait_listening``): many KMEs start at once."""
         cmd = [sys.executable, "-m", "kms", "serve", "--config", str(self.config_path), "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--workers", str(self.workers)]
         log = self.log_path or self.config_path.parent / f"server-{self.port}.log"
@@ -53,10 +59,9 @@ class KmeProcess:
         # Owner-only like everything else in the KME's directory (``kms.storage.file_modes``).
         with os.fdopen(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_listening(timeout)
         return self
 
-    def _wait_listening(self, timeout: float) -> None:
+    def wait_listening(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None

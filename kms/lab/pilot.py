@@ -94,11 +94,14 @@ def prepare_network(
 
 
 @contextmanager
-def running_network(sites: dict[str, Site]) -> Iterator[dict[str, Site]]:
-    """Start one ``qkms serve`` per site; stop them all on exit."""
+def running_network(sites: dict[str, Site], start_timeout: float = 30.0) -> Iterator[dict[str, Site]]:
+    """Start one ``qkms serve`` per site, all at once; stop them all on exit."""
     try:
         for site in sites.values():
-            site.process = KmeProcess(site.config_path, site.port).start()
+            site.process = KmeProcess(site.config_path, site.port).spawn()
+        for site in sites.values():
+            assert site.process is not None
+            site.process.wait_listening(start_timeout)
         yield sites
     finally:
         for site in sites.values():
