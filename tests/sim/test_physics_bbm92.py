@@ -18,7 +18,8 @@ from qkd_adapters.sim.physics.eve import InterceptResend
 
 
 def test_coincidence_rate_matches_closed_form(rng: np.random.Generator) -> None:
-    p = load_preset("snspd-modern", length_km=20.0)
+    # the closed form has no detector memory (dead time: tests/sim/test_physics_dead_time.py)
+    p = load_preset("snspd-modern", length_km=20.0, dead_time_s=0.0)
     s = load_spdc("snspd-modern")
     block = simulate_bbm92_block(p, s, 10**8, rng)
     expected = coincidence_probability(p, s)

@@ -10,9 +10,9 @@ on both; and whether Eve learnt the bit) has exactly computable probabilities
 
 and generate only the detected events, their outcome drawn from the conditional law given a
 detection. This has exactly the joint law of the pulse-by-pulse simulation (docs/PHYSICS.md).
-Dead time and afterpulsing couple gates; when either is on, detections are instead placed on the
-time axis as a Bernoulli process (geometric gaps) and passed through
-:func:`.detector.time_ordered_clicks`, still exact for the stated detector model.
+Dead time and afterpulsing couple gates; when either is on, the block goes through
+:func:`.gates.register_clicks` instead (still exact for the stated detector model), which jumps
+from registered click to registered click.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import numpy.typing as npt
 
 from qkd_adapters.sim.params import LinkParameters
 from qkd_adapters.sim.physics.counts import DecoyCounts, X, Z
-from qkd_adapters.sim.physics.detector import click_patterns, time_ordered_clicks
+from qkd_adapters.sim.physics.detector import click_patterns
 from qkd_adapters.sim.physics.eve import Eavesdropper, honest_branches
+from qkd_adapters.sim.physics.gates import SAMPLERS, GateLaw, Sampler, register_clicks
+from qkd_adapters.sim.physics.tally import tally_bb84
 
 N_INTENSITIES, N_BASES = 3, 2
 N_CLASSES = N_INTENSITIES * N_BASES * N_BASES
@@ -139,13 +141,21 @@ def simulate_bb84_block(
     n_pulses: int,
     rng: np.random.Generator,
     eve: Eavesdropper | None = None,
+    *,
+    sampler: Sampler = "arrivals",
 ) -> BB84Block:
-    """Simulate ``n_pulses`` clock cycles of decoy-state BB84 (exact law, reproducible from ``rng``)."""
+    """Simulate ``n_pulses`` clock cycles of decoy-state BB84 (exact law, reproducible from ``rng``).
+
+    ``sampler`` picks how detectors with memory are simulated (:mod:`.gates`): ``"arrivals"``
+    (fast) or ``"time-ordered"`` (the reference); both sample the same law.
+    """
     if n_pulses <= 0:
         raise ValueError("n_pulses must be positive")
     model = class_model(params, eve)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}")
     if params.dead_gates > 0 or params.afterpulse_prob > 0.0:
-        return _simulate_time_ordered(params, model, n_pulses, rng, eve is not None)
+        return _simulate_with_memory(params, model, n_pulses, rng, eve is not None, sampler)
     return _simulate_independent(params, model, n_pulses, rng, eve is not None)
 
 
@@ -199,36 +209,63 @@ def _key_events(
     return alice, bob, knows, int(np.count_nonzero(err)), doubles
 
 
-def _simulate_time_ordered(
-    params: LinkParameters, model: ClassModel, n_pulses: int, rng: np.random.Generator, with_eve: bool
+def bb84_gate_law(model: ClassModel) -> GateLaw:
+    """One gate's categories (class, Eve's flag, pattern, Alice's bit) and the detectors each fires.
+
+    Detector 0 reads bit 0: pattern 'C' (the detector of Alice's bit) fires detector ``alice``,
+    'W' the other one, 'both' both; Alice's bit is a fair coin independent of the pattern.
+    """
+    w = model.weights / model.weights.sum()
+    probs = 0.5 * (w[:, None, None, None] * model.patterns[:, :, :, None]) * np.ones(2)
+    alice = np.arange(2)
+    hit = np.zeros((4, 2), dtype=np.uint8)
+    hit[1] = 1 << alice  # C only
+    hit[2] = 1 << (1 - alice)  # W only
+    hit[3] = 3
+    hits = np.broadcast_to(hit, probs.shape)
+    return GateLaw.build(probs.ravel(), hits.ravel(), 2)
+
+
+def _simulate_with_memory(
+    params: LinkParameters,
+    model: ClassModel,
+    n_pulses: int,
+    rng: np.random.Generator,
+    with_eve: bool,
+    sampler: Sampler,
 ) -> BB84Block:
-    seed = int(rng.integers(0, 2**62))
-    res = time_ordered_clicks(
+    """Dead time and afterpulsing: registered gates from :mod:`.gates`, then one tally pass."""
+    law = bb84_gate_law(model)
+    reg = register_clicks(
+        law,
         n_pulses,
-        model.weights,
-        model.patterns,
-        KEY_CLASS,
         params.dead_gates,
         params.afterpulse_prob,
         params.afterpulse_delay_s * params.clock_rate_hz,
-        seed,
+        rng,
+        sampler,
     )
-    w = model.weights / model.weights.sum()
-    nondetect = w * model.patterns[:, :, 0].sum(axis=1)
-    quiet = n_pulses - int(res.events.sum()) - int(res.extra_gates.sum())
-    sent = res.events + res.extra_gates + rng.multinomial(quiet, nondetect / nondetect.sum())
-    counts = _aggregate(params, sent, res.detected, res.errors)
+    detected = np.zeros(N_CLASSES, dtype=np.int64)
+    errors = np.zeros(N_CLASSES, dtype=np.int64)
+    room = reg.cats.shape[0]
+    alice, bob, eve = (np.empty(room, dtype=np.uint8) for _ in range(3))
+    stats = np.zeros(4, dtype=np.int64)
+    nk = tally_bb84(reg.state, reg.cats, reg.masks, KEY_CLASS, detected, errors, alice, bob, eve, stats)
+    totals, unregistered = reg.category_totals(law, rng)
+    per_class = totals.reshape(N_CLASSES, -1).sum(axis=1)
+    lost = int(unregistered[law.hit != 0].sum())
+    counts = _aggregate(params, per_class, detected, errors)
     return BB84Block(
-        alice_key=res.alice,
-        bob_key=res.bob,
+        alice_key=alice[:nk].copy(),
+        bob_key=bob[:nk].copy(),
         counts=counts,
         n_pulses=n_pulses,
         duration_s=n_pulses / params.clock_rate_hz,
-        eve_knows=res.eve.astype(bool) if with_eve else None,
-        dead_time_losses=int(res.stats[0]),
-        afterpulse_gates=int(res.stats[1]),
-        double_clicks=int(res.stats[2]),
-        detector_clicks=(int(res.stats[3]), int(res.stats[4])),
+        eve_knows=eve[:nk].astype(bool) if with_eve else None,
+        dead_time_losses=lost,
+        afterpulse_gates=int(stats[0]),
+        double_clicks=int(stats[1]),
+        detector_clicks=(int(stats[2]), int(stats[3])),
     )
 
 
