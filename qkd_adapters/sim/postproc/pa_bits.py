@@ -55,12 +55,6 @@ def check_seed(seed: bytes, bits: int, family: str) -> None:
         raise PrivacyAmplificationError(f"{family} seed has padding bits set after its {bits} bits")
 
 
-def seed_to_mpz(seed: bytes, bits: int, family: str) -> mpz:
-    """A checked seed as a ``bits``-bit integer, its first bit most significant."""
-    check_seed(seed, bits, family)
-    return mpz.from_bytes(seed, "big") >> ((-bits) % 8)
-
-
 def seed_to_bits(seed: bytes, bits: int, family: str) -> U8Array:
     """A checked seed as a bit vector."""
     check_seed(seed, bits, family)

@@ -29,8 +29,8 @@ from qkd_adapters.sim.postproc._types import U8Array
 from qkd_adapters.sim.postproc.pa_bits import (
     PrivacyAmplificationError,
     bits_to_mpz,
+    check_seed,
     mpz_to_bits,
-    seed_to_mpz,
 )
 
 FAMILY = "multiply-add-shift"
@@ -63,8 +63,10 @@ def multiply_add_shift_hash(x: U8Array, seed: bytes, m: int) -> U8Array:
     if n <= 0 or not 0 < m <= n:
         raise PrivacyAmplificationError("input length must be positive and output length in (0, n]")
     u = word_bits(n, m)
-    ab = seed_to_mpz(seed, 2 * u, FAMILY)
-    a = ab >> u
-    b = gmpy2.f_mod_2exp(ab, u)
-    del ab
+    check_seed(seed, 2 * u, FAMILY)
+    pad = (-2 * u) % 8
+    raw = mpz.from_bytes(seed, "big")  # a, b, then pad zero bits: one shift less than unpadding first
+    a = raw >> (u + pad)
+    b = gmpy2.f_mod_2exp(raw, u + pad) >> pad
+    del raw
     return mpz_to_bits(mas_int(a, b, u, bits_to_mpz(x), m), m)
