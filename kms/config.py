@@ -260,6 +260,29 @@ class SaeRegistrySection(BaseModel):
     trusted_ca_dir: Path = Path("pki/trusted")
 
 
+class QuotaSection(BaseModel):
+    """Fair shares of the pool (issue 16 part 4, docs/OPERATIONS.md "Fair shares", DECISIONS.md D-30):
+    0 turns a limit off, and all are off by default. Rates are per master SAE and per (master, slave)
+    pair, enforced by each API process for its share (``--workers N``: each process allows 1/N)."""
+
+    sae_requests_per_second: float = Field(default=0.0, ge=0)
+    sae_keys_per_second: float = Field(default=0.0, ge=0)
+    sae_bits_per_second: float = Field(default=0.0, ge=0)
+    pair_requests_per_second: float = Field(default=0.0, ge=0)
+    pair_keys_per_second: float = Field(default=0.0, ge=0)
+    pair_bits_per_second: float = Field(default=0.0, ge=0)
+    # A bucket holds this many seconds of its rate: the largest burst, and the largest single request.
+    burst_seconds: float = Field(default=1.0, gt=0, le=3600)
+    # Keys a master may hold reserved that its slaves have not fetched yet.
+    max_reserved_keys_per_master: int = Field(default=0, ge=0)
+    # The share of a link's pool (``pool.max_pool_bits``) a master may hold reserved and unfetched.
+    max_pool_share: float = Field(default=0.0, ge=0, le=1)
+    # How often each process re-reads the reserved counts from the database.
+    reserved_refresh_ms: int = Field(default=250, ge=10, le=10_000)
+    # Refusals are audited once per (master, slave, rule) and window, with the count of the others.
+    audit_window_seconds: float = Field(default=60.0, gt=0)
+
+
 class KmsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QKMS_", env_nested_delimiter="__", extra="forbid")
 
@@ -279,6 +302,7 @@ class KmsSettings(BaseSettings):
     peers: list[PeerSection] = Field(default_factory=list)
     logging: LoggingSection = LoggingSection()
     sae_registry: SaeRegistrySection = SaeRegistrySection()
+    quotas: QuotaSection = QuotaSection()
     config_dir: Path = Path()
 
     @classmethod

@@ -25,6 +25,7 @@ from kms.api.routes.keys import KeyHandlers, keys_router
 from kms.api.routes.status import status_router
 from kms.runtime.assembly import Runtime
 from kms.service.audit_queries import AuditService
+from kms.service.fair_share import FairShares
 from kms.service.gateway import DeliveryGateway
 
 Hooks = tuple[Callable[[], None], Callable[[], None]]
@@ -46,7 +47,10 @@ def create_app(runtime: Runtime, lifespan_hooks: Hooks | None = None, api_proces
         redirect_slashes=False,
     )
     install_error_handlers(app)
-    gateway = DeliveryGateway(runtime.service, runtime.db, runtime.settings.database, api_processes)
+    fair_shares = FairShares.for_settings(runtime.settings, runtime.db, api_processes)
+    gateway = DeliveryGateway(
+        runtime.service, runtime.db, runtime.settings.database, api_processes, fair_shares
+    )
     handlers = KeyHandlers(gateway)
     app.include_router(status_router(gateway))
     app.include_router(keys_router(handlers))

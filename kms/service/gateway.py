@@ -21,6 +21,7 @@ from kms.domain.errors import NotEntitled
 from kms.domain.saes import SaeInfo
 from kms.service.batcher import UnitBatcher
 from kms.service.delivery import KeyDeliveryService
+from kms.service.fair_share import FairShares, QuotaExceeded
 from kms.storage.database import Database
 
 T = TypeVar("T")
@@ -32,10 +33,17 @@ class DeliveryGateway:
     """One API process's way into the use cases (made per app, on the loop that serves it)."""
 
     def __init__(
-        self, service: KeyDeliveryService, db: Database, cfg: DatabaseSection, api_processes: int = 1
+        self,
+        service: KeyDeliveryService,
+        db: Database,
+        cfg: DatabaseSection,
+        api_processes: int = 1,
+        fair_shares: FairShares | None = None,
     ) -> None:
-        """``api_processes``: how many processes serve this KME (``qkms serve --workers``)."""
+        """``api_processes``: how many processes serve this KME (``qkms serve --workers``);
+        ``fair_shares``: the quotas Get key requests must pass (None: no limit configured)."""
         self.service = service
+        self.fair_shares = fair_shares
         self.batcher = UnitBatcher(
             db,
             in_flight=cfg.batches_in_flight,
@@ -70,6 +78,13 @@ class DeliveryGateway:
         order = use_case.check(
             master, slave_sae_id, number, size, additional_slave_sae_ids, extension_mandatory
         )
+        if self.fair_shares is not None:
+            try:
+                self.fair_shares.admit(order)
+            except QuotaExceeded as exc:
+                if exc.records:
+                    await self.in_thread(self.fair_shares.record, exc.records)
+                raise
         if use_case.is_remote(order):
             return await anyio.to_thread.run_sync(use_case.remote, order, limiter=self._remote_limiter)
         return await self.batcher.run(use_case.unit(order))
