@@ -52,6 +52,7 @@ class Envelope:
 
     def __init__(self, kek: bytes, kek_id: str) -> None:
         self._keys: dict[str, AESGCM] = {}
+        self._mac_keys: dict[str, bytes] = {}
         self._write: tuple[str, AESGCM] = ("", AESGCM(bytes(KEK_BYTES)))
         self._sync: Callable[[Envelope], None] | None = None
         self._sync_every = 0.0
@@ -64,6 +65,7 @@ class Envelope:
         if len(kek) != KEK_BYTES:
             raise KekError(f"the KEK must be {KEK_BYTES} bytes")
         self._keys = {**self._keys, kek_id: AESGCM(kek)}
+        self._mac_keys = {**self._mac_keys, kek_id: hmac.new(kek, _MAC_LABEL, hashlib.sha256).digest()}
         if write:
             self.set_write(kek_id)
 
@@ -75,6 +77,7 @@ class Envelope:
         """Drop a retired version (never the write version)."""
         if kek_id != self._write[0]:
             self._keys = {k: v for k, v in self._keys.items() if k != kek_id}
+            self._mac_keys = {k: v for k, v in self._mac_keys.items() if k != kek_id}
 
     @property
     def kek_id(self) -> str:
@@ -105,6 +108,14 @@ class Envelope:
             sync(self)
         finally:
             self._sync_lock.release()
+
+    def mac(self, data: bytes, kek_id: str) -> str:
+        """HMAC-SHA256 of ``data`` under a key derived from KEK version ``kek_id`` (hex): what makes
+        a backup's manifest tamper-evident to anyone without the KEK (docs/DECISIONS.md D-28)."""
+        key = self._mac_keys.get(kek_id)
+        if key is None:
+            raise KekError(f"KEK version {kek_id} is not loaded")
+        return hmac.new(key, data, hashlib.sha256).hexdigest()
 
     # -- sealing and opening --------------------------------------------------------------------
     def writer(self) -> Sealer:
@@ -165,6 +176,7 @@ class _NotHeld(Exception):
 
 
 _FORCED_SYNC_GAP = 0.2
+_MAC_LABEL = b"qkms/backup-mac-key/v1"
 
 
 class Sealer:

@@ -345,7 +345,6 @@ def insert_reserved_keys(
     now = raw.ts(at)
     expires = raw.ts(at + ttl)
     sealer = envelope.writer()  # the version sealed under is the one the rows name
-    kek_id = sealer.kek_id
     slave, additional = slave_sae_ids[0], list(slave_sae_ids[1:])
     multicast = bool(additional)
     to_seal = [c for c in cut if c.material is not None] if keep_material else []
@@ -374,7 +373,7 @@ def insert_reserved_keys(
         policy,
         suite,
         kem_exchange_id,
-        kek_id,
+        sealer.kek_id,
         now,
         expires,
         multicast,

@@ -1,0 +1,263 @@
+"""``qkms restore``: put a backup back so that it can never serve a key twice (docs/DECISIONS.md D-28).
+
+Order, each step refusing with one line and leaving everything as it was: the file is a backup of
+*this* KME and of this backend; no KME is running on the store (its port answers, the SQLite
+leader lock is held, or other sessions use the PostgreSQL database); the manifest authenticates
+under the backup's KEK and every member matches its digest. The snapshot is then loaded into a
+*staging* store beside the live one, migrated, and must pass ``db check`` and ``audit verify``
+(against the anchors it should match: the anchored history up to its last checkpoint). Then, still in
+staging and in one transaction, it is **fenced**: every key and pool bit the snapshot holds is
+marked unusable (``kms.storage.fence_repository``) and the restore is audited with the counts and with
+what history the restore gave up (``backup.restored``). Only then does the staging store replace the
+live one (the old one is kept beside it), the anchor file is cut back to the restored history (the
+old file kept as evidence), and the new records are signed and anchored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kms.audit.anchors import Anchor, AnchorFile, AnchorFileError
+from kms.config import KmsSettings
+from kms.crypto import kek_sources
+from kms.crypto.envelope import Envelope, KekError, kek_check_value
+from kms.crypto.identity import KmeIdentity
+from kms.crypto.pqc.registry import get_kem_provider, get_signature_provider
+from kms.domain.audit_chain import Checkpoint
+from kms.service import audit_recorder, backup_archive
+from kms.service.audit_checkpoints import CheckpointWriter, anchor_file, tail_window
+from kms.service.audit_queries import AuditService
+from kms.service.backup import backend_of
+from kms.service.identity_keys import IdentityKeys
+from kms.service.kek_keyring import open_keyring
+from kms.storage import audit_repository, fence_repository, migrate, snapshot
+from kms.storage.database import Database
+from kms.storage.integrity import IntegrityCheck, run_checks
+
+
+class RestoreError(RuntimeError):
+    """The restore is refused or failed before the live store changed; the message is one line."""
+
+
+@dataclass
+class RestoreReport:
+    fenced: fence_repository.FenceCounts
+    snapshot_seq: int
+    lost_checkpoints: tuple[int, int] | None
+    kept_store: str
+    kept_anchors: str | None
+    checks: list[IntegrityCheck]
+    audit_ok: bool
+
+
+def restore(settings: KmsSettings, path: Path, actor: str = "operator") -> RestoreReport:
+    archive = backup_archive.read(path)
+    manifest = archive.manifest
+    if manifest.get("kme_id") != settings.kme.id:
+        raise RestoreError(
+            f"{path} is a backup of KME {manifest.get('kme_id')!r}, not of this KME {settings.kme.id!r}"
+        )
+    url = settings.database.url
+    backend = backend_of(url)
+    if manifest.get("backend") != backend:
+        raise RestoreError(f"{path} holds a {manifest.get('backend')} database; this KME uses {backend}")
+    refuse_if_running(settings)
+    backup_archive.verify_members(archive, _mac(archive))
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    staged_url, cleanup = _stage(archive, url, backend)
+    try:
+        fenced, seq, lost, prefix = _check_and_fence(settings, staged_url, path, stamp, actor)
+    except BaseException:
+        cleanup()
+        raise
+    kept_store = _install(url, backend, staged_url, stamp)
+    kept_anchors = _cut_anchors(settings, prefix, stamp)
+    checks, audit_ok = _sign_and_check(settings)
+    return RestoreReport(fenced, seq, lost, kept_store, kept_anchors, checks, audit_ok)
+
+
+def refuse_if_running(settings: KmsSettings) -> None:
+    """One line if a KME is (or may be) serving from this store."""
+    host = "127.0.0.1" if ipaddress.ip_address(settings.kme.host).is_unspecified else settings.kme.host
+    with contextlib.suppress(OSError), socket.create_connection((host, settings.kme.port), timeout=0.5):
+        raise RestoreError(f"a KME is listening on {host}:{settings.kme.port}; stop it before restoring")
+    url = settings.database.url
+    if backend_of(url) == "sqlite":
+        if snapshot.sqlite_in_use(url):
+            raise RestoreError("a KME process holds this SQLite store; stop it before restoring")
+        return
+    try:
+        others = snapshot.pg_sessions(url)
+    except Exception as exc:  # the live database may be gone: nothing runs on it then
+        if "does not exist" in str(exc):
+            return
+        raise RestoreError(f"cannot reach the PostgreSQL database: {type(exc).__name__}") from exc
+    if others:
+        raise RestoreError(
+            f"{others} other sessions use the PostgreSQL database; stop every KME process first"
+        )
+
+
+def _mac(archive: backup_archive.Archive) -> str:
+    """The manifest's MAC under the backup's KEK version, loaded from its recorded reference."""
+    kek_id = str(archive.manifest.get("mac_kek_id"))
+    entry = next((e for e in archive.manifest.get("keyring", []) if e.get("kek_id") == kek_id), None)
+    if entry is None:
+        raise backup_archive.BackupFileError(f"{archive.path} was tampered with or damaged: no KEK {kek_id}")
+    kek = kek_sources.load(entry["reference"])
+    if entry.get("check_value") and kek_check_value(kek) != entry["check_value"]:
+        raise KekError(
+            f"the KEK loaded from {kek_sources.describe(entry['reference'])} is not KEK version {kek_id}"
+            " of the backup: wrong key"
+        )
+    return Envelope(kek, kek_id).mac(archive.manifest_raw, kek_id)
+
+
+def _stage(archive: backup_archive.Archive, url: str, backend: str) -> tuple[str, Callable[[], None]]:
+    member = backup_archive.DATABASE[backend]
+    if backend == "sqlite":
+        live = snapshot.sqlite_path(url)
+        staged = live.with_name(f"{live.name}.restoring")
+        for stale in (staged, Path(f"{staged}-wal"), Path(f"{staged}-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        backup_archive.extract(archive, member, staged)
+
+        def drop_file() -> None:
+            for stale in (staged, Path(f"{staged}-wal"), Path(f"{staged}-shm")):
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+
+        return f"sqlite:///{staged}", drop_file
+    with tempfile.TemporaryDirectory(prefix=".qkms-restore-") as tmp:
+        dump = Path(tmp) / member
+        backup_archive.extract(archive, member, dump)
+        staged_url = snapshot.pg_load_staging(url, dump)
+    return staged_url, lambda: snapshot.pg_drop_staging(url)
+
+
+def _check_and_fence(
+    settings: KmsSettings, staged_url: str, path: Path, stamp: str, actor: str
+) -> tuple[fence_repository.FenceCounts, int, tuple[int, int] | None, list[Anchor]]:
+    migrate.upgrade(staged_url)  # a backup taken on an older schema
+    staged = settings.model_copy(
+        update={"database": settings.database.model_copy(update={"url": staged_url})}
+    )
+    db = Database(staged_url, pool_size=2)
+    try:
+        envelope = open_keyring(staged, db)
+        with db.read() as conn:
+            checks = run_checks(conn, envelope, kme_id=settings.kme.id)
+        broken = [c.name for c in checks if not c.passed]
+        if broken:
+            raise RestoreError(
+                f"the backup's key store fails db check ({', '.join(broken)}); nothing restored"
+            )
+        identity = KmeIdentity(IdentityKeys(db), envelope, get_signature_provider(), get_kem_provider())
+        with db.read() as conn:
+            checkpoints = [c for c in audit_repository.read_checkpoints(conn) if isinstance(c, Checkpoint)]
+            seq, _ = audit_repository.head(conn)
+        last = checkpoints[-1].number if checkpoints else 0
+        try:
+            anchored = anchor_file(settings).read()
+        except AnchorFileError as exc:
+            raise RestoreError(f"the anchor file cannot be read: {exc}") from exc
+        prefix = [a for a in anchored if a.number <= last]
+        beyond = [a for a in anchored if a.number > last]
+        with tempfile.TemporaryDirectory(prefix=".qkms-anchors-") as tmp:
+            book = AnchorFile(Path(tmp) / "prefix.anchors.jsonl")
+            with book.locked() as b:
+                b.append(prefix)
+            report = AuditService(db, identity, settings.kme.id, tail_window(settings), book).verify()
+        if not report.ok:
+            raise RestoreError(
+                f"the backup's audit trail fails verification: {report.problems[0]}; nothing restored"
+            )
+        lost = (beyond[0].number, beyond[-1].number) if beyond else None
+        now = datetime.now(UTC)
+        reason = f"restored from backup {path.name}: may have been served after the snapshot"
+        with db.write() as conn:
+            counts = fence_repository.fence(conn, now, actor, reason)
+            audit_recorder.append(
+                conn,
+                [
+                    (actor, "backup.restored", settings.kme.id, {
+                        "backup": path.name,
+                        "backup_created_at": archive_created(path),
+                        "snapshot_head_seq": seq,
+                        "lost_checkpoints": list(lost) if lost else None,
+                        "last_anchored_before_restore": _anchor_json(beyond[-1] if beyond else (prefix[-1] if prefix else None)),
+                        "anchor_file_kept_as": f"{anchor_file(settings).path.name}.pre-restore-{stamp}" if anchored else None,
+                    }),
+                    (actor, "restore.fenced", settings.kme.id, {
+                        "keys": counts.keys,
+                        "consumed_in_window": counts.consumed_in_window,
+                        "blocks": counts.blocks,
+                        "bits": counts.bits,
+                        "state": "compromised (pre_active: destroyed); material erased",
+                    }),
+                ],
+                at=now,
+            )  # fmt: skip
+        return counts, seq, lost, prefix
+    finally:
+        db.dispose()
+
+
+def archive_created(path: Path) -> str | None:
+    created = backup_archive.read(path).manifest.get("created_at")
+    return str(created) if created is not None else None
+
+
+def _anchor_json(anchor: Anchor | None) -> dict[str, object] | None:
+    if anchor is None:
+        return None
+    return {"number": anchor.number, "upto_seq": anchor.upto_seq, "hash": anchor.hash}
+
+
+def _install(url: str, backend: str, staged_url: str, stamp: str) -> str:
+    if backend == "sqlite":
+        live = snapshot.sqlite_path(url)
+        kept = live.with_name(f"{live.name}.pre-restore-{stamp}")
+        snapshot.sqlite_install(snapshot.sqlite_path(staged_url), url, kept)
+        return str(kept)
+    from sqlalchemy.engine import make_url
+
+    kept_db = f"{make_url(url).database}_pre_restore_{stamp.lower()}"
+    snapshot.pg_install(url, kept_db)
+    return f"database {kept_db}"
+
+
+def _cut_anchors(settings: KmsSettings, prefix: list[Anchor], stamp: str) -> str | None:
+    """Keep the old anchor file as evidence and start the live one again from the restored history."""
+    book = anchor_file(settings)
+    kept: str | None = None
+    if book.exists():
+        target = book.path.with_name(f"{book.path.name}.pre-restore-{stamp}")
+        os.replace(book.path, target)
+        kept = str(target)
+    with book.locked() as b:
+        b.append(prefix)
+    return kept
+
+
+def _sign_and_check(settings: KmsSettings) -> tuple[list[IntegrityCheck], bool]:
+    db = Database(settings.database.url, pool_size=2)
+    try:
+        envelope = open_keyring(settings, db)
+        identity = KmeIdentity(IdentityKeys(db), envelope, get_signature_provider(), get_kem_provider())
+        CheckpointWriter.for_settings(db, identity, settings).write()
+        with db.read() as conn:
+            checks = run_checks(conn, envelope, kme_id=settings.kme.id)
+        report = AuditService.for_settings(db, identity, settings).verify()
+        return checks, report.ok
+    finally:
+        db.dispose()
