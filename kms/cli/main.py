@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kms.cli.admin import audit_app, keys_app, link_app
+from kms.cli.backup import backup, restore
 from kms.cli.doctor import doctor
 from kms.cli.kek import kek_app
 from kms.cli.peer import peer_app
@@ -29,6 +30,8 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema management (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(kek_app, name="kek")
+app.command("backup")(backup)
+app.command("restore")(restore)
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
