@@ -156,6 +156,10 @@ def test_a_seed_for_another_family_or_other_lengths_is_refused() -> None:
         decode_seed_message(message, "multiply-add-shift", n, m)
     with pytest.raises(PrivacyAmplificationError, match="seed is for n = 4000, m = 1500"):
         decode_seed_message(message, "toeplitz", n, m + 1)
+    garbled = message[:1] + b"toe\nplitz".ljust(32, b"\0") + message[33:]
+    with pytest.raises(PrivacyAmplificationError, match="seed is for family '746f65") as err:
+        decode_seed_message(garbled, "toeplitz", n, m)
+    assert "\n" not in str(err.value)
     with pytest.raises(PrivacyAmplificationError, match="shorter than its header"):
         decode_seed_message(message[:10], "toeplitz", n, m)
     assert decode_seed_message(message, "toeplitz", n, m) == seed

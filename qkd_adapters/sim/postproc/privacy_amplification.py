@@ -118,6 +118,8 @@ def decode_seed_message(payload: bytes, family: str, n: int, m: int) -> bytes:
         raise PrivacyAmplificationError("privacy-amplification seed message is shorter than its header")
     version, raw_name, n_rx, m_rx = _HEADER.unpack_from(payload)
     name = raw_name.rstrip(b"\0").decode("ascii", errors="replace")
+    if not name.isprintable():  # keeps the one-line error one line whatever the wire held
+        name = raw_name.hex()
     if version != _VERSION:
         raise PrivacyAmplificationError(f"privacy-amplification seed message version {version} unknown")
     if name != family:
