@@ -3,6 +3,9 @@
 Relative paths in the file are resolved against the file's directory, so a working directory made by
 ``qkms init`` can be moved as a whole. Environment variables win over the file (``QKMS_DATABASE__URL``
 points a container at its PostgreSQL without editing the file).
+
+Why one module: the sections are one schema, validated and path-resolved together by one loader;
+split, each file would only hold a few field lists that must still be read as a whole.
 """
 
 from __future__ import annotations
@@ -283,6 +286,36 @@ class QuotaSection(BaseModel):
     audit_window_seconds: float = Field(default=60.0, gt=0)
 
 
+class OperatorSection(BaseModel):
+    """The operator listener (docs/OPERATIONS.md, "Health and metrics"; D-11): health and Prometheus
+    metrics on a port of their own, never on the ETSI port. Off unless ``enabled``; loopback and TLS
+    (the KME's own certificate) by default. Health needs no credentials; ``/metrics`` needs the
+    bearer token in ``metrics_token_file`` unless ``unauthenticated_metrics`` (as Vault's
+    ``unauthenticated_metrics_access``). ``enabled = false`` also turns the per-request counters off."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=9443, ge=1, le=65535)
+    tls: bool = True
+    unauthenticated_metrics: bool = False
+    metrics_token_file: Path | None = None
+    # A probe waits at most this long for the database; a stuck one is reported, never waited on.
+    health_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+    # Figures read from the database are reused for this long (several scrapers cost one query).
+    db_metrics_max_age_seconds: float = Field(default=5.0, ge=0, le=300)
+    # Label cardinality bound: at most this many (master, slave) SAE pairs get their own series;
+    # the rest are summed under master_sae="_other", slave_sae="_other".
+    max_pair_series: int = Field(default=200, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _metrics_protected(self) -> OperatorSection:
+        if self.enabled and not self.unauthenticated_metrics and self.metrics_token_file is None:
+            raise ValueError(
+                "operator.metrics_token_file is required unless operator.unauthenticated_metrics = true"
+            )
+        return self
+
+
 class KmsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QKMS_", env_nested_delimiter="__", extra="forbid")
 
@@ -301,6 +334,7 @@ class KmsSettings(BaseSettings):
     peering: PeeringSection = PeeringSection()
     peers: list[PeerSection] = Field(default_factory=list)
     logging: LoggingSection = LoggingSection()
+    operator: OperatorSection = OperatorSection()
     sae_registry: SaeRegistrySection = SaeRegistrySection()
     quotas: QuotaSection = QuotaSection()
     config_dir: Path = Path()
@@ -338,6 +372,9 @@ class KmsSettings(BaseSettings):
             }
         )
         self.peers = [peer.model_copy(update={"bundle": _under(base, peer.bundle)}) for peer in self.peers]
+        if self.operator.metrics_token_file is not None:
+            token_file = _under(base, self.operator.metrics_token_file)
+            self.operator = self.operator.model_copy(update={"metrics_token_file": token_file})
         trusted = _under(base, self.sae_registry.trusted_ca_dir)
         self.sae_registry = self.sae_registry.model_copy(update={"trusted_ca_dir": trusted})
         peer_ids = [peer.kme_id for peer in self.peers]

@@ -6,16 +6,19 @@ sweep, audit checkpoints) is ``kms.runtime.background``.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.process
 import os
+import shutil
 import signal
 import socket
 import ssl
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +72,36 @@ def build_app(settings: KmsSettings, fill: bool = True) -> FastAPI:
     refuse_unless_peers_agree(runtime)  # exits 3 when a peer holds checkpoints this database lost
     background = Background(runtime, fill=fill)
     processes = int(os.environ.get(PROCESSES_ENV, "1"))
-    return create_app(runtime, lifespan_hooks=(background.start, background.stop), api_processes=processes)
+    hooks = (background.start, background.stop)
+    if settings.operator.enabled:
+        hooks = _with_operator_listener(runtime, background, processes)
+    return create_app(runtime, lifespan_hooks=hooks, api_processes=processes)
+
+
+def _with_operator_listener(
+    runtime: Runtime, background: Background, processes: int
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Counting on (``kms.telemetry``), database transactions timed, and the operator listener
+    started and stopped with the background work (``kms.operator``, D-11)."""
+    from kms.operator.assembly import build_operator_listener
+    from kms.telemetry import metrics
+    from kms.telemetry.db_timing import time_transactions
+
+    metrics.enable()
+    counted = metrics.instruments()
+    assert counted is not None
+    time_transactions(runtime.db.engine, counted)
+    listener = build_operator_listener(runtime, background.role, processes)
+
+    def start() -> None:
+        background.start()
+        listener.start()
+
+    def stop() -> None:
+        listener.stop()
+        background.stop()
+
+    return start, stop
 
 
 def refuse_unless_durable(runtime: Runtime) -> None:
@@ -102,11 +134,20 @@ def refuse_unless_peers_agree(runtime: Runtime) -> None:
         raise SystemExit(EXIT_AUDIT_REFUSED)
 
 
-def app_from_env() -> FastAPI:
-    """ASGI factory for worker processes: the config path comes from ``QKMS_CONFIG``."""
+def app_from_env() -> Any:
+    """ASGI factory for worker processes: the config path comes from ``QKMS_CONFIG``. With the
+    operator listener on, every request is counted and timed (``kms.telemetry.asgi``)."""
     settings = KmsSettings.load(Path(os.environ[CONFIG_ENV]))
     configure_logging(settings.logging.level, settings.logging.json_logs)
-    return build_app(settings)
+    app = build_app(settings)
+    if not settings.operator.enabled:
+        return app
+    from kms.telemetry.asgi import RequestMetrics
+    from kms.telemetry.metrics import instruments
+
+    counted = instruments()
+    assert counted is not None
+    return RequestMetrics(app, counted)
 
 
 def _ssl_factory_from_env(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
@@ -147,12 +188,36 @@ def serve(config_path: Path, host: str | None = None, port: int | None = None, w
     os.environ[CONFIG_ENV] = str(config_path.resolve())
     host = host or settings.kme.host
     port = settings.kme.port if port is None else port
-    if workers <= 1:
-        uvicorn.Server(_uvicorn_config(host, port, settings.server)).run()
-        return
-    if port == 0:
+    if workers > 1 and port == 0:
         raise SystemExit("several worker processes need a fixed port (each binds it with SO_REUSEPORT)")
-    WorkerSupervisor(workers, host, port).run()
+    with _metrics_directory(settings.operator.enabled):
+        if workers <= 1:
+            uvicorn.Server(_uvicorn_config(host, port, settings.server)).run()
+        else:
+            WorkerSupervisor(workers, host, port).run()
+
+
+@contextlib.contextmanager
+def _metrics_directory(enabled: bool) -> Iterator[None]:
+    """With the operator listener on, a fresh owner-only directory for the instruments of this
+    process and its workers (prometheus-client's multiprocess mode, ``kms.telemetry.metrics``),
+    removed when ``qkms serve`` ends; counts start from zero with each ``qkms serve``."""
+    if not enabled:
+        yield
+        return
+    from kms.telemetry.metrics import MULTIPROC_ENV
+
+    directory = tempfile.mkdtemp(prefix="qkms-metrics-")
+    previous = os.environ.get(MULTIPROC_ENV)
+    os.environ[MULTIPROC_ENV] = directory
+    try:
+        yield
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
 
 
 class WorkerSupervisor:
@@ -192,6 +257,8 @@ class WorkerSupervisor:
                 if proc.is_alive() or self._stop.is_set():
                     continue
                 log.error("worker_exited", pid=proc.pid, exitcode=proc.exitcode)
+                if proc.pid is not None:
+                    _forget_worker_gauges(proc.pid)
                 # A worker that cannot even start (config gone, port taken) would otherwise be
                 # restarted forever: give up after a few that die within seconds of starting.
                 quick_failures = quick_failures + 1 if time.monotonic() - started[i] < 10 else 0
@@ -210,6 +277,12 @@ class WorkerSupervisor:
                 proc.kill()
         if quick_failures >= self.MAX_QUICK_FAILURES:
             raise SystemExit("qkms serve: the worker processes keep failing at start; see the log above")
+
+
+def _forget_worker_gauges(pid: int) -> None:
+    from kms.telemetry.metrics import mark_process_dead
+
+    mark_process_dead(pid)
 
 
 def _worker_main(config_path: str, host: str, port: int, processes: int) -> None:

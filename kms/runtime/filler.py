@@ -25,6 +25,7 @@ from kms.service.ingest import record_alarm, stored_bits_by_link
 from kms.service.ingest import store_block as store_block
 from kms.service.ingest import store_blocks as store_blocks
 from kms.storage.database import Database
+from kms.telemetry.metrics import instruments
 from qkd_adapters.keyblock import KeyBlock, KeySource, LinkAlarm
 
 log = structlog.get_logger(__name__)
@@ -73,6 +74,8 @@ class PoolFiller:
                     continue
                 if run:
                     stored += store_blocks(self.db, self.envelope, self.cfg, self.kme_id, run, peer_kme_id)
+                    if (counted := instruments()) is not None:
+                        counted.link_blocks.labels(source.link_id, "delivered", "").inc(len(run))
                     run = []
                     time.sleep(0)  # let request threads and the event loop have the GIL
                 if isinstance(event, LinkAlarm):
@@ -85,6 +88,11 @@ class PoolFiller:
         suspend = any(trigger in code for trigger in self.suspend_on)
         log.warning("link_alarm", link_id=alarm.link_id, block_id=alarm.block_id, code=code, suspend=suspend)
         record_alarm(self.db, alarm, code, suspend)
+        if (counted := instruments()) is not None:
+            kind = counted.alarm_kind(code)
+            counted.link_alarms.labels(alarm.link_id, kind).inc()
+            if alarm.block_id is not None:  # a block that produced no key
+                counted.link_blocks.labels(alarm.link_id, "aborted", kind).inc()
         return suspend
 
     def start(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 
 from kms.domain.lifecycle import KeyState
 from kms.storage.database import Database
@@ -34,51 +34,56 @@ def pool_report(url: str) -> PoolReport:
     db = Database(url)
     try:
         with db.read() as conn:
-            own: dict[str, tuple[int, int]] = {}
-            mirror: dict[str, int] = {}
-            for r in conn.execute(
-                select(
-                    key_blocks.c.link_id,
-                    key_blocks.c.owner_kme_id.is_(None).label("own"),
-                    func.count().label("blocks"),
-                    func.sum(key_blocks.c.bit_length - key_blocks.c.next_bit).label("bits"),
-                )
-                .where(key_blocks.c.state == KeyState.ACTIVE.value)
-                .group_by(key_blocks.c.link_id, key_blocks.c.owner_kme_id.is_(None))
-            ):
-                if r.own:
-                    own[r.link_id] = (int(r.blocks), int(r.bits or 0))
-                else:
-                    mirror[r.link_id] = int(r.bits or 0)
-            pending: dict[str, int] = dict(
-                conn.execute(
-                    select(key_blocks.c.link_id, func.count())
-                    .where(key_blocks.c.state == KeyState.PRE_ACTIVE.value)
-                    .group_by(key_blocks.c.link_id)
-                ).all()
-            )
-            report = PoolReport()
-            for r in conn.execute(select(links.c.id, links.c.peer_kme_id, links.c.adapter, links.c.state)):
-                blocks, bits = own.get(r.id, (0, 0))
-                report.links.append(
-                    LinkLevel(
-                        r.id,
-                        r.peer_kme_id,
-                        r.adapter,
-                        r.state,
-                        blocks,
-                        bits,
-                        mirror.get(r.id, 0),
-                        int(pending.get(r.id, 0)),
-                    )
-                )
-            report.keys_by_state = {
-                r.state: int(r.n)
-                for r in conn.execute(
-                    select(keys.c.state, func.sum(keys.c.key_count).label("n")).group_by(keys.c.state)
-                )
-            }
-            report.saes = [r.id for r in conn.execute(select(saes.c.id).order_by(saes.c.id))]
-            return report
+            return read_pool_report(conn)
     finally:
         db.dispose()
+
+
+def read_pool_report(conn: Connection) -> PoolReport:
+    """The report in the caller's snapshot (the operator's /metrics reads the same figures)."""
+    own: dict[str, tuple[int, int]] = {}
+    mirror: dict[str, int] = {}
+    for r in conn.execute(
+        select(
+            key_blocks.c.link_id,
+            key_blocks.c.owner_kme_id.is_(None).label("own"),
+            func.count().label("blocks"),
+            func.sum(key_blocks.c.bit_length - key_blocks.c.next_bit).label("bits"),
+        )
+        .where(key_blocks.c.state == KeyState.ACTIVE.value)
+        .group_by(key_blocks.c.link_id, key_blocks.c.owner_kme_id.is_(None))
+    ):
+        if r.own:
+            own[r.link_id] = (int(r.blocks), int(r.bits or 0))
+        else:
+            mirror[r.link_id] = int(r.bits or 0)
+    pending: dict[str, int] = dict(
+        conn.execute(
+            select(key_blocks.c.link_id, func.count())
+            .where(key_blocks.c.state == KeyState.PRE_ACTIVE.value)
+            .group_by(key_blocks.c.link_id)
+        ).all()
+    )
+    report = PoolReport()
+    for r in conn.execute(select(links.c.id, links.c.peer_kme_id, links.c.adapter, links.c.state)):
+        blocks, bits = own.get(r.id, (0, 0))
+        report.links.append(
+            LinkLevel(
+                r.id,
+                r.peer_kme_id,
+                r.adapter,
+                r.state,
+                blocks,
+                bits,
+                mirror.get(r.id, 0),
+                int(pending.get(r.id, 0)),
+            )
+        )
+    report.keys_by_state = {
+        r.state: int(r.n)
+        for r in conn.execute(
+            select(keys.c.state, func.sum(keys.c.key_count).label("n")).group_by(keys.c.state)
+        )
+    }
+    report.saes = [r.id for r in conn.execute(select(saes.c.id).order_by(saes.c.id))]
+    return report

@@ -1,0 +1,160 @@
+"""The KME's per-process instruments and how they are collected across processes.
+
+Under ``qkms serve`` every process writes its counters to files in one directory
+(prometheus-client's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR``) so that the one process serving
+the operator listener exports the sum over all worker processes, dead ones included (counters stay
+monotonic across a worker restart). Without that directory (an app built inside a test) the
+instruments live in a private registry of this process. Figures that describe shared state (pool
+levels, keys by state) are not instruments: they are read from the database at scrape time
+(``kms.service.operator_metrics``), so every process would report the same one.
+
+Labels never carry key material or key IDs. Their values are bounded by configuration (link IDs,
+SAE pairs) or by a fixed vocabulary here (endpoints, outcomes, alarm kinds).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Seconds: a key request takes milliseconds; a stuck one seconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_KIND = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
+MAX_ALARM_KINDS = 32  # distinct alarm kinds per process before the rest count as "other"
+
+
+class Instruments:
+    """Every instrument a KME process updates. Built once per process (:func:`instruments`)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.api_requests = Counter(
+            "qkms_api_requests",
+            "ETSI API requests answered, by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.api_seconds = Histogram(
+            "qkms_api_request_duration_seconds",
+            "Time from a request's arrival to the end of its answer, by endpoint.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.db_seconds = Histogram(
+            "qkms_db_transaction_duration_seconds",
+            "Database transactions from BEGIN to COMMIT or ROLLBACK, by outcome.",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.link_blocks = Counter(
+            "qkms_link_blocks",
+            "Key blocks a link's source produced, by outcome (delivered, aborted) and abort reason.",
+            ["link", "outcome", "reason"],
+            registry=registry,
+        )
+        self.link_alarms = Counter(
+            "qkms_link_alarms",
+            "Link alarms recorded, by kind (the alarm's code).",
+            ["link", "kind"],
+            registry=registry,
+        )
+        self._kinds: set[str] = set()
+        self._lock = threading.Lock()
+
+    def alarm_kind(self, code: str) -> str:
+        """The alarm's code as a label value, or ``other`` past the bound (cardinality stays fixed)."""
+        if not _KIND.match(code):
+            return "other"
+        with self._lock:
+            if code in self._kinds:
+                return code
+            if len(self._kinds) >= MAX_ALARM_KINDS:
+                return "other"
+            self._kinds.add(code)
+            return code
+
+
+_lock = threading.Lock()
+_instruments: Instruments | None = None
+_local_registry: CollectorRegistry | None = None
+_enabled = False
+
+
+def enable() -> None:
+    """Turn counting on in this process, before any instrument exists (again: no effect). With
+    ``PROMETHEUS_MULTIPROC_DIR`` set (``qkms serve`` sets it for itself and its workers) the
+    instruments write to that shared directory; without, they live in a registry of this process."""
+    global _enabled
+    with _lock:
+        if _enabled:
+            return
+        _use_value_class_for_environment()
+        _enabled = True
+
+
+def _use_value_class_for_environment() -> None:
+    """prometheus-client picks file-backed or in-memory values when it is first imported; this
+    process may have imported it before ``qkms serve`` chose the directory, so choose again (no
+    instrument exists yet, :func:`enable` checks)."""
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def multiproc_dir() -> Path | None:
+    value = os.environ.get(MULTIPROC_ENV)
+    return Path(value) if value else None
+
+
+def instruments() -> Instruments | None:
+    """This process's instruments, or None when counting is off (``[operator] enabled = false``)."""
+    global _instruments, _local_registry
+    if not _enabled:
+        return None
+    if _instruments is None:
+        with _lock:
+            if _instruments is None:
+                from prometheus_client import CollectorRegistry
+
+                if multiproc_dir() is None:
+                    _local_registry = CollectorRegistry()
+                _instruments = Instruments(_local_registry)
+    return _instruments
+
+
+def process_registry() -> CollectorRegistry:
+    """What a scrape collects of the instruments: every process's files in multiprocess mode, or
+    this process's registry."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    instruments()
+    directory = multiproc_dir()
+    if directory is not None:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+        return registry
+    return _local_registry if _local_registry is not None else CollectorRegistry()
+
+
+def mark_process_dead(pid: int) -> None:
+    """A worker exited: drop its live gauges (its counters stay, so totals never go back)."""
+    directory = multiproc_dir()
+    if directory is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
