@@ -57,6 +57,7 @@ class Envelope:
         self._sync: Callable[[Envelope], None] | None = None
         self._sync_every = 0.0
         self._next_sync = 0.0
+        self._sync_began = 0.0
         self._sync_lock = threading.Lock()
         self.add_version(kek_id, kek, write=True)
 
@@ -89,22 +90,29 @@ class Envelope:
         return tuple(self._keys)
 
     def attach_sync(self, sync: Callable[[Envelope], None], every_seconds: float) -> None:
-        """Call ``sync(self)`` at most every ``every_seconds`` before sealing, and at once (at most
-        five times a second) when a record names a version this process does not hold."""
+        """Call ``sync(self)`` at most every ``every_seconds`` before sealing, and at once when a
+        record does not open under the versions held (it may be sealed under a newer one)."""
         self._sync, self._sync_every = sync, every_seconds
         self._next_sync = time.monotonic() + every_seconds
 
-    def _maybe_sync(self, force: bool = False) -> None:
+    def _maybe_sync(self, failed_at: float | None = None) -> None:
+        """Sync if due; with ``failed_at`` (a record did not open then), wait for any sync in
+        progress and sync again unless one began after the failure (it saw every version committed
+        before it: a rotation records its version before it re-seals anything)."""
         sync = self._sync
         if sync is None:
             return
-        now = time.monotonic()
-        if now < self._next_sync - (self._sync_every - _FORCED_SYNC_GAP if force else 0.0):
-            return
-        if not self._sync_lock.acquire(blocking=force):
-            return  # another thread is syncing; go on with what is held
+        if failed_at is None:
+            if time.monotonic() < self._next_sync or not self._sync_lock.acquire(blocking=False):
+                return
+        else:
+            self._sync_lock.acquire()
+            if self._sync_began > failed_at:
+                self._sync_lock.release()
+                return
         try:
-            self._next_sync = time.monotonic() + self._sync_every
+            self._sync_began = time.monotonic()
+            self._next_sync = self._sync_began + self._sync_every
             sync(self)
         finally:
             self._sync_lock.release()
@@ -136,7 +144,7 @@ class Envelope:
         try:
             return self._open(sealed, aad, kek_id)
         except _NotHeld:
-            self._maybe_sync(force=True)
+            self._maybe_sync(failed_at=time.monotonic())
         try:
             return self._open(sealed, aad, kek_id)
         except _NotHeld as exc:
@@ -175,7 +183,6 @@ class _NotHeld(Exception):
     """No held version opens the record (it may be sealed under one this process has not loaded)."""
 
 
-_FORCED_SYNC_GAP = 0.2
 _MAC_LABEL = b"qkms/backup-mac-key/v1"
 
 
