@@ -27,7 +27,7 @@ PATH = re.compile(r"^((?:kms|qkd_adapters|tests|benchmarks|scripts|migrations|do
 # First parts that name settings sections, peer messages or audit actions, not modules.
 NOT_MODULES = {
     "audit", "blocks", "database", "kek", "keys", "kme", "links", "logging", "peering", "pieces",
-    "policy", "pool", "server", "tls", "operator", "access", "link", "topology", "sae", "sae_registry",
+    "policy", "pool", "server", "tls", "operator", "access", "link", "topology", "sae", "sae_registry", "quotas",
 }  # fmt: skip
 
 
