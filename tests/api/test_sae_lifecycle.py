@@ -80,10 +80,19 @@ def test_revoke_refuses_the_next_request_on_open_connections(kme: RunningKme) ->
         ports.append(local_port(resp))
     reserved = clients[0].post(f"/api/v1/keys/{slave}/enc_keys", json={"number": 3}).json()["keys"]
     key_ids = [k["key_ID"] for k in reserved]
+    # A key already fetched (kept for the redelivery window) and a multicast key naming it as a slave.
+    fetched = clients[0].get(f"/api/v1/keys/{slave}/enc_keys").json()["keys"][0]["key_ID"]
+    body = {"key_IDs": [{"key_ID": fetched}]}
+    assert kme.client(slave).post(f"/api/v1/keys/{master}/dec_keys", json=body).status_code == 200
+    multicast = kme.client("SAE-M").post(
+        "/api/v1/keys/SAE-S/enc_keys", json={"number": 1, "additional_slave_SAE_IDs": [master]}
+    )
+    assert multicast.status_code == 200
+    multicast_id = multicast.json()["keys"][0]["key_ID"]
 
     result = qkms(kme, "sae", "revoke", master, "--reason", "key compromise drill")
     assert result.exit_code == 0, result.output
-    assert "3 unfetched keys destroyed" in result.output
+    assert "4 unfetched keys destroyed, 1 consumed keys' redelivery copies zeroised" in result.output
 
     for client, port in zip(clients, ports, strict=True):
         resp = client.get(f"/api/v1/keys/{slave}/status")
@@ -95,11 +104,16 @@ def test_revoke_refuses_the_next_request_on_open_connections(kme: RunningKme) ->
         f"/api/v1/keys/{master}/dec_keys", json={"key_IDs": [{"key_ID": key_ids[0]}]}
     )
     assert resp.status_code == 400
-    stored = rows(kme, select(keys.c.state, keys.c.material).where(keys.c.master_sae_id == master))
-    assert stored and all(r.state == "destroyed" and r.material is None for r in stored)
+    stored = rows(
+        kme, select(keys.c.key_id, keys.c.state, keys.c.material).where(keys.c.master_sae_id == master)
+    )
+    assert {r.key_id: r.state for r in stored} == {key_ids[0]: "destroyed", fetched: "consumed"}
+    assert all(r.material is None for r in stored)
+    shared = rows(kme, select(keys.c.state, keys.c.material).where(keys.c.key_id == multicast_id))
+    assert [(r.state, r.material) for r in shared] == [("destroyed", None)]
     assert (
         "sae.revoked",
-        {"reason": "key compromise drill", "from": "active", "keys_destroyed": 3, "redelivery_zeroised": 0},
+        {"reason": "key compromise drill", "from": "active", "keys_destroyed": 4, "redelivery_zeroised": 1},
     ) in audit_actions(kme, master)
     # A master asking for keys for the revoked SAE as slave is refused too.
     assert kme.client("SAE-M").get(f"/api/v1/keys/{master}/enc_keys").status_code == 400
@@ -114,6 +128,9 @@ def test_revoke_refuses_the_next_request_on_open_connections(kme: RunningKme) ->
     build_runtime(kme.settings, sync_registry=True).close()
     assert rows(kme, select(saes.c.state).where(saes.c.id == master))[0].state == "revoked"
     assert clients[1].get(f"/api/v1/keys/{slave}/status").status_code == 401
+    # Every change was audited through the chain, which still verifies.
+    verify = qkms(kme, "audit", "verify")
+    assert verify.exit_code == 0, verify.output
 
 
 def test_suspend_then_resume(kme: RunningKme) -> None:
