@@ -1,18 +1,11 @@
-"""numba kernels of Cascade: parity trees, Bob's batched bisection, Alice's answers.
+"""numba kernels of Cascade: Alice's answers, Bob's pass starts and his batched bisection.
 
-Layout (see :mod:`.cascade`): the sifted key is cut into frames of ``N`` bits (a power of two);
-each (frame f, pass p) is a *tree* ``t = f * P + p`` over the frame's bits in the pass's
-permuted order. Node ``v`` of a tree is a heap index in ``[1, 2N)``: node ``v`` of size ``s``
-covers permuted positions ``[v*s - N, (v+1)*s - N)``. Bits are packed 64 to an int64 word
-(position ``i`` is bit ``i & 63`` of word ``i >> 6``); the parity of every node of 64 bits or
-more is kept in a *word tree* (uint8, heap over the ``W = N/64`` words, same heap indices), and
-smaller nodes are read from their word with a mask. Positions past the frame's real length
-are padding: zero at both ends, so their parity is public (0) and never disclosed.
-
-Bob keeps, per tree, which node parities of Alice he knows (two bit planes over the heap
-indices, ``kf`` = known flag, ``kv`` = value): disclosed ones, inferred ones (parent XOR
-sibling), and corrected leaves. Reusing all of them when a correction cascades is the
-sub-block reuse of Martinez-Mateo et al. (2015), Cascade opt. (4)/(7)/(8).
+Trees, node numbering and Bob's knowledge planes are described in :mod:`._cascade_tree`; lazy
+passes (top block = half a frame, tree built on demand) in :mod:`._cascade_lazy`; the two
+per-round message formats, encoded and decoded here without leaving compiled code, in
+:mod:`._cascade_wire`. Reusing every parity Bob knows (disclosed, inferred as parent XOR sibling,
+or a corrected leaf) when a correction cascades is the sub-block reuse of Martinez-Mateo et al.
+(2015), Cascade opt. (4)/(7)/(8).
 """
 
 from __future__ import annotations
@@ -20,21 +13,30 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from qkd_adapters.sim.postproc._cascade_lazy import bob_build_tree, parity64, set_known
+from qkd_adapters.sim.postproc._cascade_lazy import seed_lazy_tree
+from qkd_adapters.sim.postproc._cascade_tree import (
+    bob_build_tree,
+    build_trees,
+    known,
+    mark_asked,
+    node_parity,
+    set_known,
+)
+from qkd_adapters.sim.postproc._cascade_wire import (
+    bits_message,
+    bits_ok,
+    encode_query,
+    get_bit,
+    get_u32,
+    put_bit,
+    query_count,
+)
 from qkd_adapters.sim.postproc._types import I32Array, I64Array, Int, U8Array
 
-_DROP = 0
-_DONE = 1
-_QUERY = 2
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _node_parity(words: I64Array, wtree: U8Array, v: Int, s: Int, n: Int) -> Int:
-    if s >= 64:
-        return np.int64(wtree[v])
-    start = v * s - n
-    bits = (words[start >> 6] >> (start & 63)) & ((np.int64(1) << s) - 1)
-    return parity64(bits)
+# Status codes of alice_answer.
+ANSWER_OK = 0
+ANSWER_MALFORMED = 1
+ANSWER_INVALID = 2
 
 
 @njit(cache=True, nogil=True)
@@ -51,21 +53,40 @@ def node_size(v: Int, n: Int) -> Int:
 
 
 @njit(cache=True, nogil=True)
-def answer_parities(
-    words: I64Array, wtree: U8Array, q_t: I32Array, q_v: I64Array, n: int, n_trees_built: I32Array
-) -> U8Array:
-    """Alice: parities of the queried nodes; 255 marks an invalid query (the caller aborts)."""
-    out = np.empty(q_t.shape[0], dtype=np.uint8)
-    n_trees = n_trees_built.shape[0]
-    for i in range(q_t.shape[0]):
-        t = q_t[i]
-        v = q_v[i]
+def alice_answer(
+    query: U8Array,
+    words: I64Array,
+    wtree: U8Array,
+    built: U8Array,
+    started: int,
+    key: U8Array,
+    perm_full: I32Array,
+    perm_last: I32Array,
+    nf_by_frame: I64Array,
+    n: int,
+) -> tuple[U8Array, Int, int]:
+    """Alice: the parity message answering a query message, the number of bits it discloses, and
+    a status (``ANSWER_*``). A node of a started lazy pass's tree not built yet is built first;
+    a tree of a pass not started, or a node out of range, makes the query invalid."""
+    count = query_count(query)
+    if count < 0:
+        return np.zeros(0, dtype=np.uint8), 0, ANSWER_MALFORMED
+    n_frames = nf_by_frame.shape[0]
+    out = bits_message(count)
+    for i in range(count):
+        t = get_u32(query, 4 + 4 * i)
+        v = get_u32(query, 4 + 4 * (count + i))
         s = node_size(v, n)
-        if t < 0 or t >= n_trees or n_trees_built[t] == 0 or s == 0:
-            out[i] = 255
-            continue
-        out[i] = np.uint8(_node_parity(words[t], wtree[t], v, s, n))
-    return out
+        if t >= built.shape[0] or s == 0 or t // n_frames >= started:
+            return np.zeros(0, dtype=np.uint8), 0, ANSWER_INVALID
+        if built[t] == 0:
+            p = t // n_frames
+            f = t % n_frames
+            perm = perm_last[p] if f == n_frames - 1 else perm_full[p]
+            build_trees(key, f * n, nf_by_frame[f], perm, words[t], wtree[t])
+            built[t] = 1
+        put_bit(out, i, node_parity(words[t], wtree[t], v, s, n))
+    return out, count, ANSWER_OK
 
 
 @njit(cache=True, nogil=True)
@@ -84,42 +105,29 @@ def top_parities(
         cnt = (nfs[i] + top - 1) // top
         for j in range(cnt):
             out[k] = np.uint8(
-                _node_parity(words[t], wtree[t], np.int64(first + j), np.int64(top), np.int64(n))
+                node_parity(words[t], wtree[t], np.int64(first + j), np.int64(top), np.int64(n))
             )
             k += 1
     return out
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _known(kf: I64Array, kv: I64Array, v: Int, s: Int, n: Int, n_f: Int) -> Int:
-    if v * s - n >= n_f:
-        return np.int64(0)
-    w = v >> 6
-    b = v & 63
-    if (kf[w] >> b) & 1:
-        bit: Int = (kv[w] >> b) & 1
-        return bit
-    return np.int64(-1)
 
 
 @njit(cache=True, nogil=True)
 def bob_start_pass(
     words: I64Array,
     wtree: U8Array,
-    kf: I64Array,
-    kv: I64Array,
+    kfv: I64Array,
     trees: I32Array,
     nfs: I64Array,
     parities: U8Array,
     totals: U8Array,
     top: int,
     n: int,
-) -> tuple[I32Array, I64Array, I64Array]:
+) -> tuple[I64Array, I64Array, I64Array]:
     """Bob: record Alice's top-level parities (the last of each frame inferred from ``totals``
     when ``parities`` omits it) and return the odd-mismatch blocks to bisect."""
     first = n // top
-    act_t = np.empty(parities.shape[0] + trees.shape[0], dtype=np.int32)
-    act_v = np.empty_like(act_t, dtype=np.int64)
+    act_t = np.empty(parities.shape[0] + trees.shape[0], dtype=np.int64)
+    act_v = np.empty_like(act_t)
     k = 0
     a = 0
     for i in range(trees.shape[0]):
@@ -134,25 +142,13 @@ def bob_start_pass(
                 bit = np.int64(parities[k])
                 k += 1
             acc ^= bit
-            set_known(kf[t], kv[t], v, bit)
-            if bit ^ _node_parity(words[t], wtree[t], v, np.int64(top), np.int64(n)):
+            set_known(kfv[t], v, bit)
+            if bit ^ node_parity(words[t], wtree[t], v, np.int64(top), np.int64(n)):
                 act_t[a] = t
                 act_v[a] = v
                 a += 1
-        set_known(kf[t], kv[t], np.int64(1), acc)
+        set_known(kfv[t], np.int64(1), acc)
     return act_t[:a], act_v[:a], np.full(a, top, dtype=np.int64)
-
-
-@njit(cache=True, nogil=True)
-def bob_apply_replies(
-    kf: I64Array, kv: I64Array, asked: I64Array, q_t: I64Array, q_v: I64Array, bits: U8Array
-) -> None:
-    """Bob: remember the parities Alice disclosed (and clear the requests' marks)."""
-    for i in range(q_t.shape[0]):
-        t = q_t[i]
-        v = q_v[i]
-        set_known(kf[t], kv[t], v, np.int64(bits[i]))
-        asked[t, v >> 6] &= ~(np.int64(1) << (v & 63))
 
 
 @njit(cache=True, nogil=True)
@@ -178,49 +174,123 @@ def _push(
 
 
 @njit(cache=True, nogil=True)
-def bob_round(
+def _correct(
+    t: Int,
+    v: Int,
     words: I64Array,
     wtree: U8Array,
-    kf: I64Array,
-    kv: I64Array,
-    asked: I64Array,
+    kfv: I64Array,
     bob_key: U8Array,
     packed: I64Array,
     corrected: I64Array,
     tree_built: U8Array,
+    totals: U8Array,
+    lazy_half: U8Array,
     perm_full: I32Array,
     inv_full: I32Array,
     perm_last: I32Array,
     inv_last: I32Array,
     nf_by_frame: I64Array,
-    n_passes: int,
-    n: int,
     n_built: int,
     top_sizes: I64Array,
-    act_t: I32Array,
+    qt: I64Array,
+    qv: I64Array,
+    qs: I64Array,
+    cnt: Int,
+) -> tuple[I64Array, I64Array, I64Array, Int]:
+    """Flip the located bit (leaf ``v`` of tree ``t``) and cascade: in every started pass, update
+    the tree and queue the smallest known block holding the bit that is now odd (sub-block reuse);
+    a lazy pass's tree not built yet is built now, from the corrected key."""
+    n_frames = nf_by_frame.shape[0]
+    n = np.int64(words.shape[1] * 64)
+    w_count = words.shape[1]
+    p = t // n_frames
+    f = t % n_frames
+    n_f = nf_by_frame[f]
+    last = f == n_frames - 1
+    x = np.int64(perm_last[p, v - n] if last else perm_full[p, v - n])
+    gi = f * n + x
+    bob_key[gi] ^= 1
+    newbit = np.int64(bob_key[gi])
+    xbit = np.int64(1) << (x & 63)
+    packed[f, x >> 6] ^= xbit
+    corrected[f, x >> 6] |= xbit
+    for q in range(n_built):
+        tq = q * n_frames + f
+        top = top_sizes[q]
+        if tree_built[tq] == 0:  # lazy: the flip made one half of the frame odd
+            bob_build_tree(
+                bob_key, corrected[f], f * n, n_f,
+                perm_last[q] if last else perm_full[q], inv_last[q] if last else inv_full[q],
+                words[tq], wtree[tq], kfv[tq],
+            )  # fmt: skip
+            tree_built[tq] = 1
+            halves = (n_f + top - 1) // top
+            seed_lazy_tree(kfv[tq], totals[f], lazy_half[q, f], halves, n // top)
+            for j in range(halves):
+                a = n // top + j
+                if node_parity(words[tq], wtree[tq], a, top, n) != known(kfv[tq], a, top, n, n_f):
+                    qt, qv, qs = _push(qt, qv, qs, cnt, tq, a, top)
+                    cnt += 1
+            continue
+        pq = np.int64(inv_last[q, x] if last else inv_full[q, x])
+        words[tq, pq >> 6] ^= np.int64(1) << (pq & 63)
+        u = w_count + (pq >> 6)
+        while u >= 1:
+            wtree[tq, u] ^= 1
+            u >>= 1
+        leaf = n + pq
+        set_known(kfv[tq], leaf, newbit)
+        a = leaf >> 1
+        sa = np.int64(2)
+        while sa <= top:
+            ka = known(kfv[tq], a, sa, n, n_f)
+            if ka >= 0 and (ka ^ node_parity(words[tq], wtree[tq], a, sa, n)) == 1:
+                qt, qv, qs = _push(qt, qv, qs, cnt, tq, a, sa)
+                cnt += 1
+                break
+            a >>= 1
+            sa <<= 1
+    return qt, qv, qs, cnt
+
+
+@njit(cache=True, nogil=True)
+def bob_round(
+    words: I64Array,
+    wtree: U8Array,
+    kfv: I64Array,
+    bob_key: U8Array,
+    packed: I64Array,
+    corrected: I64Array,
+    tree_built: U8Array,
+    totals: U8Array,
+    lazy_half: U8Array,
+    perm_full: I32Array,
+    inv_full: I32Array,
+    perm_last: I32Array,
+    inv_last: I32Array,
+    nf_by_frame: I64Array,
+    n_built: int,
+    top_sizes: I64Array,
+    act_t: I64Array,
     act_v: I64Array,
     act_s: I64Array,
-) -> tuple[I64Array, I64Array, I64Array, I64Array, I64Array, int]:
+) -> tuple[I64Array, I64Array, I64Array, I64Array, I64Array, U8Array, int]:
     """Bob: advance every pending bisection as far as known parities allow.
 
-    Corrections cascade at once into every pass already started (sub-block reuse: the deepest
-    known node with odd mismatch containing the corrected bit is bisected next); a lazy pass's
-    tree not built yet is built then (:mod:`._cascade_lazy`). ``packed`` and ``corrected`` (Bob's
-    key and his corrected positions, packed per frame in original order) follow every flip. Returns the
-    bisections left waiting for a parity, the queries (tree, node) they wait for, and the
-    number of bits corrected.
+    Corrections cascade at once into every pass already started (:func:`_correct`). Returns the
+    bisections left waiting for a parity (tree, node, size), the (tree, node) pairs asked for and
+    their query message (one request per node), and the number of bits corrected.
     """
-    w_count = n // 64
     n_frames = nf_by_frame.shape[0]
     cap = max(16, 2 * act_t.shape[0])
     qt = np.empty(cap, dtype=np.int64)
     qv = np.empty(cap, dtype=np.int64)
     qs = np.empty(cap, dtype=np.int64)
     cnt = act_t.shape[0]
-    for i in range(cnt):
-        qt[i] = act_t[i]
-        qv[i] = act_v[i]
-        qs[i] = act_s[i]
+    qt[:cnt] = act_t
+    qv[:cnt] = act_v
+    qs[:cnt] = act_s
     pend_t = np.empty(cap, dtype=np.int64)
     pend_v = np.empty(cap, dtype=np.int64)
     pend_s = np.empty(cap, dtype=np.int64)
@@ -230,85 +300,42 @@ def bob_round(
     n_ask = 0
     flips = 0
     head = 0
-    nn = np.int64(n)
+    nn = np.int64(words.shape[1] * 64)
     while head < cnt:
         t = qt[head]
         v = qv[head]
         s = qs[head]
         head += 1
-        f = t // n_passes
-        n_f = nf_by_frame[f]
+        n_f = nf_by_frame[t % n_frames]
+        kt = kfv[t]
         while True:
-            k = _known(kf[t], kv[t], v, s, nn, n_f)
-            if k < 0 or (k ^ _node_parity(words[t], wtree[t], v, s, nn)) == 0:
+            k = known(kt, v, s, nn, n_f)
+            if k < 0 or (k ^ node_parity(words[t], wtree[t], v, s, nn)) == 0:
                 break
             if s == 1:
-                # Located: correct Bob's bit and cascade into every started pass.
-                p = t % n_passes
-                pos = v - nn
-                last = f == n_frames - 1
-                x = perm_last[p, pos] if last else perm_full[p, pos]
-                gi = f * n + x
-                bob_key[gi] ^= 1
-                newbit = np.int64(bob_key[gi])
+                qt, qv, qs, cnt = _correct(
+                    t, v, words, wtree, kfv, bob_key, packed, corrected, tree_built, totals,
+                    lazy_half, perm_full, inv_full, perm_last, inv_last, nf_by_frame, n_built,
+                    top_sizes, qt, qv, qs, cnt,
+                )  # fmt: skip
                 flips += 1
-                xbit = np.int64(1) << (x & 63)
-                packed[f, x >> 6] ^= xbit
-                corrected[f, x >> 6] |= xbit
-                for q in range(n_built):
-                    tq = f * n_passes + q
-                    if tree_built[tq] == 0:
-                        # A lazy pass: the flip made one half of the frame odd; build its tree now.
-                        bob_build_tree(
-                            bob_key, corrected[f], f * n, n_f,
-                            perm_last[q] if last else perm_full[q],
-                            inv_last[q] if last else inv_full[q],
-                            words[tq], wtree[tq], kf[tq], kv[tq],
-                        )  # fmt: skip
-                        tree_built[tq] = 1
-                        top = top_sizes[q]
-                        for j in range((n_f + top - 1) // top):
-                            a = nn // top + j
-                            ka = _known(kf[tq], kv[tq], a, top, nn, n_f)
-                            if ka >= 0 and (ka ^ _node_parity(words[tq], wtree[tq], a, top, nn)) == 1:
-                                qt, qv, qs = _push(qt, qv, qs, cnt, tq, a, top)
-                                cnt += 1
-                        continue
-                    pq = np.int64(inv_last[q, x] if last else inv_full[q, x])
-                    words[tq, pq >> 6] ^= np.int64(1) << (pq & 63)
-                    u = w_count + (pq >> 6)
-                    while u >= 1:
-                        wtree[tq, u] ^= 1
-                        u >>= 1
-                    leaf = nn + pq
-                    set_known(kf[tq], kv[tq], leaf, newbit)
-                    a = leaf >> 1
-                    sa = np.int64(2)
-                    while sa <= top_sizes[q]:
-                        ka = _known(kf[tq], kv[tq], a, sa, nn, n_f)
-                        if ka >= 0 and (ka ^ _node_parity(words[tq], wtree[tq], a, sa, nn)) == 1:
-                            qt, qv, qs = _push(qt, qv, qs, cnt, tq, a, sa)
-                            cnt += 1
-                            break
-                        a >>= 1
-                        sa <<= 1
                 break
             hs = s >> 1
             left = 2 * v
             right = left + 1
-            kl = _known(kf[t], kv[t], left, hs, nn, n_f)
+            kl = known(kt, left, hs, nn, n_f)
             if kl >= 0:
-                if kl ^ _node_parity(words[t], wtree[t], left, hs, nn):
+                if kl ^ node_parity(words[t], wtree[t], left, hs, nn):
                     v = left
                 else:
-                    set_known(kf[t], kv[t], right, k ^ kl)
+                    set_known(kt, right, k ^ kl)
                     v = right
                 s = hs
                 continue
-            kr = _known(kf[t], kv[t], right, hs, nn, n_f)
+            kr = known(kt, right, hs, nn, n_f)
             if kr >= 0:
-                set_known(kf[t], kv[t], left, k ^ kr)
-                v = right if kr ^ _node_parity(words[t], wtree[t], right, hs, nn) else left
+                set_known(kt, left, k ^ kr)
+                v = right if kr ^ node_parity(words[t], wtree[t], right, hs, nn) else left
                 s = hs
                 continue
             if n_pend == pend_t.shape[0]:
@@ -321,14 +348,24 @@ def bob_round(
             pend_v[n_pend] = v
             pend_s[n_pend] = s
             n_pend += 1
-            m = np.int64(1) << (left & 63)
-            if not asked[t, left >> 6] & m:  # one request per node and round
-                asked[t, left >> 6] |= m
+            if mark_asked(kt, left):
                 ask_t[n_ask] = t
                 ask_v[n_ask] = left
                 n_ask += 1
             break
-    return pend_t[:n_pend], pend_v[:n_pend], pend_s[:n_pend], ask_t[:n_ask], ask_v[:n_ask], flips
+    query = encode_query(ask_t, ask_v, n_ask)
+    return (pend_t[:n_pend], pend_v[:n_pend], pend_s[:n_pend], ask_t[:n_ask], ask_v[:n_ask], query, flips)
+
+
+@njit(cache=True, nogil=True)
+def bob_apply_reply(kfv: I64Array, q_t: I64Array, q_v: I64Array, reply: U8Array) -> bool:
+    """Bob: record the parities Alice disclosed for his last query; False if the message does
+    not have exactly one bit per request."""
+    if not bits_ok(reply, q_t.shape[0]):
+        return False
+    for i in range(q_t.shape[0]):
+        set_known(kfv[q_t[i]], q_v[i], get_bit(reply, i))
+    return True
 
 
 @njit(cache=True, nogil=True)

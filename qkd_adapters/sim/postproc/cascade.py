@@ -46,6 +46,7 @@ import numpy as np
 
 from qkd_adapters.sim.postproc import _cascade_kernels as kern
 from qkd_adapters.sim.postproc import _cascade_lazy as lazy
+from qkd_adapters.sim.postproc import _cascade_tree as tree
 from qkd_adapters.sim.postproc._types import I32Array, I64Array, U8Array
 from qkd_adapters.sim.postproc.channel import ClassicalChannel
 
@@ -207,6 +208,10 @@ class _Layout:
     def perm_of_frame(self, f: int) -> I32Array:
         return self.perm_last if f == self.frames - 1 else self.perm_full
 
+    def trees_of_pass(self, p: int) -> I32Array:
+        """Tree index of every frame in pass ``p`` (pass-major numbering, see ``_cascade_tree``)."""
+        return np.arange(p * self.frames, (p + 1) * self.frames, dtype=np.int32)
+
 
 def _half_masks(inv: I32Array, lazy_passes: tuple[bool, ...], frame_bits: int, n_f: int) -> I64Array:
     """For each lazy pass, the frame positions (of ``n_f`` real ones) its permutation sends into
@@ -251,7 +256,7 @@ class CascadeAlice:
         w = frame // 64
         self._words = np.zeros((trees, w), dtype=np.int64)
         self._wtree = np.zeros((trees, 2 * w), dtype=np.uint8)
-        self._built = np.zeros(trees, dtype=np.int32)
+        self._built = np.zeros(trees, dtype=np.uint8)
         self._packed = _pack_frames(self._key, frame) if any(lay.lazy) else np.zeros((0, w), np.int64)
         self._started = 0
 
@@ -260,31 +265,26 @@ class CascadeAlice:
         head = struct.pack(">QIIQ", lay.n, lay.frame_bits, lay.passes, lay.seed)
         return head + np.asarray(lay.sizes, dtype=">u4").tobytes()
 
-    def _build(self, t: int) -> None:
-        lay = self.layout
-        f, p = divmod(t, lay.passes)
-        lazy.build_trees(
-            self._key, f * lay.frame_bits, int(lay.nf_by_frame[f]), lay.perm_of_frame(f)[p],
-            self._words[t], self._wtree[t],
-        )  # fmt: skip
-        self._built[t] = 1
-
     def on_pass(self, payload: bytes) -> tuple[bytes, int]:
         """Disclose this pass's top-level block parities (building its trees unless it is lazy)."""
         if len(payload) != 4:
             raise ReconciliationError("malformed pass request")
         (p,) = struct.unpack(">I", payload)
         lay = self.layout
-        if p != self._started:
+        if p != self._started or p >= lay.passes:
             raise ReconciliationError("pass index out of order")
         self._started = p + 1
         if lay.lazy[p]:  # trees built only if Bob asks; the last half follows from the frame parity
             halves = lazy.half_parities(self._packed, lay.mask_full[p], lay.mask_last[p])
             bits = halves[lay.nf_by_frame > lay.sizes[p]]
             return _pack_bits(bits), int(bits.shape[0])
-        trees = np.arange(lay.frames, dtype=np.int32) * lay.passes + p
-        for t in trees:
-            self._build(int(t))
+        trees = lay.trees_of_pass(p)
+        for f in range(lay.frames):
+            tree.build_trees(
+                self._key, f * lay.frame_bits, int(lay.nf_by_frame[f]), lay.perm_of_frame(f)[p],
+                self._words[trees[f]], self._wtree[trees[f]],
+            )  # fmt: skip
+        self._built[trees] = 1
         bits = kern.top_parities(
             self._words, self._wtree, trees, lay.nf_by_frame, lay.sizes[p], lay.frame_bits
         )
@@ -297,17 +297,16 @@ class CascadeAlice:
 
     def on_query(self, payload: bytes) -> tuple[bytes, int]:
         """Disclose the parities of the nodes Bob asks for (building a lazy pass's tree first)."""
-        q_t, q_v = _unpack_query(payload)
         lay = self.layout
-        in_range = q_t[(q_t >= 0) & (q_t < self._built.shape[0])]
-        unbuilt = in_range[self._built[in_range] == 0]
-        for t in np.unique(unbuilt) if unbuilt.shape[0] else ():
-            if int(t) % lay.passes < self._started:
-                self._build(int(t))
-        bits = kern.answer_parities(self._words, self._wtree, q_t, q_v, lay.frame_bits, self._built)
-        if bits.shape[0] and int(bits.max()) == 255:
+        reply, count, status = kern.alice_answer(
+            np.frombuffer(payload, dtype=np.uint8), self._words, self._wtree, self._built,
+            self._started, self._key, lay.perm_full, lay.perm_last, lay.nf_by_frame, lay.frame_bits,
+        )  # fmt: skip
+        if status == kern.ANSWER_MALFORMED:
+            raise ReconciliationError("parity request of unexpected length")
+        if status != kern.ANSWER_OK:
             raise ReconciliationError("invalid parity request")
-        return _pack_bits(bits), int(bits.shape[0])
+        return reply.tobytes(), int(count)
 
 
 class CascadeBob:
@@ -330,60 +329,70 @@ class CascadeBob:
         w = frame // 64
         self._words = np.zeros((trees, w), dtype=np.int64)
         self._wtree = np.zeros((trees, 2 * w), dtype=np.uint8)
-        self._kf = np.zeros((trees, 2 * frame // 64), dtype=np.int64)
-        self._kv = np.zeros((trees, 2 * frame // 64), dtype=np.int64)
-        self._asked = np.zeros((trees, 2 * frame // 64), dtype=np.int64)
-        self._q_t = np.zeros(0, dtype=np.int64)
-        self._q_v = np.zeros(0, dtype=np.int64)
-        self._totals = np.full(lay.frames, 2, dtype=np.uint8)
-        self._tops = np.asarray(sizes, dtype=np.int64)
-        self.corrected = 0
-        self.built = 0
-        self._act_t = np.zeros(0, dtype=np.int32)
-        self._act_v = np.zeros(0, dtype=np.int64)
-        self._act_s = np.zeros(0, dtype=np.int64)
+        self._kfv = np.zeros((trees, 4 * w), dtype=np.int64)
+        self._tree_built = np.zeros(trees, dtype=np.uint8)
         self._packed = _pack_frames(self.key, frame)
         self._corr = np.zeros_like(self._packed)
-        self._tree_built = np.zeros(trees, dtype=np.uint8)
+        self._totals = np.full(lay.frames, 2, dtype=np.uint8)
+        self._lazy_half = np.zeros((lay.passes, lay.frames), dtype=np.uint8)
+        self._tops = np.asarray(sizes, dtype=np.int64)
+        self._q_t = np.zeros(0, dtype=np.int64)
+        self._q_v = np.zeros(0, dtype=np.int64)
+        self._act_t = np.zeros(0, dtype=np.int64)
+        self._act_v = np.zeros(0, dtype=np.int64)
+        self._act_s = np.zeros(0, dtype=np.int64)
+        self.corrected = 0
+        self.built = 0
 
     def _build(self, t: int) -> None:
         lay = self.layout
-        f, p = divmod(t, lay.passes)
+        p, f = divmod(t, lay.frames)
         last = f == lay.frames - 1
-        lazy.bob_build_tree(
+        tree.bob_build_tree(
             self.key, self._corr[f], f * lay.frame_bits, int(lay.nf_by_frame[f]),
             (lay.perm_last if last else lay.perm_full)[p], (lay.inv_last if last else lay.inv_full)[p],
-            self._words[t], self._wtree[t], self._kf[t], self._kv[t],
+            self._words[t], self._wtree[t], self._kfv[t],
         )  # fmt: skip
         self._tree_built[t] = 1
 
     def start_pass(self, p: int) -> bytes:
         lay = self.layout
         if not lay.lazy[p]:
-            for f in range(lay.frames):
-                self._build(f * lay.passes + p)
+            for t in lay.trees_of_pass(p):
+                self._build(int(t))
         self.built = p + 1
         return struct.pack(">I", p)
 
     def on_top_parities(self, p: int, payload: bytes) -> None:
         lay = self.layout
-        trees = np.arange(lay.frames, dtype=np.int32) * lay.passes + p
+        trees = lay.trees_of_pass(p)
+        top = lay.sizes[p]
         if lay.lazy[p]:
-            bits = _unpack_bits(payload, int(np.count_nonzero(lay.nf_by_frame > lay.sizes[p])))
-            act_t, act_v = lazy.bob_start_lazy_pass(
-                self._packed, lay.mask_full[p], lay.mask_last[p], self._kf, self._kv, trees,
-                lay.nf_by_frame, bits, self._totals, lay.sizes[p], lay.frame_bits,
+            bits = _unpack_bits(payload, int(np.count_nonzero(lay.nf_by_frame > top)))
+            self._lazy_half[p], odd = lazy.bob_start_lazy_pass(
+                self._packed, lay.mask_full[p], lay.mask_last[p], lay.nf_by_frame, bits,
+                self._totals, top,
             )  # fmt: skip
-            for t in np.unique(act_t):
-                self._build(int(t))
-            act_s = np.full(act_t.shape[0], lay.sizes[p], dtype=np.int64)
+            act: list[tuple[int, int]] = []
+            for f in np.flatnonzero(odd):
+                t = int(trees[f])
+                self._build(t)
+                halves = -(-int(lay.nf_by_frame[f]) // top)
+                lazy.seed_lazy_tree(
+                    self._kfv[t], int(self._totals[f]), int(self._lazy_half[p, f]), halves,
+                    lay.frame_bits // top,
+                )  # fmt: skip
+                act += [(t, lay.frame_bits // top + j) for j in range(halves)]
+            act_arr = np.asarray(act, dtype=np.int64).reshape(-1, 2)
+            act_t, act_v = act_arr[:, 0], act_arr[:, 1]
+            act_s = np.full(act_t.shape[0], top, dtype=np.int64)
         else:
-            counts = -(-lay.nf_by_frame // lay.sizes[p])
+            counts = -(-lay.nf_by_frame // top)
             expected = int(counts.sum()) - (lay.frames if p > 0 else 0)
             bits = _unpack_bits(payload, expected)
             act_t, act_v, act_s = kern.bob_start_pass(
-                self._words, self._wtree, self._kf, self._kv, trees, lay.nf_by_frame, bits,
-                self._totals, lay.sizes[p], lay.frame_bits,
+                self._words, self._wtree, self._kfv, trees, lay.nf_by_frame, bits,
+                self._totals, top, lay.frame_bits,
             )  # fmt: skip
             if p == 0:
                 self._totals = np.bitwise_xor.reduceat(
@@ -397,22 +406,21 @@ class CascadeBob:
         """Advance all bisections; the next parity request, or None when all are done."""
         lay = self.layout
         while self._act_t.shape[0]:
-            pt, pv, ps, q_t, q_v, flips = kern.bob_round(
-                self._words, self._wtree, self._kf, self._kv, self._asked, self.key,
-                self._packed, self._corr, self._tree_built, lay.perm_full, lay.inv_full, lay.perm_last, lay.inv_last, lay.nf_by_frame,
-                lay.passes, lay.frame_bits, self.built, self._tops,
+            self._act_t, self._act_v, self._act_s, q_t, q_v, query, flips = kern.bob_round(
+                self._words, self._wtree, self._kfv, self.key, self._packed, self._corr,
+                self._tree_built, self._totals, self._lazy_half, lay.perm_full, lay.inv_full,
+                lay.perm_last, lay.inv_last, lay.nf_by_frame, self.built, self._tops,
                 self._act_t, self._act_v, self._act_s,
             )  # fmt: skip
             self.corrected += int(flips)
-            self._act_t, self._act_v, self._act_s = pt.astype(np.int32), pv, ps
             if q_t.shape[0]:
                 self._q_t, self._q_v = q_t, q_v
-                return _pack_query(q_t, q_v)
+                return query.tobytes()
         return None
 
     def on_reply(self, payload: bytes) -> None:
-        bits = _unpack_bits(payload, int(self._q_t.shape[0]))
-        kern.bob_apply_replies(self._kf, self._kv, self._asked, self._q_t, self._q_v, bits)
+        if not kern.bob_apply_reply(self._kfv, self._q_t, self._q_v, np.frombuffer(payload, dtype=np.uint8)):
+            raise ReconciliationError("parity message of unexpected length")
 
 
 def reconcile(
@@ -469,17 +477,3 @@ def _unpack_bits(payload: bytes, expected: int) -> U8Array:
     if count != expected or len(payload) != 4 + (count + 7) // 8:
         raise ReconciliationError("parity message of unexpected length")
     return np.unpackbits(np.frombuffer(payload, dtype=np.uint8, offset=4), count=count)
-
-
-def _pack_query(q_t: I64Array, q_v: I64Array) -> bytes:
-    return struct.pack(">I", q_t.shape[0]) + q_t.astype(">u4").tobytes() + q_v.astype(">u4").tobytes()
-
-
-def _unpack_query(payload: bytes) -> tuple[I32Array, I64Array]:
-    if len(payload) < 4:
-        raise ReconciliationError("malformed parity request")
-    (count,) = struct.unpack(">I", payload[:4])
-    if len(payload) != 4 + 8 * count:
-        raise ReconciliationError("parity request of unexpected length")
-    raw = np.frombuffer(payload, dtype=">u4", offset=4)
-    return raw[:count].astype(np.int32), raw[count:].astype(np.int64)
