@@ -197,7 +197,7 @@ def _check_and_fence(
                         "last_anchored_before_restore": _anchor_json(beyond[-1] if beyond else (prefix[-1] if prefix else None)),
                         "anchor_file_kept_as": f"{anchor_file(settings).path.name}.pre-restore-{stamp}" if anchored else None,
                     }),
-                    (actor, "restore.fenced", settings.kme.id, {
+                    (actor, "backup.fenced", settings.kme.id, {
                         "keys": counts.keys,
                         "consumed_in_window": counts.consumed_in_window,
                         "blocks": counts.blocks,

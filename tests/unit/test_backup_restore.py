@@ -111,7 +111,7 @@ def test_backup_serve_restore_serves_nothing_twice(kme: RunningKme, tmp_path: Pa
             a: json.loads(d)
             for a, d in conn.execute(
                 text(
-                    "SELECT action, data FROM audit_records WHERE action IN ('backup.restored', 'restore.fenced')"
+                    "SELECT action, data FROM audit_records WHERE action IN ('backup.restored', 'backup.fenced')"
                 )
             )
         }
@@ -123,7 +123,7 @@ def test_backup_serve_restore_serves_nothing_twice(kme: RunningKme, tmp_path: Pa
         ).scalar_one()
     engine.dispose()
     assert live == 0 and usable_blocks == 0
-    assert records["restore.fenced"]["keys"] >= len(before) and records["restore.fenced"]["blocks"] > 0
+    assert records["backup.fenced"]["keys"] >= len(before) and records["backup.fenced"]["blocks"] > 0
     assert records["backup.restored"]["backup"] == backup.name
 
     kme.process.start()
