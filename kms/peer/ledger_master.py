@@ -25,7 +25,7 @@ from kms.domain.saes import SaeInfo
 from kms.peer.batching import LedgerBatcher, LedgerRequest
 from kms.peer.client import PeerClient, PeerError, PeerUnavailable, PeerUncertain
 from kms.peer.directory import PeerDirectory
-from kms.peer.messages import PeerMessage
+from kms.peer.messages import MessageRejected, PeerMessage
 from kms.service.peer_ledger import PeerLedger, Prepared, Settlement
 
 log = structlog.get_logger(__name__)
@@ -71,12 +71,14 @@ class LedgerMaster:
         directory: PeerDirectory,
         ledger: PeerLedger,
         route_to: Callable[[str, int, frozenset[str]], list[str] | None],
+        send_routed: Callable[[str, str, dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.kme_id = kme_id
         self.client = client
         self.directory = directory
         self.ledger = ledger
         self.route_to = route_to
+        self.send_routed = send_routed
         self._batchers: dict[str, LedgerBatcher] = {}
         self._batchers_lock = threading.Lock()
 
@@ -116,6 +118,10 @@ class LedgerMaster:
                 avoid = avoid | {route[1]}
                 log.info("relay_rerouted", avoiding=sorted(avoid), target=slave.kme_id)
                 continue
+            except ServiceUnavailable:
+                # Some KME of the route may have recorded the keys before another failed.
+                self._withdraw_along(route, prepared.key_ids)
+                raise
             return self.ledger.delivered(prepared)
         raise AssertionError("unreachable")  # the loop returns or raises
 
@@ -217,6 +223,27 @@ class LedgerMaster:
             " were discarded; retry later",
             [{"peer_KME_ID": peer_id}],
         )
+
+    def _withdraw_along(self, route: list[str], key_ids: list[str]) -> None:
+        """A relayed request failed: ask every KME of its route to withdraw its keys, end to end and
+        signed by this KME, around a dead node if need be (``kms.peer.routed``); in the background,
+        retried like ``_cancel_later``."""
+        if self.send_routed is None:
+            return
+        send = self.send_routed
+        body: dict[str, Any] = {"origin": self.kme_id, "key_IDs": key_ids}
+
+        def withdraw(node: str) -> None:
+            for delay in CANCEL_DELAYS:
+                time.sleep(delay)
+                try:
+                    send(node, "keys.cancel", body)
+                    return
+                except (PeerError, MessageRejected) as exc:
+                    log.info("relay_withdraw_failed", node=node, error=str(exc)[:200])
+
+        for node in route[1:]:
+            threading.Thread(target=withdraw, args=(node,), name="qkms-relay-withdraw", daemon=True).start()
 
     def _cancel_later(
         self, peer_id: str, origin: str, key_ids: list[str], sent: PeerMessage | None = None

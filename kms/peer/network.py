@@ -10,7 +10,9 @@ Each responsibility lives in its own module, over the units of work in ``kms.ser
   ``kms.service.peer_mirror``);
 - ``topology``: own links, every KME's links from its signed link-state record, and routes;
 - ``flooding``: this KME's link-state record issued, others' kept and passed on (``topology``,
-  ``topology.flood``).
+  ``topology.flood``);
+- ``routed``: signed control messages to non-adjacent KMEs, carried by the trusted nodes
+  (``relay.forward``: a failed relay's withdrawals).
 
 Other peer services add handlers by message type to ``extra_handlers`` (the audit copies:
 ``kms.peer.countersign``).
@@ -35,6 +37,7 @@ from kms.peer.ledger_master import LedgerMaster
 from kms.peer.ledger_peer import LedgerPeer
 from kms.peer.messages import MessageRejected, PeerMessage
 from kms.peer.mirror import Mirror
+from kms.peer.routed import RoutedMessages
 from kms.peer.routing import Edge
 from kms.peer.topology import Router
 from kms.service.delivery import KeyDeliveryService
@@ -79,7 +82,12 @@ class PeerNetwork:
         self.router = Router(stock, self.client, store, peering.link_state_max_age_seconds)
         self.flood = LinkStateFlood(stock, self.client, directory, identity, store, peering)
         self.ledger = PeerLedger(site, directory.kem_key)
-        self.master = LedgerMaster(kme_id, self.client, directory, self.ledger, self.router.route_to)
+        self.routed = RoutedMessages(
+            self.client, directory, identity, peering, self.router.route_to, lambda m: self.handle(m)
+        )
+        self.master = LedgerMaster(
+            kme_id, self.client, directory, self.ledger, self.router.route_to, self.routed.send
+        )
         records = PeerRecords(site)
         self.receiver = LedgerPeer(
             records, PeerRelay(site, records), self.master.send_and_settle, pool_cfg.max_key_per_request
@@ -92,6 +100,7 @@ class PeerNetwork:
             "blocks.announce": self.mirror.on_announce,
             "topology": self.flood.on_sync,
             "topology.flood": self.flood.on_flood,
+            "relay.forward": self.routed.on_forward,
             "pieces.claim": self.mirror.on_claim,
         }
         # Handlers of other peer services (audit copies: ``kms.peer.countersign``), by message type.

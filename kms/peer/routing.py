@@ -46,7 +46,7 @@ def edge_cost(edge: Edge, needed_bits: int) -> float | None:
     """One hop, plus a penalty that grows as the link's stock nears what the key needs; None if unusable."""
     if edge.state != "active" or edge.bits < needed_bits:
         return None
-    return 1.0 + needed_bits / edge.bits
+    return 1.0 + (needed_bits / edge.bits if edge.bits else 0.0)  # a control message needs no bits
 
 
 def shortest_route(edges: Iterable[Edge], source: str, target: str, needed_bits: int) -> list[str] | None:

@@ -80,31 +80,30 @@ def destroy_recorded(
     conn: Connection, origin: str, canceller: str, key_ids: Sequence[str], actor: str, at: datetime
 ) -> list[str]:
     """The master's KME (or a trusted node on the key's route) withdrew keys recorded here because it
-    could not confirm delivery: zeroise those still reserved."""
+    could not confirm delivery: zeroise those still reserved for a slave here, and close the relay
+    copies (``pre_active``, no material) a trusted node keeps of them."""
     raw = Raw(conn)
     where, params = raw.in_list("key_id", key_ids)
     rows = [
-        r[0]
+        (str(r[0]), KeyState(str(r[2])))
         for r in raw.all(
-            f"SELECT key_id, route FROM keys WHERE source_kme_id = ? AND state = 'reserved' AND {where}"
-            + raw.for_update(),
+            "SELECT key_id, route, state FROM keys WHERE source_kme_id = ?"
+            f" AND state IN ('reserved', 'pre_active') AND {where}" + raw.for_update(),
             [origin, *params],
         )
         if canceller == origin or canceller in _route_nodes(r[1])
     ]
     if rows:
-        rwhere, rparams = raw.in_list("key_id", rows)
+        rwhere, rparams = raw.in_list("key_id", [k for k, _ in rows])
         raw.execute(
             f"UPDATE keys SET state = 'destroyed', material = NULL, closed_at = ? WHERE {rwhere}",
             [raw.ts(at), *rparams],
         )
         events = EventBatch(at)
-        for key_id in rows:
-            events.add(
-                "key", key_id, KeyState.RESERVED, KeyState.DESTROYED, actor, "withdrawn by the master's KME"
-            )
+        for key_id, state in rows:
+            events.add("key", key_id, state, KeyState.DESTROYED, actor, "withdrawn by the master's KME")
         events.flush(conn)
-    return rows
+    return [k for k, _ in rows]
 
 
 def _route_nodes(route: Any) -> set[str]:

@@ -7,12 +7,18 @@ of 5 answered every Get key with 503 "no route" and a ring kept sending to the d
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from kms.lab.pilot import LinkSpec, SiteSpec, prepare_network, running_network
+from kms.config import KmsSettings
+from kms.lab.pilot import LinkSpec, Site, SiteSpec, prepare_network, running_network
+from kms.peer.client import PeerRefused
+from kms.peer.messages import MessageRejected
+from kms.runtime.assembly import build_runtime
 from tests.peer.conftest import POOL, Network, query
 
 LINK = {"block_bits": 65536}
@@ -36,6 +42,26 @@ def wait_for_route(net: Network, site: str, master: str, slave: str, timeout: fl
             return time.monotonic() - started
         time.sleep(0.25)
     raise AssertionError(f"{site} found no route to {slave} within {timeout} s (last answer {last})")
+
+
+def wait_for_link_stock(net: Network, at: str, hops: list[tuple[str, str]], bits: int = 4096) -> None:
+    """Until KME ``at`` holds records saying each (origin, neighbour) link is active with ``bits``."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        records = {
+            str(o): json.loads(str(r))
+            for o, r in query(net.sites[at], "SELECT origin_kme_id, record FROM link_state_records")
+        }
+        if all(
+            any(
+                p == peer and st == "active" and b >= bits
+                for p, _, st, b in records.get(origin, {}).get("links", [])
+            )
+            for origin, peer in hops
+        ):
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"{at} never learned stock on {hops}")
 
 
 def exchange(net: Network, master_site: str, master: str, slave_site: str, slave: str) -> None:
@@ -86,7 +112,7 @@ def ring5(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
 def test_a_ring_routes_around_a_killed_kme_within_the_request(ring5: Network) -> None:
     # KME-0 to KME-2: two hops through KME-1, or three through KME-4 and KME-3.
     wait_for_route(ring5, "KME-0", "SAE-0", "SAE-2", timeout=60)
-    wait_for_route(ring5, "KME-4", "SAE-4", "SAE-2", timeout=60)
+    wait_for_link_stock(ring5, "KME-0", [("KME-4", "KME-3"), ("KME-3", "KME-2")])
     exchange(ring5, "KME-0", "SAE-0", "KME-2", "SAE-2")
     killed = ring5.sites["KME-1"].process
     assert killed is not None
@@ -98,3 +124,73 @@ def test_a_ring_routes_around_a_killed_kme_within_the_request(ring5: Network) ->
     # And it stays so: the dead KME is routed around (its neighbours say its links are down).
     for _ in range(3):
         exchange(ring5, "KME-0", "SAE-0", "KME-2", "SAE-2")
+
+
+def test_a_failed_relays_keys_are_withdrawn_end_to_end_around_a_dead_node(ring5: Network) -> None:
+    """The master's KME withdraws keys at the far end of a route whose middle node died: the signed
+    cancel travels the other way round the ring (``relay.forward``), and only the origin's own
+    signature is acted on."""
+    wait_for_route(ring5, "KME-0", "SAE-0", "SAE-2", timeout=60)
+    at_slave = ring5.sites["KME-2"]
+    for _ in range(20):  # keys that went the short way, through KME-1 (routes follow the stock)
+        got = ring5.sae("KME-0", "SAE-0").post("/api/v1/keys/SAE-2/enc_keys", json={"number": 2})
+        assert got.status_code == 200, got.text
+        ids = [k["key_ID"] for k in got.json()["keys"]]
+        (route,) = query(at_slave, "SELECT route FROM keys WHERE key_id = :k", k=ids[0])[0]
+        if [h["from"] for h in json.loads(str(route))] == ["KME-0", "KME-1"]:
+            break
+    else:
+        raise AssertionError("no key went through KME-1")
+    assert key_states(at_slave, ids) == {"reserved"}  # recorded at the slave's KME, not fetched yet
+    wait_for_link_stock(ring5, "KME-0", [("KME-4", "KME-3"), ("KME-3", "KME-2")], bits=0)
+    dead = ring5.sites["KME-1"].process
+    assert dead is not None
+    dead.kill()
+    rt0 = build_runtime(KmsSettings.load(ring5.sites["KME-0"].config_path), sync_registry=False)
+    rt4 = build_runtime(KmsSettings.load(ring5.sites["KME-4"].config_path), sync_registry=False)
+    try:
+        assert rt0.network is not None and rt4.network is not None
+        cancel = {"origin": "KME-0", "key_IDs": ids}
+        # Another KME of the ring cannot withdraw KME-0's keys at KME-2 (it is not on their route).
+        rt4.network.routed.send("KME-2", "keys.cancel", cancel)
+        assert key_states(at_slave, ids) == {"reserved"}
+        # Nor does a tampered envelope get through: KME-2 refuses it, KME-3 says so.
+        _, raw, header = rt0.network.client.sealer.seal("KME-2", "keys.cancel", cancel)
+        tampered = raw.replace(b'"KME-0"', b'"KME-4"', 1)
+        envelope = {"to": "KME-2", "hops_left": 8, "header": header}
+        with pytest.raises(PeerRefused, match="does not verify"):
+            rt4.network.client.call(
+                "KME-3", "relay.forward", {**envelope, "message": base64.b64encode(tampered).decode()}
+            )
+        assert key_states(at_slave, ids) == {"reserved"}
+        # The origin's own cancel goes KME-0 -> KME-4 -> KME-3 -> KME-2 and withdraws both keys.
+        reply = rt0.network.routed.send("KME-2", "keys.cancel", cancel)
+        assert reply["delivered"] is True and reply["reply"]["withdrawn"] == 2, reply
+        # Only withdrawals travel this way.
+        inner = rt4.network.client.sealer.seal("KME-0", "topology", {})
+        outer = rt4.network.client.sealer.seal(
+            "KME-0",
+            "relay.forward",
+            {
+                "to": "KME-0",
+                "hops_left": 2,
+                "message": base64.b64encode(inner[1]).decode(),
+                "header": inner[2],
+            },
+        )
+        with pytest.raises(MessageRejected, match="not carried"):
+            rt0.network.routed.on_forward(outer[0])
+    finally:
+        rt0.close()
+        rt4.close()
+    assert key_states(at_slave, ids) == {"destroyed"}
+    fetched = ring5.sae("KME-2", "SAE-2").post(
+        "/api/v1/keys/SAE-0/dec_keys", json={"key_IDs": [{"key_ID": k} for k in ids]}
+    )
+    assert fetched.status_code == 400, fetched.text
+
+
+def key_states(site: Site, key_ids: list[str]) -> set[str]:
+    marks = ", ".join(f":k{i}" for i in range(len(key_ids)))
+    params = {f"k{i}": k for i, k in enumerate(key_ids)}
+    return {str(r[0]) for r in query(site, f"SELECT state FROM keys WHERE key_id IN ({marks})", **params)}
