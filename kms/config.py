@@ -228,8 +228,8 @@ class PeeringSection(BaseModel):
     unconfirmed_block_seconds: float = Field(default=600.0, gt=0)
     # Link-state records (DECISIONS.md D-26): this KME issues its own at least this often, and routes
     # only on other KMEs' records issued within ``link_state_max_age_seconds``.
-    topology_heartbeat_seconds: float = Field(default=10.0, gt=0)
-    link_state_max_age_seconds: float = Field(default=35.0, gt=0)
+    topology_heartbeat_seconds: float = Field(default=30.0, gt=0)
+    link_state_max_age_seconds: float = Field(default=100.0, gt=0)
 
 
 class PeerSection(BaseModel):

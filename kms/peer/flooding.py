@@ -38,6 +38,7 @@ MAX_RECORDS_PER_MESSAGE = 512
 STOCK_CHANGE = 0.25  # re-issue when a link's stock moved by more than this fraction...
 STOCK_REISSUE_SECONDS = 2.0  # ...but not more often than this for stock alone
 PROBE_SECONDS = 2.0  # how often a neighbour that does not answer is tried again
+FLOOD_GATHER_SECONDS = 0.05
 
 
 class LinkStateFlood:
@@ -194,6 +195,7 @@ class LinkStateFlood:
         whole database when it does (``tick``)."""
         while True:
             batches = [self._outbox.get()]
+            time.sleep(FLOOD_GATHER_SECONDS)  # records arriving together go in one message
             while True:
                 try:
                     batches.append(self._outbox.get_nowait())

@@ -6,7 +6,8 @@ by the announcement's ``sync`` metadata.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -20,6 +21,7 @@ from kms.service.peer_mirror import PeerMirror
 from qkd_adapters.keyblock import FollowerKeySource, KeyBlock, KeySourceError
 
 log = structlog.get_logger(__name__)
+ANNOUNCE_BACKOFF_MAX = 16.0
 
 
 class Mirror:
@@ -37,6 +39,8 @@ class Mirror:
         self.directory = directory
         self.followers = followers
         self.units = PeerMirror(site)
+        # Per link: the pending blocks last announced in vain, and when to try them again.
+        self._unanswered: dict[str, tuple[frozenset[str], float, float]] = {}
 
     # -- block confirmation ---------------------------------------------------------------------
     def sync_once(self) -> int:
@@ -47,7 +51,7 @@ class Mirror:
             if peer is None or not peer.url or lv.state != "active":
                 continue
             pending = self.units.pending_blocks(lv.link_id)
-            if not pending:
+            if not pending or self._quiet(lv.link_id, pending):
                 continue
             body = {
                 "link_id": lv.link_id,
@@ -64,7 +68,27 @@ class Mirror:
             confirmed = [str(x) for x in reply.body.get("confirmed", [])]
             self.units.confirmed(lv.link_id, peer.kme_id, confirmed, reply.body.get("mismatched"))
             confirmed_total += len(confirmed)
+            self._answered(lv.link_id, pending, bool(confirmed))
         return confirmed_total
+
+    def _quiet(self, link_id: str, pending: Sequence[Any]) -> bool:
+        """Whether to leave these pending blocks unannounced for now: the peer confirmed none of the
+        very same blocks last time (it has not made them yet; a full pool at its end), so they are
+        announced again after a pause that doubles up to ``ANNOUNCE_BACKOFF_MAX`` seconds, not every
+        ``sync_seconds`` (an idle link's announcements were most of an idle KME's messages)."""
+        last = self._unanswered.get(link_id)
+        if last is None or last[0] != frozenset(p.block_id for p in pending):
+            return False
+        return time.monotonic() < last[1]
+
+    def _answered(self, link_id: str, pending: Sequence[Any], progress: bool) -> None:
+        if progress:
+            self._unanswered.pop(link_id, None)
+            return
+        ids = frozenset(p.block_id for p in pending)
+        last = self._unanswered.get(link_id)
+        pause = min(ANNOUNCE_BACKOFF_MAX, 2 * last[2]) if last is not None and last[0] == ids else 1.0
+        self._unanswered[link_id] = (ids, time.monotonic() + pause, pause)
 
     def on_announce(self, message: PeerMessage) -> dict[str, Any]:
         b = message.body
