@@ -125,6 +125,12 @@ def test_backup_serve_restore_serves_nothing_twice(kme: RunningKme, tmp_path: Pa
     assert live == 0 and usable_blocks == 0
     assert records["backup.fenced"]["keys"] >= len(before) and records["backup.fenced"]["blocks"] > 0
     assert records["backup.restored"]["backup"] == backup.name
+    # The server signed checkpoints after the snapshot (at least at its clean stop): the restore
+    # names them as given up and keeps the anchor file that holds them.
+    lost = records["backup.restored"]["lost_checkpoints"]
+    assert lost is not None and lost[0] <= lost[1], records["backup.restored"]
+    kept = records["backup.restored"]["anchor_file_kept_as"]
+    assert kept and (config.parent / "audit-anchors" / kept).is_file()
 
     kme.process.start()
     # Nothing served after the snapshot is served again: not the keys reserved before it, not those
