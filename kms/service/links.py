@@ -1,8 +1,10 @@
 """An operator suspends or resumes a link (``qkms link suspend|resume``, docs/DECISIONS.md D-22).
 
-Each is one audited transaction: the link's state is checked, the link, its blocks and the keys cut
-from them move together, and ``link.suspended`` / ``link.resumed`` is recorded. A link suspended by
-an alarm is the ingest use case's (``kms.service.ingest.record_alarm``).
+The link's state is checked, the link and the keys cut from it change in one audited transaction
+(``link.suspended`` / ``link.resumed``), then its blocks in batches of ``BLOCK_BATCH``, each a short
+transaction, and ``link.blocks_moved`` records the count: a link of 42,685 blocks held the KME for
+5 s in one transaction, and relays through it timed out. A link suspended by an alarm is the ingest
+use case's (``kms.service.ingest.record_alarm``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from kms.domain.lifecycle import KeyState
 from kms.service import audit_recorder
 from kms.storage import link_repository as links
 from kms.storage.database import Database
@@ -26,45 +29,83 @@ class LinkStateError(Exception):
     """The link is not in the state the transition starts from (or not on this KME)."""
 
 
+BLOCK_BATCH = 2000  # blocks moved per transaction: each holds the write lock a few milliseconds
+
+
 def suspend(db: Database, link_id: str, reason: str) -> LinkChange:
-    """Suspend an active link: its blocks and the reserved keys cut from them are no longer served."""
+    """Suspend an active link: its blocks and the reserved keys cut from them are no longer served.
+    The link and its keys change in one transaction; its blocks follow in batches of
+    ``BLOCK_BATCH`` (nothing is cut from a suspended link's blocks meanwhile). Run again on a link
+    left suspended with blocks still to move (a crash in between), it finishes the move."""
+    live = (KeyState.ACTIVE, KeyState.PRE_ACTIVE)
     return _transition(
         db,
         link_id,
-        "active",
+        ("active", "suspended"),
         "link.suspended",
         {"reason": reason},
-        lambda conn, events: links.suspend_link(conn, link_id, OPERATOR, reason, events),
+        lambda conn, events: links.suspend_link_keys(conn, link_id, OPERATOR, reason, events),
+        (live, KeyState.SUSPENDED, "link suspended"),
     )
 
 
 def resume(db: Database, link_id: str, reason: str, discard: bool) -> LinkChange:
-    """Resume a suspended link, reusing its suspended blocks and keys or, with ``discard``, destroying them."""
+    """Resume a suspended link, reusing its suspended blocks and keys or, with ``discard``, destroying
+    them; the blocks in batches as for ``suspend`` (run again with the same ``discard`` to finish)."""
+    target = KeyState.DESTROYED if discard else KeyState.ACTIVE
     return _transition(
         db,
         link_id,
-        "suspended",
+        ("suspended", "active"),
         "link.resumed",
         {"reason": reason, "discard": discard},
-        lambda conn, events: links.resume_link(conn, link_id, OPERATOR, reason, events, discard),
+        lambda conn, events: links.resume_link_keys(conn, link_id, OPERATOR, reason, events, discard),
+        ((KeyState.SUSPENDED,), target, reason),
     )
 
 
 def _transition(
     db: Database,
     link_id: str,
-    required: str,
+    states: tuple[str, str],
     action: str,
     data: Mapping[str, Any],
-    change: Callable[[Connection, EventBatch], LinkChange],
+    change: Callable[[Connection, EventBatch], int],
+    blocks: tuple[tuple[KeyState, ...], KeyState, str],
 ) -> LinkChange:
-    """Check the link's state, apply ``change`` and audit it, all in one transaction."""
+    """Check the link's state (``states``: from, to), change it and its keys and audit it, in one
+    transaction; then move its blocks in batches, each its own transaction, and audit the count.
+    A link already in the target state with blocks left to move only has them moved."""
+    start, end = states
+    current, target, why = blocks
     events = EventBatch(datetime.now(UTC))
     with db.write() as conn:
-        if links.link_state(conn, link_id) != required:
-            raise LinkStateError(f"link {link_id} is not {required} on this KME")
-        result = change(conn, events)
-        events.flush(conn)
-        record = {**data, "blocks": result.blocks, "keys": result.keys}
-        audit_recorder.record(conn, OPERATOR, action, link_id, record, events.at)
-    return result
+        state = links.link_state(conn, link_id)
+        if state == start:
+            n_keys = change(conn, events)
+            events.flush(conn)
+            audit_recorder.record(conn, OPERATOR, action, link_id, {**data, "keys": n_keys}, events.at)
+        elif state == end and links.count_link_blocks(conn, link_id, current):
+            n_keys = 0  # finishing an interrupted move
+        else:
+            raise LinkStateError(f"link {link_id} is not {start} on this KME")
+    moved = 0
+    while True:
+        batch = EventBatch(datetime.now(UTC))
+        with db.write() as conn:
+            if links.link_state(conn, link_id) != end:
+                break  # changed again meanwhile: that transition moves the rest
+            n = links.move_link_blocks(conn, link_id, current, target, OPERATOR, why, batch, BLOCK_BATCH)
+            batch.flush(conn)
+            moved += n
+            if n < BLOCK_BATCH:
+                audit_recorder.record(
+                    conn,
+                    OPERATOR,
+                    "link.blocks_moved",
+                    link_id,
+                    {"to": target.value, "blocks": moved},
+                    batch.at,
+                )
+                break
+    return LinkChange(link_id, moved, n_keys)

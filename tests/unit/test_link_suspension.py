@@ -183,3 +183,76 @@ def test_blocks_after_a_suspending_alarm_in_the_same_pull_are_stored_suspended(r
     ]
     received = [r["data"] for r in records if r["action"] == "block.received"]
     assert received[0]["state"] == "active" and received[2]["state"] == "suspended"
+
+
+def _block_states(rt: Runtime) -> dict[str, int]:
+    with rt.db.read() as conn:
+        rows = conn.execute(select(key_blocks.c.state)).scalars().all()
+    out: dict[str, int] = {}
+    for state in rows:
+        out[state] = out.get(state, 0) + 1
+    return out
+
+
+def test_an_operators_suspend_and_resume_move_blocks_in_bounded_batches(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: suspending a link with 42,685 blocks held the KME 5 s in one transaction. The link
+    and its keys now change at once, its blocks in batches, each its own short transaction."""
+    from kms.service import links
+    from kms.storage.database import Database
+
+    filler = rt.make_filler()
+    while filler.fill_once():
+        pass
+    total = sum(_block_states(rt).values())
+    assert total >= 8
+    pending = rt.service.get_keys(_sae(rt, M), S)
+    monkeypatch.setattr(links, "BLOCK_BATCH", 3)
+    writes = 0
+    real_write = Database.write
+
+    def counting_write(self: Database, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        nonlocal writes
+        writes += 1
+        return real_write(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Database, "write", counting_write)
+    change = links.suspend(rt.db, "link-local-1", "maintenance")
+    assert (change.blocks, change.keys) == (total, 1)
+    assert writes >= 1 + total // 3  # the link and keys, then a transaction per batch of 3 blocks
+    assert _block_states(rt) == {"suspended": total}
+    with pytest.raises(ServiceUnavailable):  # M -> T has no fallback: nothing to serve it from
+        rt.service.get_keys(_sae(rt, M), T)
+    with pytest.raises(InvalidRequest):  # the reserved key is suspended with its link
+        rt.service.get_keys_with_ids(_sae(rt, S), M, [pending[0].key_id])
+    change = links.resume(rt.db, "link-local-1", "checked", discard=False)
+    assert (change.blocks, change.keys) == (total, 1)
+    assert _block_states(rt) == {"active": total}
+    served = rt.service.get_keys_with_ids(_sae(rt, S), M, [pending[0].key_id])
+    assert served[0].material == pending[0].material
+
+
+def test_a_suspend_interrupted_between_batches_serves_nothing_and_is_finished_by_running_it_again(
+    rt: Runtime,
+) -> None:
+    from datetime import UTC, datetime
+
+    from kms.service import links
+    from kms.storage import link_repository
+    from kms.storage.pool_repository import EventBatch
+
+    filler = rt.make_filler()
+    filler.fill_once()
+    # As if the process died after the first transaction: the link is suspended, its blocks are not.
+    events = EventBatch(datetime.now(UTC))
+    with rt.db.write() as conn:
+        link_repository.suspend_link_keys(conn, "link-local-1", "operator", "maintenance", events)
+        events.flush(conn)
+    assert "active" in _block_states(rt)
+    with pytest.raises(ServiceUnavailable):  # nothing is cut from a suspended link's blocks
+        rt.service.get_keys(_sae(rt, M), T)
+    change = links.suspend(rt.db, "link-local-1", "finish")
+    assert change.blocks > 0 and set(_block_states(rt)) == {"suspended"}
+    with pytest.raises(links.LinkStateError, match="is not active"):
+        links.suspend(rt.db, "link-local-1", "again")
