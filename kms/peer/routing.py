@@ -78,5 +78,13 @@ def shortest_route(edges: Iterable[Edge], source: str, target: str, needed_bits:
 
 def usable_graph(own: Iterable[Edge], others: Iterable[Edge], avoid: frozenset[str]) -> list[Edge]:
     """The edges a route may use: this KME's own and what other KMEs' records say, less any edge
-    into or out of a KME to avoid (a next hop that just failed)."""
-    return [e for e in [*own, *others] if e.src not in avoid and e.dst not in avoid]
+    into or out of a KME to avoid (a next hop that just failed), and less any link its far end
+    reports not ``active`` (both ends must agree, as OSPF's two-way check: a link suspended only at
+    its far end refuses every relay over it)."""
+    edges = [*own, *others]
+    far_end = {(e.src, e.link_id): e.state for e in edges}
+    return [
+        e
+        for e in edges
+        if e.src not in avoid and e.dst not in avoid and far_end.get((e.dst, e.link_id), "active") == "active"
+    ]

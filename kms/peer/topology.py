@@ -85,10 +85,10 @@ class Router:
     ) -> list[str] | None:
         """Runs per request: on the stock as ``LinkStock`` last read it (``kms.service.link_stock``)."""
         own = self._edges(self.stock.levels())
-        direct = [e for e in own if e.dst == target_kme_id and e.dst not in avoid]
+        graph = usable_graph(own, self.others(), avoid - {self.kme_id})
+        direct = [e for e in graph if e.src == self.kme_id and e.dst == target_kme_id]
         if any(e.state == "active" and e.bits >= needed_bits for e in direct):
             return [self.kme_id, target_kme_id]
-        graph = usable_graph(own, self.others(), avoid - {self.kme_id})
         return shortest_route(graph, self.kme_id, target_kme_id, needed_bits)
 
     def available_keys(self, target_kme_id: str, key_size: int) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -64,6 +66,29 @@ def wait_for_link_stock(net: Network, at: str, hops: list[tuple[str, str]], bits
     raise AssertionError(f"{at} never learned stock on {hops}")
 
 
+def qkms_link(net: Network, site: str, action: str, link_id: str) -> None:
+    config = str(net.sites[site].config_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "kms", "link", action, link_id, "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def wait_for_link_state(net: Network, at: str, origin: str, link_id: str, state: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = query(
+            net.sites[at], "SELECT record FROM link_state_records WHERE origin_kme_id = :o", o=origin
+        )
+        if rows and any(lk[1] == link_id and lk[2] == state for lk in json.loads(str(rows[0][0]))["links"]):
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"{at} never heard that {origin}'s {link_id} is {state}")
+
+
 def exchange(net: Network, master_site: str, master: str, slave_site: str, slave: str) -> None:
     got = net.sae(master_site, master).post(f"/api/v1/keys/{slave}/enc_keys", json={"number": 2})
     assert got.status_code == 200, got.text
@@ -114,6 +139,12 @@ def test_a_ring_routes_around_a_killed_kme_within_the_request(ring5: Network) ->
     wait_for_route(ring5, "KME-0", "SAE-0", "SAE-2", timeout=60)
     wait_for_link_stock(ring5, "KME-0", [("KME-4", "KME-3"), ("KME-3", "KME-2")])
     exchange(ring5, "KME-0", "SAE-0", "KME-2", "SAE-2")
+    # A link suspended only at its far end (KME-2) is routed around: KME-1 still says it is active.
+    qkms_link(ring5, "KME-2", "suspend", "link-1-2")
+    wait_for_link_state(ring5, "KME-0", "KME-2", "link-1-2", "suspended")
+    for _ in range(3):
+        exchange(ring5, "KME-0", "SAE-0", "KME-2", "SAE-2")
+    qkms_link(ring5, "KME-2", "resume", "link-1-2")
     killed = ring5.sites["KME-1"].process
     assert killed is not None
     killed.kill()

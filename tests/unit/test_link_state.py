@@ -179,3 +179,7 @@ def test_routes_skip_down_and_suspended_links_and_avoided_kmes() -> None:
     assert shortest_route(down, "A", "C", 256) == ["A", "E", "D", "C"]
     short = [e if e.link_id != "ED" else replace(e, bits=100) for e in down]
     assert shortest_route(short, "A", "C", 256) is None
+    # A link suspended only at its far end (C says C-B is suspended, B still says active) is avoided.
+    far = [e if (e.src, e.dst) != ("C", "B") else replace(e, state="suspended") for e in ring]
+    assert shortest_route(far, "A", "C", 256) == ["A", "B", "C"]  # Dijkstra alone would use it
+    assert shortest_route(usable_graph([], far, frozenset()), "A", "C", 256) == ["A", "E", "D", "C"]
