@@ -120,11 +120,13 @@ def run_checks(
             "run IDs consistent", "no key row holds a key_ID that a run row also holds", _run_overlaps(conn)
         )
     )
+    outside, examples = _outside_keyring(conn)
     out.append(
-        _found(
+        IntegrityCheck(
             "sealed under a live KEK version",
             "every row holding sealed material names a KEK version the keyring holds and has not retired",
-            _outside_keyring(conn),
+            outside,
+            tuple(examples[:_EXAMPLES]),
         )
     )
     out.append(
@@ -233,24 +235,24 @@ def _unopenable(conn: Connection, envelope: Envelope, sample: int | None) -> lis
     return bad
 
 
-def _outside_keyring(conn: Connection) -> list[str]:
+def _outside_keyring(conn: Connection) -> tuple[int, list[str]]:
     """Sealed rows whose ``kek_id`` is no live version of the keyring (docs/DECISIONS.md D-27); none
     to check while the keyring is still empty (before the KME's first start on migration 0014)."""
     live = {str(r[0]) for r in conn.execute(text("SELECT kek_id FROM kek_versions WHERE state <> 'retired'"))}
     if not conn.execute(text("SELECT COUNT(*) FROM kek_versions")).scalar_one():
-        return []
-    bad: list[str] = []
+        return 0, []
+    count, bad = 0, []
     for table, key, column in (
         ("keys", "key_id", "material"),
         ("key_blocks", "id", "material"),
         ("kme_keys", "id", "sealed_seed"),
     ):
-        for row_key, kek_id in conn.execute(
-            text(f"SELECT {key}, kek_id FROM {table} WHERE {column} IS NOT NULL")
-        ):
+        sql = f"SELECT kek_id, COUNT(*), MIN({key}) FROM {table} WHERE {column} IS NOT NULL GROUP BY kek_id"
+        for kek_id, rows, first in conn.execute(text(sql)):
             if kek_id not in live:
-                bad.append(f"{table} {row_key} ({kek_id})")
-    return bad
+                count += int(rows)
+                bad.append(f"{table} {first} and {int(rows) - 1} more ({kek_id})")
+    return count, bad
 
 
 def _rows(conn: Connection, sql: str, sample: int | None) -> Iterator[Any]:

@@ -135,3 +135,17 @@ def test_rotation_with_a_pkcs11_token(token: tuple[SoftHsm, object], tmp_path: P
     assert not (work / "kek.wrapped").exists()
     checked = _qkms(work, "db", "check", env=env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_db_check_flags_a_row_naming_a_retired_version(work: Path) -> None:
+    assert _qkms(work, "kek", "rotate").returncode == 0
+    assert _qkms(work, "kek", "retire", "kek-1").returncode == 0
+    assert _qkms(work, "db", "check").returncode == 0
+    engine = create_engine(f"sqlite:///{work / 'qkms.db'}")
+    with engine.begin() as conn:  # as a straggler that sealed under kek-1 after the rotation ended
+        conn.execute(text("UPDATE kme_keys SET kek_id = 'kek-1' WHERE id = (SELECT MIN(id) FROM kme_keys)"))
+    engine.dispose()
+    check = _qkms(work, "db", "check")
+    assert check.returncode == 1
+    line = next(row for row in check.stdout.splitlines() if "has not retired" in row)
+    assert "BROKEN" in line and "(kek-1)" in line, check.stdout
