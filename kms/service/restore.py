@@ -172,6 +172,10 @@ def _check_and_fence(
             raise RestoreError(f"the anchor file cannot be read: {exc}") from exc
         prefix = [a for a in anchored if a.number <= last]
         beyond = [a for a in anchored if a.number > last]
+        adopted = not anchored and bool(checkpoints)
+        if adopted:  # no anchor file here (a new host): the restored chain, verified below, is adopted
+            keys = {k.version: k.public_key for k in identity.public_keys() if k.purpose == "sign"}
+            prefix = [Anchor.of(cp, keys[cp.key_version]) for cp in checkpoints if cp.key_version in keys]
         with tempfile.TemporaryDirectory(prefix=".qkms-anchors-") as tmp:
             book = AnchorFile(Path(tmp) / "prefix.anchors.jsonl")
             with book.locked() as b:
@@ -196,6 +200,7 @@ def _check_and_fence(
                         "lost_checkpoints": list(lost) if lost else None,
                         "last_anchored_before_restore": _anchor_json(beyond[-1] if beyond else (prefix[-1] if prefix else None)),
                         "anchor_file_kept_as": f"{anchor_file(settings).path.name}.pre-restore-{stamp}" if anchored else None,
+                        "anchors_adopted": adopted,
                     }),
                     (actor, "backup.fenced", settings.kme.id, {
                         "keys": counts.keys,
@@ -227,13 +232,14 @@ def _install(url: str, backend: str, staged_url: str, stamp: str) -> str:
     if backend == "sqlite":
         live = snapshot.sqlite_path(url)
         kept = live.with_name(f"{live.name}.pre-restore-{stamp}")
+        existed = live.exists()
         snapshot.sqlite_install(snapshot.sqlite_path(staged_url), url, kept)
-        return str(kept)
+        return str(kept) if existed else "nothing (there was no store)"
     from sqlalchemy.engine import make_url
 
     kept_db = f"{make_url(url).database}_pre_restore_{stamp.lower()}"
-    snapshot.pg_install(url, kept_db)
-    return f"database {kept_db}"
+    existed = snapshot.pg_install(url, kept_db)
+    return f"database {kept_db}" if existed else "nothing (there was no database)"
 
 
 def _cut_anchors(settings: KmsSettings, prefix: list[Anchor], stamp: str) -> str | None:

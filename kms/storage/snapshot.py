@@ -138,11 +138,15 @@ def pg_drop_staging(url: str) -> None:
     _admin(url, f'DROP DATABASE IF EXISTS "{pg_staging_name(url)}"')
 
 
-def pg_install(url: str, keep_as: str) -> None:
-    """Rename the live database to ``keep_as`` and the staging one to the live name."""
+def pg_install(url: str, keep_as: str) -> bool:
+    """Rename the live database (if any) to ``keep_as`` and the staging one to the live name; whether
+    there was a live database to keep."""
     live = str(make_url(url).database)
-    _admin(url, f'ALTER DATABASE "{live}" RENAME TO "{keep_as}"',
-           f'ALTER DATABASE "{pg_staging_name(url)}" RENAME TO "{live}"')  # fmt: skip
+    with _connect(url, "postgres") as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (live,)).fetchone()
+    rename = [f'ALTER DATABASE "{live}" RENAME TO "{keep_as}"'] if exists else []
+    _admin(url, *rename, f'ALTER DATABASE "{pg_staging_name(url)}" RENAME TO "{live}"')
+    return bool(exists)
 
 
 def pg_sessions(url: str) -> int:

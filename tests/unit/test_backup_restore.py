@@ -144,3 +144,40 @@ def test_backup_serve_restore_serves_nothing_twice(kme: RunningKme, tmp_path: Pa
     for args in (("db", "check"), ("audit", "verify")):
         done = _qkms(config, *args)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_restore_on_a_new_host_adopts_the_verified_chain(kme: RunningKme, tmp_path: Path) -> None:
+    """The store and the anchor file are lost (the certificates and the KEK are kept, as a host
+    rebuilt from its configuration management): the restore brings the store back fenced, adopts
+    the restored chain's checkpoints as anchors (recorded), and the KME serves again."""
+    config, url = kme.process.config_path, kme.settings.database.url
+    reserved = _get(kme, 4)
+    backup = tmp_path / "kme.qkmsbackup"
+    assert _qkms(config, "backup", "--out", str(backup)).returncode == 0
+    kme.process.stop()
+    if url.startswith("sqlite"):
+        for suffix in ("", "-wal", "-shm"):
+            Path(url.removeprefix("sqlite:///") + suffix).unlink(missing_ok=True)
+    else:
+        from sqlalchemy.engine import make_url
+
+        engine = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{make_url(url).database}" WITH (FORCE)'))
+        engine.dispose()
+    for anchors in (config.parent / "audit-anchors").iterdir():
+        anchors.unlink()
+    restored = _qkms(config, "restore", str(backup))
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert "there was no" in restored.stdout and "audit verify: intact" in restored.stdout, restored.stdout
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        data = conn.execute(
+            text("SELECT data FROM audit_records WHERE action = 'backup.restored'")
+        ).scalar_one()
+    engine.dispose()
+    assert json.loads(data)["anchors_adopted"] is True
+    kme.process.start()
+    assert _fetch(kme, reserved) != 200
+    kme.process.wait_for_keys(kme.client(M), S, minimum=4)
+    assert _fetch(kme, _get(kme, 4)) == 200
