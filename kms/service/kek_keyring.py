@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from kms.config import KekSection, KmsSettings
 from kms.crypto import kek_sources
@@ -105,15 +105,19 @@ def _bootstrap(settings: KmsSettings, db: Database) -> list[repo.VersionRow]:
     ref = configured_reference(settings.kek)
     kek = kek_sources.load(ref)
     kek_id = settings.kek.key_id
-    with db.write() as conn:
-        if not repo.versions(conn):  # another process may have been first
-            sample = repo.any_sealed_sample(conn, kek_id)
-            if sample is not None and not opens_sample(Envelope(kek, kek_id), sample):
-                raise KekError(
-                    f"the KEK from {kek_sources.describe(ref)} does not open the material stored under"
-                    f" {kek_id}: wrong key"
-                )
-            repo.insert_version(conn, kek_id, ref, kek_check_value(kek), ACTIVE, datetime.now(UTC))
+    try:
+        with db.write() as conn:
+            if not repo.versions(conn):  # another process may have been first
+                sample = repo.any_sealed_sample(conn, kek_id)
+                if sample is not None and not opens_sample(Envelope(kek, kek_id), sample):
+                    raise KekError(
+                        f"the KEK from {kek_sources.describe(ref)} does not open the material stored"
+                        f" under {kek_id}: wrong key"
+                    )
+                repo.insert_version(conn, kek_id, ref, kek_check_value(kek), ACTIVE, datetime.now(UTC))
+    except IntegrityError:
+        pass  # PostgreSQL: another process of this KME (--workers) recorded it at the same moment
+    with db.read() as conn:
         return repo.versions(conn)
 
 
