@@ -59,7 +59,7 @@ def alice_answer(
     wtree: U8Array,
     built: U8Array,
     started: int,
-    key: U8Array,
+    packed: I64Array,
     perm_full: I32Array,
     perm_last: I32Array,
     nf_by_frame: I64Array,
@@ -83,7 +83,7 @@ def alice_answer(
             p = t // n_frames
             f = t % n_frames
             perm = perm_last[p] if f == n_frames - 1 else perm_full[p]
-            build_trees(key, f * n, nf_by_frame[f], perm, words[t], wtree[t])
+            build_trees(packed[f], nf_by_frame[f], perm, words[t], wtree[t])
             built[t] = 1
         put_bit(out, i, node_parity(words[t], wtree[t], v, s, n))
     return out, count, ANSWER_OK
@@ -220,7 +220,7 @@ def _correct(
         top = top_sizes[q]
         if tree_built[tq] == 0:  # lazy: the flip made one half of the frame odd
             bob_build_tree(
-                bob_key, corrected[f], f * n, n_f,
+                packed[f], corrected[f], n_f,
                 perm_last[q] if last else perm_full[q], inv_last[q] if last else inv_full[q],
                 words[tq], wtree[tq], kfv[tq],
             )  # fmt: skip
@@ -235,10 +235,13 @@ def _correct(
             continue
         pq = np.int64(inv_last[q, x] if last else inv_full[q, x])
         words[tq, pq >> 6] ^= np.int64(1) << (pq & 63)
+        # Only nodes up to the pass's top-level size are ever read: the rest may go stale.
         u = w_count + (pq >> 6)
-        while u >= 1:
+        su = np.int64(64)
+        while su <= top:
             wtree[tq, u] ^= 1
             u >>= 1
+            su <<= 1
         leaf = n + pq
         set_known(kfv[tq], leaf, newbit)
         a = leaf >> 1
@@ -288,9 +291,19 @@ def bob_round(
     qv = np.empty(cap, dtype=np.int64)
     qs = np.empty(cap, dtype=np.int64)
     cnt = act_t.shape[0]
-    qt[:cnt] = act_t
-    qv[:cnt] = act_v
-    qs[:cnt] = act_s
+    # Frame by frame: a frame's trees fit in L2, the whole key's do not (stable counting sort).
+    start = np.zeros(n_frames + 1, dtype=np.int64)
+    for i in range(cnt):
+        start[act_t[i] % n_frames + 1] += 1
+    for f in range(n_frames):
+        start[f + 1] += start[f]
+    for i in range(cnt):
+        f = act_t[i] % n_frames
+        j = start[f]
+        start[f] = j + 1
+        qt[j] = act_t[i]
+        qv[j] = act_v[i]
+        qs[j] = act_s[i]
     pend_t = np.empty(cap, dtype=np.int64)
     pend_v = np.empty(cap, dtype=np.int64)
     pend_s = np.empty(cap, dtype=np.int64)

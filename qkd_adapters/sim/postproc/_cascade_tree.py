@@ -14,7 +14,8 @@ parity is public (0) and never disclosed.
 Bob's knowledge (``kfv``, one row per tree) interleaves two bit planes over the heap indices so a
 node costs one cache line: word ``2 (v >> 6)`` holds the *known* flags, word ``2 (v >> 6) + 1`` the
 values. A node not known but with its value bit set is one Bob has *asked* for and awaits (one
-request per node and round); recording Alice's answer overwrites both bits.
+request per node and round); recording Alice's answer overwrites both bits. Bob's word tree is
+kept exact only for nodes no larger than the pass's top-level block, the only ones ever read.
 """
 
 from __future__ import annotations
@@ -91,15 +92,9 @@ def mark_asked(kfv: I64Array, v: Int) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def build_trees(
-    key: U8Array,
-    frame_base: int,
-    n_f: int,
-    perm: I32Array,
-    words: I64Array,
-    wtree: U8Array,
-) -> None:
-    """Gather ``key[frame_base + perm[i]]`` for the frame's positions, pack, build parities."""
+def build_trees(packed: I64Array, n_f: Int, perm: I32Array, words: I64Array, wtree: U8Array) -> None:
+    """Gather bit ``perm[i]`` of the frame (``packed``: its bits in original order, 64 to a word:
+    32 KiB, so the random gathers hit L1) for every position, pack, build the parities."""
     w_count = words.shape[0]
     for w in range(w_count):
         i0 = w * 64
@@ -107,7 +102,8 @@ def build_trees(
         if i0 < n_f:
             lim = min(64, n_f - i0)
             for j in range(lim):
-                acc |= np.int64(key[frame_base + perm[i0 + j]]) << j
+                x = perm[i0 + j]
+                acc |= ((packed[x >> 6] >> (x & 63)) & 1) << j
         words[w] = acc
         wtree[w_count + w] = np.uint8(parity64(acc))
     for u in range(w_count - 1, 0, -1):
@@ -116,10 +112,9 @@ def build_trees(
 
 @njit(cache=True, nogil=True)
 def bob_build_tree(
-    key: U8Array,
+    packed: I64Array,
     corrected: I64Array,
-    frame_base: int,
-    n_f: int,
+    n_f: Int,
     perm: I32Array,
     inv: I32Array,
     words: I64Array,
@@ -127,14 +122,14 @@ def bob_build_tree(
     kfv: I64Array,
 ) -> None:
     """Bob: build a tree from his current key and mark as known the leaves of the bits he has
-    corrected (he knows Alice's value there); ``corrected`` holds the frame's corrected
-    positions, packed in original order."""
-    build_trees(key, frame_base, n_f, perm, words, wtree)
+    corrected (he knows Alice's value there); ``packed`` and ``corrected`` hold the frame's
+    current bits and corrected positions, in original order."""
+    build_trees(packed, n_f, perm, words, wtree)
     n = words.shape[0] * 64
     for w in range(corrected.shape[0]):
         m = corrected[w]
         while m != 0:
             low = m & -m
-            x = w * 64 + _LOWEST[((low * _DEBRUIJN_I64) >> 58) & 63]
-            set_known(kfv, np.int64(n + inv[x]), np.int64(key[frame_base + x]))
+            b = _LOWEST[((low * _DEBRUIJN_I64) >> 58) & 63]
+            set_known(kfv, np.int64(n + inv[w * 64 + b]), (packed[w] >> b) & 1)
             m ^= low

@@ -244,8 +244,8 @@ class CascadeAlice:
     """Alice's end: announces the run, then answers parity requests from her fixed key."""
 
     def __init__(self, key: U8Array, qber_hint: float, config: CascadeConfig) -> None:
-        self._key = np.ascontiguousarray(key, dtype=np.uint8)
-        n = int(self._key.shape[0])
+        key = np.ascontiguousarray(key, dtype=np.uint8)
+        n = int(key.shape[0])
         if n == 0:
             raise ReconciliationError("nothing to reconcile")
         frame = frame_size(n, config.max_frame_bits)
@@ -257,7 +257,7 @@ class CascadeAlice:
         self._words = np.zeros((trees, w), dtype=np.int64)
         self._wtree = np.zeros((trees, 2 * w), dtype=np.uint8)
         self._built = np.zeros(trees, dtype=np.uint8)
-        self._packed = _pack_frames(self._key, frame) if any(lay.lazy) else np.zeros((0, w), np.int64)
+        self._packed = _pack_frames(key, frame)  # Alice's key, 64 bits to a word
         self._started = 0
 
     def init_message(self) -> bytes:
@@ -281,7 +281,7 @@ class CascadeAlice:
         trees = lay.trees_of_pass(p)
         for f in range(lay.frames):
             tree.build_trees(
-                self._key, f * lay.frame_bits, int(lay.nf_by_frame[f]), lay.perm_of_frame(f)[p],
+                self._packed[f], int(lay.nf_by_frame[f]), lay.perm_of_frame(f)[p],
                 self._words[trees[f]], self._wtree[trees[f]],
             )  # fmt: skip
         self._built[trees] = 1
@@ -300,7 +300,7 @@ class CascadeAlice:
         lay = self.layout
         reply, count, status = kern.alice_answer(
             np.frombuffer(payload, dtype=np.uint8), self._words, self._wtree, self._built,
-            self._started, self._key, lay.perm_full, lay.perm_last, lay.nf_by_frame, lay.frame_bits,
+            self._started, self._packed, lay.perm_full, lay.perm_last, lay.nf_by_frame, lay.frame_bits,
         )  # fmt: skip
         if status == kern.ANSWER_MALFORMED:
             raise ReconciliationError("parity request of unexpected length")
@@ -349,7 +349,7 @@ class CascadeBob:
         p, f = divmod(t, lay.frames)
         last = f == lay.frames - 1
         tree.bob_build_tree(
-            self.key, self._corr[f], f * lay.frame_bits, int(lay.nf_by_frame[f]),
+            self._packed[f], self._corr[f], int(lay.nf_by_frame[f]),
             (lay.perm_last if last else lay.perm_full)[p], (lay.inv_last if last else lay.inv_full)[p],
             self._words[t], self._wtree[t], self._kfv[t],
         )  # fmt: skip
