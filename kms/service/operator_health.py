@@ -57,10 +57,15 @@ class HealthService:
         self.head = head_revision()
         self.timeout = settings.operator.health_timeout_seconds
         self._database = SingleFlight("qkms-health-db", self._database_checks)
+        # Sealing may read the KEK keyring from the database (rotation): bounded as well.
+        self._kek = SingleFlight("qkms-health-kek", self._kek_check)
 
     def check(self) -> Health:
         started = time.monotonic()
-        checks = [*self._bounded_database_checks(), self._kek_check()]
+        self._kek.start()  # in parallel with the database checks: a probe takes one time limit
+        database = self._bounded_database_checks()
+        left = max(0.0, self.timeout - (time.monotonic() - started))
+        checks = [*database, self._bounded_kek_check(left)]
         return Health(
             ready=all(c.ok for c in checks),
             role=self.role(),
@@ -121,6 +126,12 @@ class HealthService:
     def _fallback_configured(self) -> bool:
         policy = self.settings.policy
         return policy.pqc_fallback or any(rule.pqc_fallback for rule in policy.rules)
+
+    def _bounded_kek_check(self, timeout: float) -> Check:
+        try:
+            return self._kek.run(timeout)
+        except CallTimedOut:
+            return Check("kek", False, f"no answer within {self.timeout:g} s")
 
     def _kek_check(self) -> Check:
         probe = secrets.token_bytes(16)

@@ -29,13 +29,18 @@ class SingleFlight(Generic[T]):
         self._lock = threading.Lock()
         self._running: Future[T] | None = None
 
-    def run(self, timeout: float) -> T:
-        """The call's result, or its exception; :class:`CallTimedOut` after ``timeout`` seconds."""
+    def start(self) -> Future[T]:
+        """Start the call unless one is in flight; the future of the one in flight."""
         with self._lock:
             future = self._running
             if future is None or future.done():
                 future = self._running = Future()
                 threading.Thread(target=self._work, args=(future,), name=self.name, daemon=True).start()
+            return future
+
+    def run(self, timeout: float) -> T:
+        """The call's result, or its exception; :class:`CallTimedOut` after ``timeout`` seconds."""
+        future = self.start()
         try:
             return future.result(timeout)
         except FutureTimeout as exc:
