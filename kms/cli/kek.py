@@ -89,10 +89,11 @@ def kek_rotate(
     try:
         rotation = _rotation(rt, batch, pause)
         try:
-            target, resumed = rotation.start(env_var)
-            verb = "resuming the rotation to" if resumed else "rotating to"
-            console.print(f"{verb} KEK version {target}; re-sealing in batches of {batch}")
-            report = rotation.reseal(target, resumed)
+            with rotation.exclusive():
+                target, resumed = rotation.start(env_var)
+                verb = "resuming the rotation to" if resumed else "rotating to"
+                console.print(f"{verb} KEK version {target}; re-sealing in batches of {batch}")
+                report = rotation.reseal(target, resumed)
         except (KekError, KekRotationError) as exc:
             err.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
@@ -122,7 +123,8 @@ def kek_retire(
     rt = _runtime(config)
     try:
         try:
-            done = _rotation(rt).retire(version, destroy=not keep_key)
+            with (rotation := _rotation(rt)).exclusive():
+                done = rotation.retire(version, destroy=not keep_key)
         except (KekError, KekRotationError) as exc:
             err.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc

@@ -15,8 +15,9 @@ it) and destroys what its reference points at.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -65,6 +66,15 @@ class KekRotation:
         self.db, self.envelope, self.actor = db, envelope, actor
         self.refresh_seconds = refresh_seconds
         self.batch, self.pause_seconds = batch, pause_seconds
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """One rotation or retirement at a time per store (another one: a one-line refusal)."""
+        try:
+            with repo.rotation_lock(self.db):
+                yield
+        except repo.RotationBusy as exc:
+            raise KekRotationError(str(exc)) from exc
 
     def versions(self) -> tuple[list[repo.VersionRow], dict[str, int]]:
         with self.db.read() as conn:

@@ -10,12 +10,18 @@ the caller (``kms.service.kek_rotation``) with the envelope.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, insert, select, text, update
 
+from kms.storage.database import Database
 from kms.storage.rawsql import Raw
 from kms.storage.schema import kek_versions
 
@@ -122,3 +128,41 @@ def store_resealed(conn: Connection, table: str, rows: list[tuple[Any, bytes, st
         f"UPDATE {table} SET {column} = ?, kek_id = ? WHERE {key} = ?",
         [(sealed, kek_id, row_key) for row_key, sealed, kek_id in rows],
     )
+
+
+class RotationBusy(RuntimeError):
+    """Another ``qkms kek`` command holds the rotation lock of this store."""
+
+
+@contextlib.contextmanager
+def rotation_lock(db: Database) -> Iterator[None]:
+    """One KEK rotation or retirement at a time per store: an ``flock`` beside a SQLite file, a
+    session-level advisory lock on PostgreSQL (held by a connection of its own until the end)."""
+    if db.is_sqlite:
+        lock = db.lock_path
+        if lock is None:  # in-memory database: one process by construction
+            yield
+            return
+        fd = os.open(lock.with_suffix(".kek-rotation"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise RotationBusy("another `qkms kek` command is rotating or retiring; wait for it") from exc
+            yield
+        finally:
+            os.close(fd)
+        return
+    with db.engine.connect() as conn:
+        got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}).scalar()
+        conn.commit()
+        if not got:
+            raise RotationBusy("another `qkms kek` command is rotating or retiring; wait for it")
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+            conn.commit()
+
+
+_LOCK_KEY = zlib.crc32(b"qkms-kek-rotation")

@@ -95,6 +95,10 @@ def test_rotation_killed_mid_way_resumes_and_the_old_version_retires(kme: Runnin
             break
         assert proc.poll() is None, "the rotation ended before it could be killed"
         time.sleep(0.05)
+    # A second rotation (or a retirement) meanwhile is refused with one line, and changes nothing.
+    second = _qkms(config, "kek", "rotate")
+    assert second.returncode == 2 and "another `qkms kek` command" in second.stderr, second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     mid = _sealed_by_version(url)
