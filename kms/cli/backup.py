@@ -88,5 +88,7 @@ def restore(
     broken = [c.name for c in report.checks if not c.passed]
     console.print(f"db check: {'clean' if not broken else 'BROKEN: ' + ', '.join(broken)};"
                   f" audit verify: {'intact' if report.audit_ok else 'FAILED'}")  # fmt: skip
+    for problem in report.problems:
+        err.print(f"[red]problem:[/red] {problem}")
     if broken or not report.audit_ok:
         raise typer.Exit(1)

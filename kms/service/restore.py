@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kms.audit.anchors import Anchor, AnchorFile, AnchorFileError
+from kms.audit.integrity import AuditIntegrityError
 from kms.config import KmsSettings
 from kms.crypto import kek_sources
 from kms.crypto.envelope import Envelope, KekError, kek_check_value
@@ -56,6 +57,7 @@ class RestoreReport:
     kept_anchors: str | None
     checks: list[IntegrityCheck]
     audit_ok: bool
+    problems: list[str]
 
 
 def restore(settings: KmsSettings, path: Path, actor: str = "operator") -> RestoreReport:
@@ -80,8 +82,11 @@ def restore(settings: KmsSettings, path: Path, actor: str = "operator") -> Resto
         raise
     kept_store = _install(url, backend, staged_url, stamp)
     kept_anchors = _cut_anchors(settings, prefix, stamp)
-    checks, audit_ok = _sign_and_check(settings)
-    return RestoreReport(fenced, seq, lost, kept_store, kept_anchors, checks, audit_ok)
+    try:  # the fenced store is in place: whatever fails now is reported, not raised
+        checks, audit_ok, problems = _sign_and_check(settings)
+    except (AuditIntegrityError, KekError) as exc:
+        checks, audit_ok, problems = [], False, [str(exc)]
+    return RestoreReport(fenced, seq, lost, kept_store, kept_anchors, checks, audit_ok, problems)
 
 
 def refuse_if_running(settings: KmsSettings) -> None:
@@ -255,7 +260,7 @@ def _cut_anchors(settings: KmsSettings, prefix: list[Anchor], stamp: str) -> str
     return kept
 
 
-def _sign_and_check(settings: KmsSettings) -> tuple[list[IntegrityCheck], bool]:
+def _sign_and_check(settings: KmsSettings) -> tuple[list[IntegrityCheck], bool, list[str]]:
     db = Database(settings.database.url, pool_size=2)
     try:
         envelope = open_keyring(settings, db)
@@ -264,6 +269,6 @@ def _sign_and_check(settings: KmsSettings) -> tuple[list[IntegrityCheck], bool]:
         with db.read() as conn:
             checks = run_checks(conn, envelope, kme_id=settings.kme.id)
         report = AuditService.for_settings(db, identity, settings).verify()
-        return checks, report.ok
+        return checks, report.ok, list(report.problems)
     finally:
         db.dispose()
