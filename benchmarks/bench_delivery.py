@@ -24,6 +24,12 @@ Usage::
     .venv/bin/python benchmarks/bench_delivery.py --backend postgres --workers 1
     .venv/bin/python benchmarks/bench_delivery.py --backend sqlite --policy hybrid
     .venv/bin/python benchmarks/bench_delivery.py --backend sqlite --profile
+    .venv/bin/python benchmarks/bench_delivery.py --backend both --metrics both --repeat 3
+
+``--metrics on`` runs the KME with its operator listener and per-request instruments on (issue 15)
+and scrapes ``/metrics`` every ``--scrape-seconds`` during the measurement; ``--metrics both``
+alternates KMEs with metrics off and on, ``--repeat`` times, and prints the cost of metrics as the
+drop in median throughput (floor: at most ``FLOOR_METRICS_COST`` = 5 %).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ if str(REPO) not in sys.path:
 FLOOR_ROUND_TRIPS = 400.0  # single-key enc+dec round trips per second
 FLOOR_KEYS = 20_000.0  # keys per second with number=128
 FLOOR_P99_MS = 100.0  # p99 of the single-key round trip
+FLOOR_METRICS_COST = 0.05  # metrics on may cost at most 5 % of round trips/s (issue 15)
 KEY_BITS = 256
 BATCH = 128
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -280,6 +287,7 @@ class Figures:
     pg_cores: float | None
     stolen_cores: float = 0.0  # CPU the hypervisor gave to other guests during the window
     profiled: bool = False
+    metrics: str = "off"  # the operator listener and its instruments (--metrics)
 
     @property
     def rt_per_s(self) -> float:
@@ -312,6 +320,16 @@ class Bench:
         return [s for p in pairs for s in p], pairs
 
     def run_backend(self, backend: str) -> None:
+        modes = ["off", "on"] if self.args.metrics == "both" else [self.args.metrics]
+        repeat = self.args.repeat if self.args.metrics == "both" else 1
+        for _ in range(repeat):  # alternate: load on the shared machine drifts over minutes
+            for mode in modes:
+                with _metrics_env(mode) as scrape_url:
+                    self.run_kme(
+                        backend, mode, scrape_url, 1 if self.args.metrics == "both" else self.args.repeat
+                    )
+
+    def run_kme(self, backend: str, metrics: str, scrape_url: str | None, repeat: int) -> None:
         from tests.kme_harness import running_kme
         from tests.support.postgres import PostgresServer
 
@@ -335,7 +353,7 @@ class Bench:
                 url = server.create_database("qkms_bench")
                 pm_pid = int((server.data_dir / "postmaster.pid").read_text().split()[0])
                 pg = CpuGroup("postgres", root=pm_pid)
-            workdir = self.tmp / f"kme-{backend}"
+            workdir = self.tmp / f"kme-{backend}-{time.monotonic_ns()}"
             t0 = time.monotonic()
             kme = stack.enter_context(
                 running_kme(
@@ -350,7 +368,7 @@ class Bench:
             )
             assert kme.process.proc is not None
             print(
-                f"[{backend}] KME up (workers={workers}, policy {self.args.policy}, audit on), pool pre-filled to {fill_keys:,} keys "
+                f"[{backend}] KME up (workers={workers}, policy {self.args.policy}, audit on, metrics {metrics}), pool pre-filled to {fill_keys:,} keys "
                 f"in {time.monotonic() - t0:.1f}s",
                 flush=True,
             )
@@ -373,11 +391,14 @@ class Bench:
             stats_url = url if backend == "postgres" and self.args.pg_stats else None
             if stats_url:
                 _pg_stats(stats_url, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            for _ in range(self.args.repeat):
+            if scrape_url is not None:
+                stack.enter_context(_scraping(scrape_url, self.args.scrape_seconds, kme.ca))
+            for _ in range(repeat):
                 for scenario, number in scenarios:
                     if stats_url:
                         _pg_stats(stats_url, "SELECT pg_stat_statements_reset()")
                     fig = self.run_client(backend, workers, scenario, {**base, "number": number}, kme_cpu, pg)
+                    fig.metrics = metrics
                     self.results.append(fig)
                     _print_row(fig)
                     if stats_url:
@@ -389,6 +410,7 @@ class Bench:
                         backend, workers, scenario, {**base, "number": number}, kme_cpu, pg, profile_to=out
                     )
                     fig.profiled = True
+                    fig.metrics = metrics
                     self.results.append(fig)
                     _print_row(fig)
                     self.profiles.append((f"{backend} workers={workers} {scenario}", out))
@@ -447,6 +469,81 @@ class Bench:
             pg_cores=pg_s / dur if pg else None,
             stolen_cores=steal / CLK_TCK / dur,
         )
+
+
+@contextlib.contextmanager
+def _metrics_env(mode: str) -> Iterator[str | None]:
+    """``on``: the KME's operator listener enabled (through ``QKMS_OPERATOR__*``, which the
+    ``qkms serve`` child inherits), metrics unauthenticated on a free loopback port; yields the
+    ``/metrics`` URL. ``off``: the defaults (no listener, no instruments)."""
+    if mode == "off":
+        yield None
+        return
+    from kms.lab.launcher import free_port
+
+    port = free_port()
+    env = {
+        "QKMS_OPERATOR__ENABLED": "true",
+        "QKMS_OPERATOR__PORT": str(port),
+        "QKMS_OPERATOR__UNAUTHENTICATED_METRICS": "true",
+    }
+    os.environ.update(env)
+    try:
+        yield f"https://127.0.0.1:{port}/metrics"
+    finally:
+        for name in env:
+            os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def _scraping(url: str, every: float, ca: Path) -> Iterator[None]:
+    """Scrape ``url`` every ``every`` seconds, as Prometheus would, until the block ends."""
+    import threading
+
+    import httpx
+
+    from kms.lab.launcher import client_ssl_context
+
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def loop() -> None:
+        with httpx.Client(verify=client_ssl_context(ca, None, None), timeout=10) as client:
+            while not stop.wait(every):
+                try:
+                    if client.get(url).status_code != 200:
+                        failures.append("status")
+                except httpx.HTTPError as exc:
+                    failures.append(type(exc).__name__)
+
+    thread = threading.Thread(target=loop, name="bench-scraper", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        if failures:
+            print(f"    scrapes failed: {failures[:5]} ({len(failures)} in all)", flush=True)
+
+
+def metrics_cost(results: list[Figures]) -> list[tuple[str, float, float, float]]:
+    """Per backend and scenario: median throughput off and on, and the relative cost of on."""
+    rows = []
+    for backend in sorted({f.backend for f in results}):
+        for scenario in ("single", "batched"):
+            off = [
+                f.rt_per_s
+                for f in results
+                if (f.backend, f.scenario, f.metrics) == (backend, scenario, "off")
+            ]
+            on = [
+                f.rt_per_s for f in results if (f.backend, f.scenario, f.metrics) == (backend, scenario, "on")
+            ]
+            if off and on:
+                m_off, m_on = statistics.median(off), statistics.median(on)
+                rows.append((f"{backend} {scenario}", m_off, m_on, 1 - m_on / m_off))
+    return rows
 
 
 def _pg_stats(url: str, sql: str) -> list[Any]:
@@ -612,7 +709,7 @@ def _short(frame: str) -> str:
 
 HEADER = (
     f"{'backend':<9}{'wk':>3} {'scenario':<8}{'rt/s':>9}{'keys/s':>10}{'p50 ms':>8}{'p99 ms':>8}"
-    f"{'errors':>8}{'cli cpu':>8}{'kme cpu':>8}{'pg cpu':>7}{'stolen':>7}  verdict"
+    f"{'errors':>8}{'cli cpu':>8}{'kme cpu':>8}{'pg cpu':>7}{'stolen':>7}{'metrics':>8}  verdict"
 )
 
 
@@ -622,7 +719,7 @@ def _print_row(f: Figures) -> None:
     print(
         f"{f.backend:<9}{f.workers:>3} {f.scenario:<8}{f.rt_per_s:9.0f}{f.keys_per_s:10.0f}"
         f"{f.p50_ms:8.1f}{f.p99_ms:8.1f}{sum(f.errors.values()):8d}{f.client_cores:8.2f}"
-        f"{f.server_cores:8.2f}{pg}{f.stolen_cores:7.2f}  {verdict}",
+        f"{f.server_cores:8.2f}{pg}{f.stolen_cores:7.2f}{f.metrics:>8}  {verdict}",
         flush=True,
     )
     if f.errors:
@@ -669,6 +766,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="PostgreSQL only: print its time per statement (pg_stat_statements) after each scenario",
     )
+    parser.add_argument(
+        "--metrics",
+        choices=["off", "on", "both"],
+        default="off",
+        help="the KME's operator listener and instruments; 'both' alternates KMEs off and on, --repeat times",
+    )
+    parser.add_argument("--scrape-seconds", type=float, default=5.0, help="with metrics on: scrape interval")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--client-spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -702,6 +806,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     ok = bool(judged) and all(ok for f in judged for _, ok in f.checks())
+    cost = metrics_cost(judged)
+    if cost:
+        print(f"\nCost of metrics (median round trips/s off -> on; floor: <= {FLOOR_METRICS_COST:.0%}):")
+        for name, m_off, m_on, rel in cost:
+            verdict = "PASS" if rel <= FLOOR_METRICS_COST else "FAIL"
+            print(f"  {name:<18}{m_off:9.0f} -> {m_on:9.0f}  cost {rel:+.1%}  {verdict}")
+        ok = ok and all(rel <= FLOOR_METRICS_COST for *_, rel in cost)
     print("\nOVERALL:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
