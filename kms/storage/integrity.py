@@ -171,12 +171,13 @@ def _unrecorded_consumption(conn: Connection, kme_id: str | None) -> list[str]:
     """Consumed keys that no audit record accounts for.
 
     A key served to local slaves is consumed by the same transaction that appends ``keys.delivered``
-    naming it in ``consumed``; a key cut here for a slave at another KME (``target_kme_id`` not
-    ``kme_id``, never served here) is consumed when that KME recorded it, in the transaction that
-    appends ``keys.reserved`` with the peer's receipt."""
+    naming it in ``consumed``; a key for a slave at another KME (``target_kme_id`` not ``kme_id``,
+    never served here) — cut here, or relayed by this trusted node for another KME — is consumed
+    when the next KME recorded it, in the transaction that appends ``keys.reserved`` with that
+    KME's receipt."""
     consumed = conn.execute(
         text(
-            "SELECT key_id, key_count, served_at IS NULL AND source_kme_id IS NULL AND target_kme_id <> :kme"
+            "SELECT key_id, key_count, served_at IS NULL AND target_kme_id <> :kme"
             " FROM keys WHERE state = 'consumed'"
         ),
         {"kme": kme_id or ""},

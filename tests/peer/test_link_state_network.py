@@ -120,6 +120,17 @@ def test_a_chain_of_five_relays_end_to_end_without_traffic_at_the_trusted_nodes(
     for site in chain5.sites.values():
         origins = {str(r[0]) for r in query(site, "SELECT origin_kme_id FROM link_state_records")}
         assert origins == set(chain5.sites), (site.kme_id, origins)
+    # And every KME's store and audit trail check out, the trusted nodes' relay copies included
+    # (before, db check flagged each relayed key as consumed without a record at the middle KMEs).
+    for site in chain5.sites.values():
+        for check in (["db", "check"], ["audit", "verify"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "kms", *check, "--config", str(site.config_path)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, (site.kme_id, check, done.stdout[-2000:], done.stderr[-500:])
 
 
 @pytest.fixture
