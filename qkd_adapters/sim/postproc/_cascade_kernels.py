@@ -91,17 +91,18 @@ def alice_answer(
 
 @njit(cache=True, nogil=True)
 def top_parities(
-    words: I64Array, wtree: U8Array, trees: I32Array, nfs: I64Array, top: int, n: int
+    words: I64Array, wtree: U8Array, trees: I32Array, nfs: I64Array, tops: I64Array, n: int
 ) -> U8Array:
-    """Alice: parities of the top-level nodes of size ``top`` holding real bits, tree by tree."""
+    """Alice: parities of the top-level nodes (size ``tops[i]`` in frame i) holding real bits."""
     total = 0
     for i in range(trees.shape[0]):
-        total += (nfs[i] + top - 1) // top
+        total += (nfs[i] + tops[i] - 1) // tops[i]
     out = np.empty(total, dtype=np.uint8)
     k = 0
-    first = n // top
     for i in range(trees.shape[0]):
         t = trees[i]
+        top = tops[i]
+        first = n // top
         cnt = (nfs[i] + top - 1) // top
         for j in range(cnt):
             out[k] = np.uint8(
@@ -120,18 +121,20 @@ def bob_start_pass(
     nfs: I64Array,
     parities: U8Array,
     totals: U8Array,
-    top: int,
+    tops: I64Array,
     n: int,
 ) -> tuple[I64Array, I64Array, I64Array]:
     """Bob: record Alice's top-level parities (the last of each frame inferred from ``totals``
     when ``parities`` omits it) and return the odd-mismatch blocks to bisect."""
-    first = n // top
     act_t = np.empty(parities.shape[0] + trees.shape[0], dtype=np.int64)
     act_v = np.empty_like(act_t)
+    act_s = np.empty_like(act_t)
     k = 0
     a = 0
     for i in range(trees.shape[0]):
         t = trees[i]
+        top = tops[i]
+        first = n // top
         cnt = (nfs[i] + top - 1) // top
         acc = np.int64(0)
         for j in range(cnt):
@@ -146,9 +149,10 @@ def bob_start_pass(
             if bit ^ node_parity(words[t], wtree[t], v, np.int64(top), np.int64(n)):
                 act_t[a] = t
                 act_v[a] = v
+                act_s[a] = top
                 a += 1
         set_known(kfv[t], np.int64(1), acc)
-    return act_t[:a], act_v[:a], np.full(a, top, dtype=np.int64)
+    return act_t[:a], act_v[:a], act_s[:a]
 
 
 @njit(cache=True, nogil=True)
@@ -192,7 +196,7 @@ def _correct(
     inv_last: I32Array,
     nf_by_frame: I64Array,
     n_built: int,
-    top_sizes: I64Array,
+    tops: I64Array,
     qt: I64Array,
     qv: I64Array,
     qs: I64Array,
@@ -217,7 +221,7 @@ def _correct(
     corrected[f, x >> 6] |= xbit
     for q in range(n_built):
         tq = q * n_frames + f
-        top = top_sizes[q]
+        top = tops[q, f]
         if tree_built[tq] == 0:  # lazy: the flip made one half of the frame odd
             bob_build_tree(
                 packed[f], corrected[f], n_f,
@@ -274,7 +278,7 @@ def bob_round(
     inv_last: I32Array,
     nf_by_frame: I64Array,
     n_built: int,
-    top_sizes: I64Array,
+    tops: I64Array,
     act_t: I64Array,
     act_v: I64Array,
     act_s: I64Array,
@@ -329,7 +333,7 @@ def bob_round(
                 qt, qv, qs, cnt = _correct(
                     t, v, words, wtree, kfv, bob_key, packed, corrected, tree_built, totals,
                     lazy_half, perm_full, inv_full, perm_last, inv_last, nf_by_frame, n_built,
-                    top_sizes, qt, qv, qs, cnt,
+                    tops, qt, qv, qs, cnt,
                 )  # fmt: skip
                 flips += 1
                 break

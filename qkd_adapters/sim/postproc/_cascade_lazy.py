@@ -47,7 +47,7 @@ def bob_start_lazy_pass(
     nfs: I64Array,
     parities: U8Array,
     totals: U8Array,
-    top: int,
+    tops: I64Array,
 ) -> tuple[U8Array, U8Array]:
     """Bob: Alice's first-half parity of every frame (disclosed, or the frame parity where the
     frame has one block) and whether Bob's differs (then both halves are odd, as the frame's
@@ -58,7 +58,7 @@ def bob_start_lazy_pass(
     odd = np.empty(frames, dtype=np.uint8)
     k = 0
     for f in range(frames):
-        if nfs[f] > top:
+        if nfs[f] > tops[f]:
             alice[f] = parities[k]
             k += 1
         else:

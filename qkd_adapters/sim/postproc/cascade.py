@@ -166,6 +166,7 @@ class _Layout:
     inv_last: I32Array
     nf_by_frame: I64Array
     lazy: tuple[bool, ...]
+    tops: I64Array  # (passes, frames): top-level block size of each pass in each frame
     mask_full: I64Array
     mask_last: I64Array
 
@@ -198,11 +199,17 @@ class _Layout:
             inv_last.setflags(write=False)
         nf.setflags(write=False)
         lazy_passes = tuple(p > 0 and 2 * k == frame_bits for p, k in enumerate(sizes))
-        mask_full = _half_masks(inv_full, lazy_passes, frame_bits, frame_bits)
-        mask_last = _half_masks(inv_last, lazy_passes, frame_bits, int(last))
+        # A short last frame holds its bits in the first permuted positions: its blocks are capped
+        # at half its own power-of-two span, or passes with half-frame blocks would see one block
+        # (its parity already known) and never look into it.
+        half_last = max(2, (1 << max(0, (last - 1).bit_length())) // 2)
+        tops = np.array([[k] * (frames - 1) + [min(k, half_last)] for k in sizes], dtype=np.int64)
+        tops.setflags(write=False)
+        mask_full = _half_masks(inv_full, lazy_passes, tops[:, 0], frame_bits)
+        mask_last = _half_masks(inv_last, lazy_passes, tops[:, -1], int(last))
         return _Layout(
             n, frame_bits, sizes, seed, perm_full, inv_full, perm_last, inv_last, nf,
-            lazy_passes, mask_full, mask_last,
+            lazy_passes, tops, mask_full, mask_last,
         )  # fmt: skip
 
     def perm_of_frame(self, f: int) -> I32Array:
@@ -213,13 +220,15 @@ class _Layout:
         return np.arange(p * self.frames, (p + 1) * self.frames, dtype=np.int32)
 
 
-def _half_masks(inv: I32Array, lazy_passes: tuple[bool, ...], frame_bits: int, n_f: int) -> I64Array:
+def _half_masks(inv: I32Array, lazy_passes: tuple[bool, ...], tops: I64Array, n_f: int) -> I64Array:
     """For each lazy pass, the frame positions (of ``n_f`` real ones) its permutation sends into
-    the first half, packed in original order (64 to a word, LSB first); zero for eager passes."""
+    the first top-level block, packed in original order (64 to a word, LSB first); zero for eager
+    passes."""
+    frame_bits = inv.shape[1]
     out = np.zeros((len(lazy_passes), frame_bits // 64), dtype=np.int64)
     for p, is_lazy in enumerate(lazy_passes):
         if is_lazy:
-            sel = inv[p] < frame_bits // 2
+            sel = inv[p] < tops[p]
             sel[n_f:] = False
             out[p] = _pack_frames(sel.astype(np.uint8), frame_bits)[0]
     out.setflags(write=False)
@@ -276,7 +285,7 @@ class CascadeAlice:
         self._started = p + 1
         if lay.lazy[p]:  # trees built only if Bob asks; the last half follows from the frame parity
             halves = lazy.half_parities(self._packed, lay.mask_full[p], lay.mask_last[p])
-            bits = halves[lay.nf_by_frame > lay.sizes[p]]
+            bits = halves[lay.nf_by_frame > lay.tops[p]]
             return _pack_bits(bits), int(bits.shape[0])
         trees = lay.trees_of_pass(p)
         for f in range(lay.frames):
@@ -286,10 +295,10 @@ class CascadeAlice:
             )  # fmt: skip
         self._built[trees] = 1
         bits = kern.top_parities(
-            self._words, self._wtree, trees, lay.nf_by_frame, lay.sizes[p], lay.frame_bits
+            self._words, self._wtree, trees, lay.nf_by_frame, lay.tops[p], lay.frame_bits
         )
         if p > 0:  # the last block of each frame follows from the frame parity disclosed in pass 0
-            counts = -(-lay.nf_by_frame // lay.sizes[p])
+            counts = -(-lay.nf_by_frame // lay.tops[p])
             keep = np.ones(bits.shape[0], dtype=bool)
             keep[np.cumsum(counts) - 1] = False
             bits = bits[keep]
@@ -335,7 +344,6 @@ class CascadeBob:
         self._corr = np.zeros_like(self._packed)
         self._totals = np.full(lay.frames, 2, dtype=np.uint8)
         self._lazy_half = np.zeros((lay.passes, lay.frames), dtype=np.uint8)
-        self._tops = np.asarray(sizes, dtype=np.int64)
         self._q_t = np.zeros(0, dtype=np.int64)
         self._q_v = np.zeros(0, dtype=np.int64)
         self._act_t = np.zeros(0, dtype=np.int64)
@@ -366,33 +374,32 @@ class CascadeBob:
     def on_top_parities(self, p: int, payload: bytes) -> None:
         lay = self.layout
         trees = lay.trees_of_pass(p)
-        top = lay.sizes[p]
+        tops = lay.tops[p]
         if lay.lazy[p]:
-            bits = _unpack_bits(payload, int(np.count_nonzero(lay.nf_by_frame > top)))
+            bits = _unpack_bits(payload, int(np.count_nonzero(lay.nf_by_frame > tops)))
             self._lazy_half[p], odd = lazy.bob_start_lazy_pass(
                 self._packed, lay.mask_full[p], lay.mask_last[p], lay.nf_by_frame, bits,
-                self._totals, top,
+                self._totals, tops,
             )  # fmt: skip
-            act: list[tuple[int, int]] = []
+            act: list[tuple[int, int, int]] = []
             for f in np.flatnonzero(odd):
-                t = int(trees[f])
+                t, top = int(trees[f]), int(tops[f])
                 self._build(t)
                 halves = -(-int(lay.nf_by_frame[f]) // top)
                 lazy.seed_lazy_tree(
                     self._kfv[t], int(self._totals[f]), int(self._lazy_half[p, f]), halves,
                     lay.frame_bits // top,
                 )  # fmt: skip
-                act += [(t, lay.frame_bits // top + j) for j in range(halves)]
-            act_arr = np.asarray(act, dtype=np.int64).reshape(-1, 2)
-            act_t, act_v = act_arr[:, 0], act_arr[:, 1]
-            act_s = np.full(act_t.shape[0], top, dtype=np.int64)
+                act += [(t, lay.frame_bits // top + j, top) for j in range(halves)]
+            act_arr = np.asarray(act, dtype=np.int64).reshape(-1, 3)
+            act_t, act_v, act_s = act_arr[:, 0], act_arr[:, 1], act_arr[:, 2]
         else:
-            counts = -(-lay.nf_by_frame // top)
+            counts = -(-lay.nf_by_frame // tops)
             expected = int(counts.sum()) - (lay.frames if p > 0 else 0)
             bits = _unpack_bits(payload, expected)
             act_t, act_v, act_s = kern.bob_start_pass(
                 self._words, self._wtree, self._kfv, trees, lay.nf_by_frame, bits,
-                self._totals, top, lay.frame_bits,
+                self._totals, tops, lay.frame_bits,
             )  # fmt: skip
             if p == 0:
                 self._totals = np.bitwise_xor.reduceat(
@@ -409,7 +416,7 @@ class CascadeBob:
             self._act_t, self._act_v, self._act_s, q_t, q_v, query, flips = kern.bob_round(
                 self._words, self._wtree, self._kfv, self.key, self._packed, self._corr,
                 self._tree_built, self._totals, self._lazy_half, lay.perm_full, lay.inv_full,
-                lay.perm_last, lay.inv_last, lay.nf_by_frame, self.built, self._tops,
+                lay.perm_last, lay.inv_last, lay.nf_by_frame, self.built, lay.tops,
                 self._act_t, self._act_v, self._act_s,
             )  # fmt: skip
             self.corrected += int(flips)
