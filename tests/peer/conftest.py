@@ -93,3 +93,20 @@ def query(site: Site, sql: str, **params: object) -> list[tuple[object, ...]]:
             return [tuple(r) for r in conn.execute(text(sql), params)]
     finally:
         engine.dispose()
+
+
+def assert_stores_check_out(sites: dict[str, Site]) -> None:
+    """``qkms db check`` and ``qkms audit verify`` pass at every KME of a multi-site test (the family
+    that would have caught a trusted node's relayed keys flagged as unrecorded consumption)."""
+    import subprocess
+    import sys
+
+    for site in sites.values():
+        for check in (["db", "check"], ["audit", "verify"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "kms", *check, "--config", str(site.config_path)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, (site.kme_id, check, done.stdout[-2000:], done.stderr[-500:])

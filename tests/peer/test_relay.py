@@ -9,7 +9,7 @@ import pytest
 
 from kms.lab.pilot import LinkSpec, Site, SiteSpec, prepare_network, running_network
 from tests.conftest import database_url
-from tests.peer.conftest import POOL, Network, query, wait_for_remote_keys
+from tests.peer.conftest import POOL, Network, assert_stores_check_out, query, wait_for_remote_keys
 
 POLICY = {
     "mode": "qkd",
@@ -45,6 +45,7 @@ def chain(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             wait_for_remote_keys(net, "KME-B", "SAE-B1", "SAE-C1")
             wait_for_remote_keys(net, "KME-A", "SAE-A1", "SAE-C1", minimum=8)
             yield net
+            assert_stores_check_out(sites)
         finally:
             net.close()
 
