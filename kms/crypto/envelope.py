@@ -42,7 +42,7 @@ class MaterialIntegrityError(RuntimeError):
 class Envelope:
     """Seals under one *write* KEK version and opens under any version it holds (a keyring).
 
-    Several versions are held only while a KEK rotation re-seals the store (docs/DECISIONS.md D-26):
+    Several versions are held only while a KEK rotation re-seals the store (docs/DECISIONS.md D-27):
     every sealed record names its version in its ``kek_id`` column, so callers that read the column
     pass it to :meth:`open`; the others fall back to trying the write version first, then the rest
     (AES-GCM's tag makes a wrong key fail, never open to wrong bytes). ``attach_sync`` lets the

@@ -238,7 +238,7 @@ class KmeKey(Base):
 
 
 class KekVersion(Base):
-    """A key-encryption key version (migration 0014, docs/DECISIONS.md D-26): where it is loaded from
+    """A key-encryption key version (migration 0014, docs/DECISIONS.md D-27): where it is loaded from
     (``reference``, never the key itself), its public check value and its state: ``active`` (seals
     new records; exactly one), ``draining`` (a rotation re-seals its records away) or ``retired``."""
 

@@ -1,7 +1,7 @@
 """KEK versions: which key-encryption keys exist, where each is referenced from, which one seals.
 
 Every sealed record already names its KEK version (``kek_id`` on ``key_blocks``, ``keys`` and
-``kme_keys``, since 0001). This table is the keyring those names point into (docs/DECISIONS.md D-26):
+``kme_keys``, since 0001). This table is the keyring those names point into (docs/DECISIONS.md D-27):
 the *reference* of each version (a file path, an environment variable's name or a PKCS#11 wrapped-KEK
 file — never the key), a public check value that tells a wrong key from the right one, and its state
 (``active``: seals new records; ``draining``: being re-sealed away by ``qkms kek rotate``;
