@@ -7,7 +7,8 @@ Scenarios (``--only`` picks some):
   the first key relayed end to end (keys identical at both ends), with no client traffic before;
   then ``db check`` and ``audit verify`` on every KME (``--checks``).
 - ``latency``: a chain of 12 (11 hops), one master-slave pair in a loop: enc_keys p50/p99 in ms.
-- ``idle``: the same chain left alone once its pools are full: CPU cores per KME (from /proc).
+- ``idle``: the same chain left alone once its pools are full: CPU cores per KME (from /proc); and
+  the seconds a link suspended at one end of the middle link takes to reach the first KME.
 - ``ring``: a ring of 5, 4 pairs relaying KME-0 -> KME-2 in loops; KME-1 is killed (SIGKILL):
   seconds until requests succeed again, failed requests, and keys left ``reserved``/``pre_active``
   at the surviving KMEs 30 s after the load stopped.
@@ -21,6 +22,7 @@ Floors (issue 18): cold <= 30 s; latency p50 <= 100 ms; idle <= 0.02 cores per K
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -131,6 +133,7 @@ def latency_and_idle(root: Path, requests: int, idle_seconds: float) -> dict[str
                 ok, took = relay_once(m, s, topo.sae(first), topo.sae(last))
                 times.append(took * 1000)
                 failures += not ok
+        convergence = link_change_convergence(sites, topo)
         time.sleep(15)  # pools refill to their limit; the network goes quiet
         pgids = {k: site.process.proc.pid for k, site in sites.items() if site.process and site.process.proc}
         before = {k: group_cpu_seconds(p) for k, p in pgids.items()}
@@ -143,9 +146,39 @@ def latency_and_idle(root: Path, requests: int, idle_seconds: float) -> dict[str
         "failures": failures,
         "p50_ms": round(statistics.median(times), 1),
         "p99_ms": round(times[int(0.99 * (len(times) - 1))], 1),
+        "link_change_convergence_s": convergence,
         "idle_cores_mean": round(statistics.mean(cores.values()), 4),
         "idle_cores_max": round(max(cores.values()), 4),
     }
+
+
+def link_change_convergence(sites: dict[str, Site], topo: NetworkTopology) -> float:
+    """Seconds from ``qkms link suspend`` of the chain's middle link (at one end) until the first
+    KME holds that KME's record saying so; the link is resumed after."""
+    mid = topo.links[len(topo.links) // 2]
+    origin, first = sites[mid.a], sites[topo.nodes[0].id]
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(KmsSettings.load(first.config_path).database.url)
+    qkms = [sys.executable, "-m", "kms", "link"]
+    try:
+        subprocess.run(
+            [*qkms, "suspend", mid.id, "--config", str(origin.config_path)], check=True, capture_output=True
+        )
+        started = time.monotonic()
+        while time.monotonic() - started < 60:
+            with engine.connect() as conn:
+                record = conn.execute(
+                    text("SELECT record FROM link_state_records WHERE origin_kme_id = :o"), {"o": mid.a}
+                ).scalar_one_or_none()
+            if record and any(lk[1] == mid.id and lk[2] == "suspended" for lk in json.loads(record)["links"]):
+                break
+            time.sleep(0.05)
+        seconds = round(time.monotonic() - started, 2)
+    finally:
+        engine.dispose()
+        subprocess.run([*qkms, "resume", mid.id, "--config", str(origin.config_path)], capture_output=True)
+    return seconds
 
 
 def ring(root: Path, pairs: int, load_seconds: float) -> dict[str, Any]:
