@@ -16,6 +16,7 @@ old file kept as evidence), and the new records are signed and anchored.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import ipaddress
 import os
 import socket
@@ -29,7 +30,7 @@ from kms.audit.anchors import Anchor, AnchorFile, AnchorFileError
 from kms.audit.integrity import AuditIntegrityError
 from kms.config import KmsSettings
 from kms.crypto import kek_sources
-from kms.crypto.envelope import Envelope, KekError, kek_check_value
+from kms.crypto.envelope import Envelope, KekError
 from kms.crypto.identity import KmeIdentity
 from kms.crypto.pqc.registry import get_kem_provider, get_signature_provider
 from kms.domain.audit_chain import Checkpoint
@@ -38,8 +39,8 @@ from kms.service.audit_checkpoints import CheckpointWriter, anchor_file, tail_wi
 from kms.service.audit_queries import AuditService
 from kms.service.backup import backend_of
 from kms.service.identity_keys import IdentityKeys
-from kms.service.kek_keyring import open_keyring
-from kms.storage import audit_repository, fence_repository, migrate, snapshot
+from kms.service.kek_keyring import configured_reference, load_version, open_keyring
+from kms.storage import audit_repository, fence_repository, kek_repository, migrate, snapshot
 from kms.storage.database import Database
 from kms.storage.integrity import IntegrityCheck, run_checks
 
@@ -72,7 +73,8 @@ def restore(settings: KmsSettings, path: Path, actor: str = "operator") -> Resto
     if manifest.get("backend") != backend:
         raise RestoreError(f"{path} holds a {manifest.get('backend')} database; this KME uses {backend}")
     refuse_if_running(settings)
-    backup_archive.verify_members(archive, _mac(archive))
+    _verify_mac(settings, archive)
+    backup_archive.verify_members(archive)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     staged_url, cleanup = _stage(archive, url, backend)
     try:
@@ -111,19 +113,40 @@ def refuse_if_running(settings: KmsSettings) -> None:
         )
 
 
-def _mac(archive: backup_archive.Archive) -> str:
-    """The manifest's MAC under the backup's KEK version, loaded from its recorded reference."""
-    kek_id = str(archive.manifest.get("mac_kek_id"))
-    entry = next((e for e in archive.manifest.get("keyring", []) if e.get("kek_id") == kek_id), None)
-    if entry is None:
-        raise backup_archive.BackupFileError(f"{archive.path} was tampered with or damaged: no KEK {kek_id}")
-    kek = kek_sources.load(entry["reference"])
-    if entry.get("check_value") and kek_check_value(kek) != entry["check_value"]:
-        raise KekError(
-            f"the KEK loaded from {kek_sources.describe(entry['reference'])} is not KEK version {kek_id}"
-            " of the backup: wrong key"
-        )
-    return Envelope(kek, kek_id).mac(archive.manifest_raw, kek_id)
+def _verify_mac(settings: KmsSettings, archive: backup_archive.Archive) -> None:
+    """The manifest must authenticate under a KEK this KME already trusts: its configured ``[kek]`` or
+    a live version of its current keyring, each loaded from the *local* reference. The references
+    written in the backup are never used for this (a forger would name a KEK of his own)."""
+    for kek_id, kek in _trusted_keks(settings):
+        mac = Envelope(kek, kek_id).mac(archive.manifest_raw, kek_id)
+        if hmac.compare_digest(mac, archive.mac):
+            return
+    raise backup_archive.BackupFileError(
+        f"{archive.path} was tampered with, or is sealed under a KEK this KME does not hold"
+        " (neither [kek] nor a live version of its keyring): its manifest does not authenticate"
+    )
+
+
+def _trusted_keks(settings: KmsSettings) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    with contextlib.suppress(KekError):
+        out.append((settings.kek.key_id, kek_sources.load(configured_reference(settings.kek))))
+    url = settings.database.url
+    if backend_of(url) == "sqlite" and not snapshot.sqlite_path(url).exists():
+        return out  # no store here (a new host): do not create one by looking
+    db = Database(url, pool_size=1)
+    try:
+        with db.read() as conn:
+            rows = kek_repository.versions(conn)
+    except Exception:  # no store, no keyring table, or the database is gone: nothing more to trust
+        rows = []
+    finally:
+        db.dispose()
+    for row in rows:
+        if row.state != "retired":
+            with contextlib.suppress(KekError):
+                out.append((row.kek_id, load_version(row)))
+    return out
 
 
 def _stage(archive: backup_archive.Archive, url: str, backend: str) -> tuple[str, Callable[[], None]]:

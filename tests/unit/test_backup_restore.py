@@ -71,6 +71,29 @@ def _fetch(kme: RunningKme, keys: list[dict[str, str]]) -> int:
     return kme.client(S).post(f"/api/v1/keys/{M}/dec_keys", json={"key_IDs": ids}).status_code
 
 
+def _relabel(backup: Path, other_workdir: Path, tmp_path: Path, backend: str) -> Path:
+    """A forgery: another KME's backup claiming this KME's ID (and backend), MAC'd again with the
+    other KEK, which its manifest names as the KEK to check it with."""
+    from kms.crypto.envelope import Envelope
+    from kms.service import backup_archive
+
+    archive = backup_archive.read(backup)
+    member = backup_archive.DATABASE[archive.manifest["backend"]]
+    as_member = backup_archive.DATABASE[backend]
+    digests = {**archive.manifest["digests"], as_member: archive.manifest["digests"][member]}
+    raw = backup_archive.manifest_bytes(
+        {**archive.manifest, "kme_id": "KME-T", "backend": backend, "digests": digests}
+    )
+    mac = Envelope((other_workdir / "kek.bin").read_bytes(), "kek-1").mac(raw, "kek-1")
+    parts = tmp_path / "forgery"
+    parts.mkdir()
+    backup_archive.extract(archive, member, parts / as_member)
+    backup_archive.extract(archive, backup_archive.CONFIG, parts / backup_archive.CONFIG)
+    forged = tmp_path / "forged.qkmsbackup"
+    backup_archive.write(forged, raw, mac, (as_member, parts / as_member), parts / backup_archive.CONFIG)
+    return forged
+
+
 def test_backup_serve_restore_serves_nothing_twice(kme: RunningKme, tmp_path: Path) -> None:
     config, url = kme.process.config_path, kme.settings.database.url
     before = _get(kme, 6)  # reserved when the snapshot is taken, fetched only after it
@@ -98,6 +121,20 @@ def test_backup_serve_restore_serves_nothing_twice(kme: RunningKme, tmp_path: Pa
     other_backup = tmp_path / "other.qkmsbackup"
     assert _qkms(other / "qkms.toml", "backup", "--out", str(other_backup)).returncode == 0
     _one_line_error(_qkms(config, "restore", str(other_backup)), "KME-OTHER", "not of this KME")
+    # The same file relabelled as ours and re-MAC'd under the other KME's KEK (which its manifest
+    # names): the MAC is checked only under KEKs this KME holds, so it is refused.
+    _one_line_error(
+        _qkms(
+            config,
+            "restore",
+            str(
+                _relabel(
+                    other_backup, other, tmp_path, "sqlite" if url.startswith("sqlite") else "postgresql"
+                )
+            ),
+        ),
+        "authenticate",
+    )
     _one_line_error(_qkms(config, "restore", str(tmp_path / "missing")), "not found")
     assert _store_digest(url) == digest
 
