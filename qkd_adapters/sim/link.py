@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -129,6 +129,7 @@ class SimulatedLink:
         pacing: Pacing = "fast",
         authenticator: Authenticator | None = None,
         postprocess: PostprocessConfig | None = None,
+        pa_family: str | None = None,
         max_queue: int = 64,
         autostart: bool = True,
     ) -> None:
@@ -165,6 +166,8 @@ class SimulatedLink:
         self._rng = np.random.default_rng(seed)
         self._auth = authenticator
         self._config = postprocess if postprocess is not None else PostprocessConfig()
+        if pa_family is not None:  # a plain option, so a KME's [links.options] can choose it
+            self._config = replace(self._config, pa_family=pa_family)
         self._ends: dict[Party, LinkEnd] = {p: LinkEnd(self, p, max_queue) for p in ("alice", "bob")}
         self._stop = threading.Event()
         self._wake_event = threading.Event()
@@ -184,6 +187,11 @@ class SimulatedLink:
     @property
     def closed(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def postprocess(self) -> PostprocessConfig:
+        """The post-processing configuration every block runs with (thresholds, PA family)."""
+        return self._config
 
     def describe(self) -> Mapping[str, Any]:
         p = self.params

@@ -264,3 +264,26 @@ def test_the_seed_comes_from_the_csprng_not_the_simulation_seed(link_params: Lin
     assert first.bit_length == second.bit_length > 0
     assert first.provenance.details["sifted_bits"] == second.provenance.details["sifted_bits"]
     assert first.material != second.material
+
+
+def test_a_kme_link_option_chooses_the_family() -> None:
+    # [links.options] pa_family = "toeplitz" reaches the link (whose blocks then name it: the
+    # provenance test above); an unknown family is a ConfigError
+    from kms.config import ConfigError, LinkSection
+    from kms.runtime.sources import build_source
+
+    options = {"seed": 5, "autostart": False}
+    link = build_source(
+        LinkSection(id="L-pa", source="simulated", options={**options, "pa_family": "toeplitz"})
+    )
+    try:
+        assert isinstance(link, SimulatedLink) and link.postprocess.pa_family == "toeplitz"
+    finally:
+        link.close()
+    default = build_source(LinkSection(id="L-pa", source="simulated", options=options))
+    try:
+        assert isinstance(default, SimulatedLink) and default.postprocess.pa_family == "multiply-add-shift"
+    finally:
+        default.close()
+    with pytest.raises(ConfigError, match="unknown privacy-amplification family 'md5'"):
+        build_source(LinkSection(id="L-pa", source="simulated", options={**options, "pa_family": "md5"}))
