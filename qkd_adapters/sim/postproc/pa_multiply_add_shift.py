@@ -16,7 +16,7 @@ top(A) + top(D) + carry mod 2^m, the carry being fixed by the low bits of A and 
 uniform and independent of all of that, so (h(X'), h(X)) is uniform on [2^m]^2.
 
 One hash is one GMP product of a u-bit by an n-bit integer (gmpy2), plus linear-time packing:
-~10-20x faster than the FFT Toeplitz product on this machine (benchmarks/README.md). The seed is
+16-40x faster than the FFT Toeplitz product on this machine (benchmarks/README.md). The seed is
 2u bits: a then b, each most significant bit first (conventions in :mod:`.pa_bits`).
 """
 

@@ -12,7 +12,7 @@ because every convolution value is an integer <= min(n, m) < 2^53 and the FFT's 
 is far below 1/2 at these lengths (Percival's bound ~ eps log2(L) ||s|| ||x||); the code checks
 every value is within 0.25 of an integer and, should it not be, recomputes in column chunks
 (T x = sum over chunks of T[:, chunk] x[chunk], each a smaller Toeplitz product). It is kept as a
-selectable family and as the cross-check of :mod:`.pa_multiply_add_shift`, ~10x slower.
+selectable family and as the cross-check of :mod:`.pa_multiply_add_shift`, 16-40x slower.
 """
 
 from __future__ import annotations
