@@ -42,11 +42,10 @@ def configured_reference(cfg: KekSection) -> kek_sources.Reference:
 
 def open_keyring(settings: KmsSettings, db: Database) -> Envelope:
     """The process's envelope: every live version loaded and checked, the active one sealing."""
-    try:
-        with db.read() as conn:
-            rows = repo.versions(conn)
-    except DBAPIError:  # no keyring table (a database before migration 0014): the configured KEK only
-        return Envelope(kek_sources.load(configured_reference(settings.kek)), settings.kek.key_id)
+    with db.read() as conn:
+        if not repo.keyring_exists(conn):  # a database before migration 0014: the configured KEK only
+            return Envelope(kek_sources.load(configured_reference(settings.kek)), settings.kek.key_id)
+        rows = repo.versions(conn)
     if not rows:
         rows = _bootstrap(settings, db)
     live = [r for r in rows if r.state != RETIRED]

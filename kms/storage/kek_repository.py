@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, insert, inspect, select, text, update
 
 from kms.storage.database import Database
 from kms.storage.rawsql import Raw
@@ -42,6 +42,11 @@ class VersionRow:
     state: str
     created_at: datetime
     retired_at: datetime | None
+
+
+def keyring_exists(conn: Connection) -> bool:
+    """Whether the database has the keyring table (migration 0014)."""
+    return inspect(conn).has_table("kek_versions")
 
 
 def versions(conn: Connection) -> list[VersionRow]:
