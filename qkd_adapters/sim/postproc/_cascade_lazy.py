@@ -21,7 +21,17 @@ import numpy as np
 from numba import njit
 
 from qkd_adapters.sim.postproc._cascade_tree import parity64, set_known
-from qkd_adapters.sim.postproc._types import I64Array, Int, U8Array
+from qkd_adapters.sim.postproc._types import I32Array, I64Array, Int, U8Array
+
+
+@njit(cache=True, nogil=True)
+def first_block_mask(perm: I32Array, top: int, n_f: int, out: I64Array) -> None:
+    """Mark in ``out`` (original order, 64 positions to a word) the frame positions a pass's
+    permutation sends into its first top-level block: ``perm[0:top]`` (real ones only)."""
+    out[:] = 0
+    for i in range(min(top, n_f)):
+        x = perm[i]
+        out[x >> 6] |= np.int64(1) << (x & 63)
 
 
 @njit(cache=True, nogil=True)

@@ -205,8 +205,8 @@ class _Layout:
         half_last = max(2, (1 << max(0, (last - 1).bit_length())) // 2)
         tops = np.array([[k] * (frames - 1) + [min(k, half_last)] for k in sizes], dtype=np.int64)
         tops.setflags(write=False)
-        mask_full = _half_masks(inv_full, lazy_passes, tops[:, 0], frame_bits)
-        mask_last = _half_masks(inv_last, lazy_passes, tops[:, -1], int(last))
+        mask_full = _full_frame_masks(frame_bits, sizes, seed)
+        mask_last = _half_masks(perm_last, lazy_passes, tops[:, -1], int(last))
         return _Layout(
             n, frame_bits, sizes, seed, perm_full, inv_full, perm_last, inv_last, nf,
             lazy_passes, tops, mask_full, mask_last,
@@ -220,19 +220,24 @@ class _Layout:
         return np.arange(p * self.frames, (p + 1) * self.frames, dtype=np.int32)
 
 
-def _half_masks(inv: I32Array, lazy_passes: tuple[bool, ...], tops: I64Array, n_f: int) -> I64Array:
+def _half_masks(perm: I32Array, lazy_passes: tuple[bool, ...], tops: I64Array, n_f: int) -> I64Array:
     """For each lazy pass, the frame positions (of ``n_f`` real ones) its permutation sends into
     the first top-level block, packed in original order (64 to a word, LSB first); zero for eager
     passes."""
-    frame_bits = inv.shape[1]
-    out = np.zeros((len(lazy_passes), frame_bits // 64), dtype=np.int64)
+    out = np.zeros((len(lazy_passes), perm.shape[1] // 64), dtype=np.int64)
     for p, is_lazy in enumerate(lazy_passes):
         if is_lazy:
-            sel = inv[p] < tops[p]
-            sel[n_f:] = False
-            out[p] = _pack_frames(sel.astype(np.uint8), frame_bits)[0]
+            lazy.first_block_mask(perm[p], int(tops[p]), n_f, out[p])
     out.setflags(write=False)
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _full_frame_masks(frame_bits: int, sizes: tuple[int, ...], seed: int) -> I64Array:
+    """The lazy passes' masks of a full frame (cached: they do not depend on the key length)."""
+    perm_full, _ = _base_permutations(frame_bits, len(sizes), seed)
+    lazy_passes = tuple(p > 0 and 2 * k == frame_bits for p, k in enumerate(sizes))
+    return _half_masks(perm_full, lazy_passes, np.asarray(sizes, dtype=np.int64), frame_bits)
 
 
 def _pack_frames(bits: U8Array, frame_bits: int) -> I64Array:
