@@ -12,6 +12,9 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/n
 # engine, so its recommended docker.io is left out.
 missing_norec=()
 command -v docker-compose >/dev/null 2>&1 || missing_norec+=(docker-compose)
+# promtool (Debian's prometheus package) checks and unit-tests docker/observability/ and a real
+# KME's /metrics (tests/operator/test_observability.py); the server it also ships stays unused.
+command -v promtool >/dev/null 2>&1 || missing_norec+=(prometheus)
 if [ $((${#missing[@]} + ${#missing_norec[@]})) -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${missing[*]} ${missing_norec[*]} (Debian packages) for the tests"
   apt-get update -qq
@@ -28,5 +31,5 @@ fi
 # Layering contracts ([tool.importlinter] in pyproject.toml); import cycles are tests/unit/test_layering.py.
 .venv/bin/lint-imports --no-cache --no-logo
 # The suite must exercise a real PostgreSQL (and check the compose pilot): fail rather than skip.
-export QKMS_REQUIRE_POSTGRES=1 QKMS_REQUIRE_SOFTHSM=1 QKMS_REQUIRE_DOCKER_COMPOSE=1
+export QKMS_REQUIRE_POSTGRES=1 QKMS_REQUIRE_SOFTHSM=1 QKMS_REQUIRE_DOCKER_COMPOSE=1 QKMS_REQUIRE_PROMTOOL=1
 exec .venv/bin/python -m pytest "$@"

@@ -200,7 +200,7 @@ def test_compose_config_is_valid_and_as_intended(pilot_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load(proc.stdout)
     services: dict[str, dict[str, Any]] = config["services"]
-    assert set(services) == {"postgres-a", "postgres-b", *QKMS_SERVICES}
+    assert set(services) == {"postgres-a", "postgres-b", *QKMS_SERVICES, "prometheus", "grafana"}
 
     for name in QKMS_SERVICES:
         svc = services[name]
@@ -225,7 +225,7 @@ def test_compose_config_is_valid_and_as_intended(pilot_dir: Path) -> None:
         # Each KME with its own database, on its own site network: never a database across sites.
         assert db["image"] == "postgres:15"
         assert set(db["networks"]) == {f"site-{site}"}
-        assert set(kme["networks"]) == {f"site-{site}", "wan"}
+        assert set(kme["networks"]) == {f"site-{site}", "wan", "ops"}  # ops: operator port (issue 15)
         assert _ports(db) == set()
     for name, svc in services.items():
         if name not in ("qkd-devices", "provision"):
@@ -253,7 +253,7 @@ def test_compose_config_is_valid_and_as_intended(pilot_dir: Path) -> None:
         "postgres-a": "service_healthy",
         "postgres-b": "service_healthy",
     }
-    assert set(config["volumes"]) == {"pg-a-data", "pg-b-data"}
+    assert set(config["volumes"]) == {"pg-a-data", "pg-b-data", "prometheus-data", "grafana-data"}
 
 
 def test_compose_config_needs_the_database_passwords(pilot_dir: Path) -> None:

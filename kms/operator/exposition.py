@@ -1,8 +1,8 @@
 """``/metrics``: the process instruments of every KME process (``kms.telemetry.metrics``) plus the
 shared figures read from the database (``kms.service.operator_metrics``), in Prometheus text format.
 
-Names follow Prometheus conventions: prefix ``qkms_``, base units (bits, seconds, ratio), counters
-end in ``_total``. When the database does not answer, ``qkms_database_up`` is 0 and the
+Names follow Prometheus conventions: prefix ``qkms_``, base units (seconds, ratios, and bytes for
+key material: a link's bits / 8, as ``promtool check metrics`` asks), counters end in ``_total``. When the database does not answer, ``qkms_database_up`` is 0 and the
 database-derived families are left out (an old figure would look current); the scrape still answers.
 """
 
@@ -77,35 +77,39 @@ def _link_families(f: DbFigures) -> Iterable[Metric]:
         "qkms_link_state", "The link's state (1 for the current one).", labels=["link", "state"]
     )
     pool = GaugeMetricFamily(
-        "qkms_link_pool_bits",
-        "Unserved key bits held for the link: own (this KME cuts them) or mirror (the peer KME does).",
+        "qkms_link_pool_bytes",
+        "Unserved key material held for the link (bits / 8): own (this KME cuts it) or mirror (the peer KME does).",
         labels=["link", "owner"],
     )
     pending = GaugeMetricFamily(
         "qkms_link_unconfirmed_blocks", "Pieces waiting for the peer KME's confirmation.", labels=["link"]
     )
     produced = CounterMetricFamily(
-        "qkms_link_secret_bits", "Secret key bits the link delivered into the pool.", labels=["link"]
+        "qkms_link_secret_bytes",
+        "Secret key material the link delivered into the pool (bits / 8).",
+        labels=["link"],
     )
     served = CounterMetricFamily(
-        "qkms_link_served_bits", "Bits of this KME's own pieces cut into keys.", labels=["link"]
+        "qkms_link_served_bytes",
+        "Key material of this KME's own pieces cut into keys (bits / 8).",
+        labels=["link"],
     )
     qber = GaugeMetricFamily(
         "qkms_link_qber_ratio", "QBER of the link's newest stored block (0..1).", labels=["link"]
     )
     empty = GaugeMetricFamily(
         "qkms_link_pool_seconds_until_empty",
-        "Own pool bits divided by the draw over the last minutes (+Inf when nothing is drawn).",
+        "Own pool divided by the draw over the last minutes (+Inf when nothing is drawn).",
         labels=["link"],
     )
     for link in f.links:
         up.add_metric([link.link_id, link.peer_kme_id], int(link.state == "active"))
         state.add_metric([link.link_id, link.state], 1)
-        pool.add_metric([link.link_id, "own"], link.own_bits)
-        pool.add_metric([link.link_id, "mirror"], link.mirror_bits)
+        pool.add_metric([link.link_id, "own"], link.own_bits / 8)
+        pool.add_metric([link.link_id, "mirror"], link.mirror_bits / 8)
         pending.add_metric([link.link_id], link.unconfirmed_blocks)
-        produced.add_metric([link.link_id], link.produced_bits)
-        served.add_metric([link.link_id], link.served_bits)
+        produced.add_metric([link.link_id], link.produced_bits / 8)
+        served.add_metric([link.link_id], link.served_bits / 8)
         if link.qber is not None:
             qber.add_metric([link.link_id], link.qber)
         if link.seconds_until_empty is not None:
@@ -140,6 +144,11 @@ def _key_families(f: DbFigures) -> Iterable[Metric]:
 def _audit_and_peer_families(f: DbFigures) -> Iterable[Metric]:
     yield GaugeMetricFamily(
         "qkms_audit_head_sequence", "Sequence number of the newest audit record.", value=f.audit_head_seq
+    )
+    yield GaugeMetricFamily(
+        "qkms_audit_unsigned_records",
+        "Audit records after the newest signed checkpoint (a checkpoint is due for them).",
+        value=f.unsigned_records,
     )
     if f.checkpoint_age_seconds is not None:
         yield GaugeMetricFamily(

@@ -63,6 +63,7 @@ class DbFigures:
     audit_head_seq: int
     checkpoint_number: int | None
     checkpoint_age_seconds: float | None
+    unsigned_records: int  # records after the newest checkpoint (all of them without one)
     peer_message_age_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -127,7 +128,8 @@ class OperatorMetrics:
             keys_by_state=report.keys_by_state,
             audit_head_seq=head_seq,
             checkpoint_number=checkpoint[0] if checkpoint else None,
-            checkpoint_age_seconds=(now - _utc(checkpoint[1])).total_seconds() if checkpoint else None,
+            checkpoint_age_seconds=(now - _utc(checkpoint[2])).total_seconds() if checkpoint else None,
+            unsigned_records=head_seq - (checkpoint[1] if checkpoint else 0),
             peer_message_age_seconds={p: (now - _utc(at)).total_seconds() for p, at in peer_seen.items()},
         )
 

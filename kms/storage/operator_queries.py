@@ -114,16 +114,17 @@ def keys_by_pair(conn: Connection) -> list[PairKeys]:
     return [PairKeys(r.master_sae_id, r.slave_sae_id, r.policy, r.state, int(r.n or 0)) for r in rows]
 
 
-def newest_checkpoint(conn: Connection) -> tuple[int, datetime] | None:
-    """The newest signed checkpoint's number (0 for a legacy one) and time."""
+def newest_checkpoint(conn: Connection) -> tuple[int, int, datetime] | None:
+    """The newest signed checkpoint's number (0 for a legacy one), the last record it signs, and
+    its time."""
     row = conn.execute(
-        select(audit_checkpoints.c.number, audit_checkpoints.c.at)
+        select(audit_checkpoints.c.number, audit_checkpoints.c.upto_seq, audit_checkpoints.c.at)
         .order_by(audit_checkpoints.c.id.desc())
         .limit(1)
     ).first()
     if row is None:
         return None
-    return int(row.number or 0), datetime.fromisoformat(row.at)
+    return int(row.number or 0), int(row.upto_seq), datetime.fromisoformat(row.at)
 
 
 def newest_peer_messages(conn: Connection) -> dict[str, datetime]:

@@ -128,8 +128,8 @@ def test_requests_and_keys_counted_without_key_ids_or_material(kme: OperatorKme)
     )
     assert value(text, "qkms_database_up") == 1
     assert value(text, "qkms_audit_head_sequence") > 0
-    assert value(text, "qkms_link_secret_bits_total", link="link-local-1") >= value(
-        text, "qkms_link_pool_bits", link="link-local-1", owner="own"
+    assert value(text, "qkms_link_secret_bytes_total", link="link-local-1") >= value(
+        text, "qkms_link_pool_bytes", link="link-local-1", owner="own"
     )
     for key_id in ids:
         assert key_id not in text
