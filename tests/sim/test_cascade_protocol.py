@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from qkd_adapters.sim.postproc import _cascade_kernels as kern
 from qkd_adapters.sim.postproc import _cascade_lazy as lazy
 from qkd_adapters.sim.postproc._types import U8Array
 from qkd_adapters.sim.postproc.cascade import (
@@ -164,6 +165,14 @@ def test_half_parities_from_masks_equal_the_reference() -> None:
     for p in lazy_passes:
         got = lazy.half_parities(alice._packed, lay.mask_full[p], lay.mask_last[p])
         assert got.tolist() == [ref.block(p, f, 0, ref.top(p, f)) for f in range(lay.frames)]
+
+
+def test_node_size_is_the_heap_level_size() -> None:
+    n = 1 << 18
+    values = [*range(-1, 5000), *range(n - 3000, n + 3000), *range(2 * n - 100, 2 * n + 2)]
+    for v in values:
+        expected = n >> (v.bit_length() - 1) if 1 <= v < 2 * n else 0
+        assert kern.node_size(v, n) == expected, v
 
 
 def test_lazy_passes_build_few_trees() -> None:

@@ -44,12 +44,12 @@ def node_size(v: Int, n: Int) -> Int:
     """Size of heap node ``v`` in a tree over ``n`` leaves (0 if ``v`` is out of range)."""
     if v < 1 or v >= 2 * n:
         return np.int64(0)
-    s = n
-    u = v
-    while u > 1:
-        u >>= 1
-        s >>= 1
-    return s
+    depth = np.int64(np.log2(np.float64(v)))  # exact enough below 2^40; corrected below
+    if (np.int64(1) << depth) > v:
+        depth -= 1
+    elif (np.int64(2) << depth) <= v:
+        depth += 1
+    return n >> depth
 
 
 @njit(cache=True, nogil=True)
