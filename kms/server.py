@@ -91,7 +91,7 @@ def _with_operator_listener(
     counted = metrics.instruments()
     assert counted is not None
     time_transactions(runtime.db.engine, counted)
-    listener = build_operator_listener(runtime, background.role, processes)
+    listener = build_operator_listener(runtime, background.role, processes, counted)
 
     def start() -> None:
         background.start()

@@ -7,16 +7,26 @@ from collections.abc import Callable
 from kms.operator.app import create_operator_app, load_token
 from kms.operator.exposition import Exposition
 from kms.operator.listener import OperatorListener
+from kms.operator.peer_metrics import count_peer_calls
 from kms.runtime.assembly import Runtime
 from kms.service.operator_health import HealthService
 from kms.service.operator_metrics import OperatorMetrics
+from kms.telemetry.metrics import Instruments
 
 
-def build_operator_listener(runtime: Runtime, role: Callable[[], str], processes: int) -> OperatorListener:
+def build_operator_listener(
+    runtime: Runtime, role: Callable[[], str], processes: int, instruments: Instruments
+) -> OperatorListener:
     """``role``: this process's part ("leader" fills the pool, "standby" does not); ``processes``:
-    how many processes serve the KME (they contend for the operator port when more than one)."""
+    how many processes serve the KME (they contend for the operator port when more than one).
+    Every process counts its own messages to peers; the one serving the port reports which
+    adjacent peers its client finds down."""
     settings = runtime.settings
+    peers_down: Callable[[], frozenset[str]] = frozenset
+    if runtime.network is not None:
+        count_peer_calls(runtime.network.client, instruments, {p.kme_id for p in settings.peers})
+        peers_down = runtime.network.client.down_peers
     health = HealthService(runtime.db, runtime.envelope, settings, role)
-    exposition = Exposition(OperatorMetrics(runtime.db, settings), settings, processes)
+    exposition = Exposition(OperatorMetrics(runtime.db, settings), settings, processes, peers_down)
     app = create_operator_app(health, exposition, load_token(settings.operator))
     return OperatorListener(settings, app, shared_port=processes > 1)

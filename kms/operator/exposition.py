@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,10 +26,17 @@ from kms.telemetry.metrics import process_registry
 class SharedFigures(Collector):
     """Families read at scrape time, the same whichever process is scraped."""
 
-    def __init__(self, metrics: OperatorMetrics, settings: KmsSettings, processes: int) -> None:
+    def __init__(
+        self,
+        metrics: OperatorMetrics,
+        settings: KmsSettings,
+        processes: int,
+        peers_down: Callable[[], frozenset[str]],
+    ) -> None:
         self.metrics = metrics
         self.settings = settings
         self.processes = processes
+        self.peers_down = peers_down
 
     def collect(self) -> Iterator[Metric]:
         build = GaugeMetricFamily("qkms_build_info", "KME build; always 1.", labels=["version", "python"])
@@ -48,6 +55,7 @@ class SharedFigures(Collector):
         for role, stamp in sorted(certificate_expiry(self.settings).items()):
             certs.add_metric([role], stamp)
         yield certs
+        yield _peers_up(self.settings, self.peers_down)
         started = time.monotonic()
         try:
             figures = self.metrics.figures()
@@ -171,11 +179,30 @@ def _audit_and_peer_families(f: DbFigures) -> Iterable[Metric]:
     yield peers
 
 
+def _peers_up(settings: KmsSettings, peers_down: Callable[[], frozenset[str]]) -> Metric:
+    """Adjacent peers (those with a URL) as this process's peer client last found them."""
+    up = GaugeMetricFamily(
+        "qkms_peer_up",
+        "1 unless the serving process's last message to the adjacent peer KME failed or went unanswered.",
+        labels=["peer"],
+    )
+    down = peers_down()
+    for peer in sorted(p.kme_id for p in settings.peers if p.url):
+        up.add_metric([peer], int(peer not in down))
+    return up
+
+
 class Exposition:
     """Renders one scrape."""
 
-    def __init__(self, metrics: OperatorMetrics, settings: KmsSettings, processes: int) -> None:
-        self.shared = SharedFigures(metrics, settings, processes)
+    def __init__(
+        self,
+        metrics: OperatorMetrics,
+        settings: KmsSettings,
+        processes: int,
+        peers_down: Callable[[], frozenset[str]],
+    ) -> None:
+        self.shared = SharedFigures(metrics, settings, processes, peers_down)
 
     def render(self) -> bytes:
         registry = CollectorRegistry()

@@ -68,6 +68,20 @@ class Instruments:
             ["link", "kind"],
             registry=registry,
         )
+        self.peer_requests = Counter(
+            "qkms_peer_requests",
+            "Messages this KME sent to adjacent KMEs, by peer, kind (ledger, relay, blocks, audit,"
+            " topology, session, other) and outcome (ok, refused, unavailable, uncertain).",
+            ["peer", "kind", "outcome"],
+            registry=registry,
+        )
+        self.peer_seconds = Histogram(
+            "qkms_peer_round_trip_seconds",
+            "Round trip of a message to an adjacent KME, answered or not, by peer and kind.",
+            ["peer", "kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self._kinds: set[str] = set()
         self._lock = threading.Lock()
 

@@ -68,3 +68,17 @@ def test_single_flight_bounds_the_wait_and_never_piles_up() -> None:
     assert len(calls) == 1  # one thread held by the stuck call, not one per caller
     release.set()
     assert flight.run(2.0) == "answer"
+
+
+def test_peer_message_kinds_and_outcomes_are_bounded() -> None:
+    from kms.operator.peer_metrics import kind_of, outcome_of
+    from kms.peer.client import PeerRefused, PeerUnavailable, PeerUncertain
+
+    assert kind_of("keys.record.batch") == "ledger" and kind_of("keys.cancel") == "ledger"
+    assert kind_of("relay.forward") == "relay" and kind_of("session.key") == "session"
+    assert kind_of("made-up.by-a-peer") == "other"
+    assert outcome_of(None) == "ok"
+    assert outcome_of(PeerRefused("KME-B", "no")) == "refused"
+    assert outcome_of(PeerUnavailable("KME-B", "down")) == "unavailable"
+    assert outcome_of(PeerUncertain("KME-B", "timeout")) == "uncertain"
+    assert outcome_of(RuntimeError("x")) == "error"
