@@ -316,6 +316,57 @@ class OperatorSection(BaseModel):
         return self
 
 
+class SiemSyslogSection(BaseModel):
+    """A syslog receiver for the audit stream: RFC 5424 messages, octet-counted (RFC 6587) over TCP,
+    TLS by default. The receiver's certificate is checked against ``ca_file`` (default: the site CA,
+    ``tls.ca_cert``) and must name ``server_name`` (default: ``host``)."""
+
+    host: str = Field(min_length=1, max_length=253)
+    port: int = Field(default=6514, ge=1, le=65535)
+    transport: Literal["tcp", "tls"] = "tls"
+    ca_file: Path | None = None
+    server_name: str | None = None
+    # A client certificate for receivers that require one (mutual TLS); both or neither.
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    # RFC 5424 facility (13: log audit) and the HOSTNAME field (default: this host's name).
+    facility: int = Field(default=13, ge=0, le=23)
+    hostname: str | None = None
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    # Plain syslog has no acknowledgements: a batch counts as delivered (and the shipped position
+    # moves past it) once the receiver's TCP has acknowledged every byte and the connection has then
+    # stayed up this long. Records in doubt are sent again after a reconnect (duplicates by seq).
+    confirm_seconds: float = Field(default=1.0, ge=0, le=60)
+
+    @model_validator(mode="after")
+    def _pair(self) -> SiemSyslogSection:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("siem.syslog.client_cert and client_key go together")
+        return self
+
+
+class SiemSection(BaseModel):
+    """Audit to SIEM (docs/OPERATIONS.md "Audit to SIEM", DECISIONS.md D-32): every audit record, as
+    one JSON line, to ``file`` and/or a ``syslog`` receiver; at least once, from the database. Off
+    unless one of them is set. ``state_dir`` (relative to the config file) keeps each sink's shipped
+    position."""
+
+    file: Path | None = None
+    fsync: bool = True
+    syslog: SiemSyslogSection | None = None
+    state_dir: Path = Path("siem-state")
+    batch_records: int = Field(default=500, ge=1, le=10_000)
+    # Batches sent but not yet confirmed (syslog) before the shipper waits for the receiver.
+    max_batches_in_flight: int = Field(default=8, ge=1, le=1000)
+    poll_seconds: float = Field(default=0.2, gt=0, le=60)
+    backoff_initial_seconds: float = Field(default=0.5, gt=0, le=60)
+    backoff_max_seconds: float = Field(default=30.0, gt=0, le=3600)
+
+    @property
+    def active(self) -> bool:
+        return self.file is not None or self.syslog is not None
+
+
 class KmsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QKMS_", env_nested_delimiter="__", extra="forbid")
 
@@ -337,6 +388,7 @@ class KmsSettings(BaseSettings):
     operator: OperatorSection = OperatorSection()
     sae_registry: SaeRegistrySection = SaeRegistrySection()
     quotas: QuotaSection = QuotaSection()
+    siem: SiemSection = SiemSection()
     config_dir: Path = Path()
 
     @classmethod
@@ -375,6 +427,7 @@ class KmsSettings(BaseSettings):
         if self.operator.metrics_token_file is not None:
             token_file = _under(base, self.operator.metrics_token_file)
             self.operator = self.operator.model_copy(update={"metrics_token_file": token_file})
+        self.siem = _siem_paths(base, self.siem, self.tls.ca_cert)
         trusted = _under(base, self.sae_registry.trusted_ca_dir)
         self.sae_registry = self.sae_registry.model_copy(update={"trusted_ca_dir": trusted})
         peer_ids = [peer.kme_id for peer in self.peers]
@@ -411,6 +464,22 @@ class ConfigError(RuntimeError):
 
 def _under(base: Path, p: Path) -> Path:
     return p if p.is_absolute() else (base / p).resolve()
+
+
+def _siem_paths(base: Path, siem: SiemSection, site_ca: Path) -> SiemSection:
+    update: dict[str, Any] = {"state_dir": _under(base, siem.state_dir)}
+    if siem.file is not None:
+        update["file"] = _under(base, siem.file)
+    if siem.syslog is not None:
+        sl = siem.syslog
+        ca = site_ca if sl.ca_file is None else _under(base, sl.ca_file)
+        client = {
+            k: _under(base, p)
+            for k, p in (("client_cert", sl.client_cert), ("client_key", sl.client_key))
+            if p
+        }
+        update["syslog"] = sl.model_copy(update={"ca_file": ca, **client})
+    return siem.model_copy(update=update)
 
 
 def _resolve_sqlite(base: Path, url: str) -> str:

@@ -15,6 +15,10 @@ command -v docker-compose >/dev/null 2>&1 || missing_norec+=(docker-compose)
 # promtool (Debian's prometheus package) checks and unit-tests docker/observability/ and a real
 # KME's /metrics (tests/operator/test_observability.py); the server it also ships stays unused.
 command -v promtool >/dev/null 2>&1 || missing_norec+=(prometheus)
+# rsyslogd and its OpenSSL stream driver: the real syslog receiver (TCP and TLS, octet-counted) that
+# the audit-to-SIEM tests start unprivileged on 127.0.0.1 (tests/siem/).
+command -v rsyslogd >/dev/null 2>&1 || missing_norec+=(rsyslog)
+ls /usr/lib/*/rsyslog/lmnsd_ossl.so >/dev/null 2>&1 || missing_norec+=(rsyslog-openssl)
 if [ $((${#missing[@]} + ${#missing_norec[@]})) -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${missing[*]} ${missing_norec[*]} (Debian packages) for the tests"
   apt-get update -qq
@@ -31,5 +35,5 @@ fi
 # Layering contracts ([tool.importlinter] in pyproject.toml); import cycles are tests/unit/test_layering.py.
 .venv/bin/lint-imports --no-cache --no-logo
 # The suite must exercise a real PostgreSQL (and check the compose pilot): fail rather than skip.
-export QKMS_REQUIRE_POSTGRES=1 QKMS_REQUIRE_SOFTHSM=1 QKMS_REQUIRE_DOCKER_COMPOSE=1 QKMS_REQUIRE_PROMTOOL=1
+export QKMS_REQUIRE_POSTGRES=1 QKMS_REQUIRE_SOFTHSM=1 QKMS_REQUIRE_DOCKER_COMPOSE=1 QKMS_REQUIRE_PROMTOOL=1 QKMS_REQUIRE_RSYSLOG=1
 exec .venv/bin/python -m pytest "$@"

@@ -149,6 +149,13 @@ def serve(
     except KekError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+    from kms.siem.build import SiemConfigError, build_sinks
+
+    try:
+        build_sinks(settings)  # [siem]: an unknown receiver host or an unusable CA, in one line
+    except SiemConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from exc
     run_server(config, host=host, port=port, workers=workers)
 
 

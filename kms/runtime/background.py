@@ -19,6 +19,7 @@ from sqlalchemy import text
 from kms.audit.integrity import AuditIntegrityError
 from kms.runtime.assembly import Runtime
 from kms.runtime.filler import PoolFiller
+from kms.runtime.shipping import ship_audit
 from kms.service.audit_checkpoints import CheckpointWriter
 from kms.service.expiry import close_redelivery_windows
 from kms.service.peer_sweep import sweep_peer_state
@@ -51,6 +52,12 @@ class Background:
         if self.runtime.countersigner is not None:
             self._threads.append(
                 threading.Thread(target=self._countersign, name="qkms-audit-countersign", daemon=True)
+            )
+        if self.runtime.settings.siem.active:  # audit to SIEM: one process per KME ships (its own lock)
+            self._threads.append(
+                threading.Thread(
+                    target=ship_audit, args=(self.runtime, self._stop), name="qkms-siem", daemon=True
+                )
             )
         if (self.fill and self.runtime.settings.links) or self.runtime.network is not None:
             self._threads.append(
