@@ -84,11 +84,12 @@ class AuditShipper:
             return 0
         with self.db.read() as conn:
             record = audit.record_at(conn, position.seq)
-            head, _ = audit.head(conn)
+            head, head_hash = audit.head(conn)
         if record is not None and record.hash == position.hash:
             return position.seq
         if record is None and head < position.seq:
             log.warning("siem_position_beyond_head", sink=self.sink.name, shipped=position.seq, head=head)
+            self.shipped = self.positions.save(self.sink.name, head, head_hash)  # the next start agrees
             return head
         log.warning("siem_position_diverged", sink=self.sink.name, shipped=position.seq)
         return 0
