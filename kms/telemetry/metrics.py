@@ -51,8 +51,7 @@ class Instruments:
         )
         self.db_seconds = Histogram(
             "qkms_db_transaction_duration_seconds",
-            "Database transactions from BEGIN to COMMIT or ROLLBACK, by outcome.",
-            ["outcome"],
+            "Database transactions (a connection's checkout to its checkin: one transaction each).",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
