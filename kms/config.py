@@ -346,7 +346,7 @@ class SiemSyslogSection(BaseModel):
 
 
 class SiemSection(BaseModel):
-    """Audit to SIEM (docs/OPERATIONS.md "Audit to SIEM", DECISIONS.md D-32): every audit record, as
+    """Audit to SIEM (docs/OPERATIONS.md "Audit to SIEM", DECISIONS.md D-33): every audit record, as
     one JSON line, to ``file`` and/or a ``syslog`` receiver; at least once, from the database. Off
     unless one of them is set. ``state_dir`` (relative to the config file) keeps each sink's shipped
     position."""

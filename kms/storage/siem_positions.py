@@ -4,7 +4,7 @@ One JSON file per sink (``<kme>.<sink>.json``: the seq and hash of the newest re
 delivered), replaced atomically (a fresh owner-only file, fsync, rename, directory fsync), so a crash
 leaves the old position or the new one, never a torn one. A file rather than a table: it belongs to
 the shipper of one host, costs no migration, and losing it only means sending everything again
-(at least once; docs/DECISIONS.md D-32).
+(at least once; docs/DECISIONS.md D-33).
 """
 
 from __future__ import annotations
