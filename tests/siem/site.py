@@ -83,7 +83,7 @@ class SiemSite:
 
 
 @contextmanager
-def siem_site(workdir: Path, database_url: str | None) -> Iterator[SiemSite]:
+def siem_site(workdir: Path, database_url: str | None, workers: int = 1) -> Iterator[SiemSite]:
     result = init_workdir(
         workdir,
         "KME-SIEM",
@@ -116,7 +116,7 @@ def siem_site(workdir: Path, database_url: str | None) -> Iterator[SiemSite]:
     result.config_path.write_text(tomli_w.dumps(config))
     settings = KmsSettings.load(result.config_path)
     receiver.start()
-    proc = KmeProcess(result.config_path, settings.kme.port)
+    proc = KmeProcess(result.config_path, settings.kme.port, workers=workers)
     site = SiemSite(workdir, result.config_path, settings, proc, receiver)
     try:
         proc.start()

@@ -112,3 +112,16 @@ def test_every_record_arrives_through_a_receiver_outage_a_rotation_and_a_restart
         assert new and min(int(line["seq"]) for line in new) == position.seq + 1, sink
     check_stream(site.receiver.lines(), kme_id)
     check_stream(site.file_lines(), kme_id)
+
+
+def test_one_process_of_several_ships(tmp_path: Path) -> None:
+    """``--workers 2``: both processes serve and audit, exactly one ships (no line twice)."""
+    require_rsyslog()
+    with siem_site(tmp_path / "kme", None, workers=2) as site:
+        with site.sae() as client:
+            for _ in range(40):
+                Producer(site).request(client)
+        _all_arrived(site)
+        assert check_stream(site.receiver.lines(), site.settings.kme.id)[1] == 0
+        assert check_stream(site.file_lines(), site.settings.kme.id)[1] == 0
+        assert site.process.log_tail(2000).count("siem_shipper_started") == 1
