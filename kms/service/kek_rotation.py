@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kms.crypto import kek_sources
-from kms.crypto.envelope import Envelope, KekError, kek_check_value
+from kms.crypto.envelope import Envelope, KekError, MaterialIntegrityError, kek_check_value
 from kms.service import audit_recorder
 from kms.service.kek_keyring import (
     ACTIVE,
@@ -162,7 +162,14 @@ class KekRotation:
                     )
                 out = []
                 for row in rows:
-                    parts = [self.envelope.open(s, aad, row[-1]) for s, aad in record_parts(table, row)]
+                    try:
+                        parts = [self.envelope.open(s, aad, row[-1]) for s, aad in record_parts(table, row)]
+                    except MaterialIntegrityError as exc:
+                        raise KekRotationError(
+                            f"{table} row {row[0]} does not open under KEK version {row[-1]} (tampered, or"
+                            " sealed under a version this process cannot load); rotation stopped, nothing"
+                            " of this batch changed: run `qkms db check`"
+                        ) from exc
                     aads = [aad for _s, aad in record_parts(table, row)]
                     out.append((row[0], b"".join(sealer.seal_many(parts, aads)), target))
                 repo.store_resealed(conn, table, out)

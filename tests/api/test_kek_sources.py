@@ -149,3 +149,18 @@ def test_db_check_flags_a_row_naming_a_retired_version(work: Path) -> None:
     assert check.returncode == 1
     line = next(row for row in check.stdout.splitlines() if "has not retired" in row)
     assert "BROKEN" in line and "(kek-1)" in line, check.stdout
+
+
+def test_a_row_that_does_not_open_stops_the_rotation_with_one_line(work: Path) -> None:
+    engine = create_engine(f"sqlite:///{work / 'qkms.db'}")
+    with engine.begin() as conn:  # a tampered sealed seed
+        conn.execute(
+            text(
+                "UPDATE kme_keys SET sealed_seed = zeroblob(length(sealed_seed)) WHERE id = (SELECT MIN(id) FROM kme_keys)"
+            )
+        )
+    engine.dispose()
+    _one_line_error(_qkms(work, "kek", "rotate"), "does not open under KEK version kek-1", "db check")
+    # The rotation stays unfinished (kek-2 active, kek-1 draining) and cannot retire kek-1.
+    assert _keyring(work) == {"kek-1": ("draining", "file"), "kek-2": ("active", "file")}
+    _one_line_error(_qkms(work, "kek", "retire", "kek-1"), "still seals")
