@@ -18,6 +18,7 @@ from kms.cli.pilot import pilot_app
 from kms.cli.pilot_network import network as pilot_network
 from kms.cli.sae import expiry_table, sae_app
 from kms.cli.sim import sim_app
+from kms.cli.top import top
 from kms.config import ConfigError, KmsSettings
 from kms.storage.file_modes import restrict_umask
 
@@ -284,3 +285,4 @@ app.add_typer(peer_app, name="peer")
 pilot_app.command("network")(pilot_network)
 app.add_typer(pilot_app, name="pilot")
 app.add_typer(sae_app, name="sae")
+app.command("top")(top)
