@@ -96,7 +96,9 @@ def test_rotation_killed_mid_way_resumes_and_the_old_version_retires(kme: Runnin
             break
         assert proc.poll() is None, "the rotation ended before it could be killed"
         time.sleep(0.05)
-    # A second rotation (or a retirement) meanwhile is refused with one line, and changes nothing.
+    # Held still (SIGSTOP) half-way, so that however slowly the next command starts the rotation is
+    # still under way: a second rotation (or a retirement) meanwhile is refused with one line.
+    os.kill(proc.pid, signal.SIGSTOP)
     second = _qkms(config, "kek", "rotate")
     assert second.returncode == 2 and "another `qkms kek` command" in second.stderr, second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
