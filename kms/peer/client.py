@@ -19,7 +19,15 @@ import structlog
 from kms.config import PeeringSection
 from kms.crypto.identity import KmeIdentity
 from kms.peer.directory import PeerDirectory
-from kms.peer.messages import SIGNATURE_HEADER, MessageRejected, MessageSealer, PeerMessage, open_message
+from kms.peer.mac_sessions import MacSessions, mac_allowed
+from kms.peer.messages import (
+    SIGNATURE_HEADER,
+    UNKNOWN_MAC_KEY,
+    MessageRejected,
+    MessageSealer,
+    PeerMessage,
+    open_message,
+)
 
 log = structlog.get_logger(__name__)
 MESSAGES_PATH = "/peer/v1/messages"
@@ -56,6 +64,7 @@ class PeerClient:
         self.directory = directory
         self.identity = identity
         self.sealer = MessageSealer(kme_id, identity)
+        self.mac_sessions = MacSessions(kme_id, directory, identity)
         self._clients: dict[str, httpx.Client] = {}
         self._down_until: dict[str, float] = {}
         self._failing_since: dict[str, float] = {}  # peers whose last call failed in transport
@@ -80,9 +89,28 @@ class PeerClient:
         return client, peer.url
 
     def call(self, peer_id: str, msg_type: str, body: dict[str, Any]) -> PeerMessage:
-        """Send one signed message and return the peer's verified reply (never an ``error`` reply)."""
+        """Send one message and return the peer's verified reply (never an ``error`` reply). Hop-by-hop
+        messages carry a MAC under this process's key with the peer (``mac_sessions``), the others
+        an ML-DSA signature; a peer that does not know the key gets the message signed instead."""
+        mac = None
+        if mac_allowed(msg_type, body, peer_id):
+            mac = self.mac_sessions.key_for(peer_id, self._establish)
+        try:
+            return self._call(peer_id, msg_type, body, mac)
+        except PeerRefused as exc:
+            if mac is None or UNKNOWN_MAC_KEY not in exc.reason:
+                raise
+            self.mac_sessions.drop(peer_id, mac[0])
+            return self._call(peer_id, msg_type, body, None)
+
+    def _establish(self, peer_id: str, body: dict[str, Any]) -> PeerMessage:
+        return self._call(peer_id, "session.key", body, None)
+
+    def _call(
+        self, peer_id: str, msg_type: str, body: dict[str, Any], mac: tuple[str, bytes] | None
+    ) -> PeerMessage:
         client, _ = self._client(peer_id)
-        request, raw, header = self.sealer.seal(peer_id, msg_type, body)
+        request, raw, header = self.sealer.seal(peer_id, msg_type, body, mac=mac)
         try:
             response = client.post(
                 MESSAGES_PATH,
@@ -115,6 +143,10 @@ class PeerClient:
                 self.identity,
                 self.cfg.max_clock_skew_seconds,
                 authenticated_sender=peer_id,
+                mac_lookup=lambda sender, key_id: (
+                    mac[1] if mac and (sender, key_id) == (peer_id, mac[0]) else None
+                ),
+                mac_accepted=lambda _reply: mac is not None,
             )
         except MessageRejected as exc:
             raise PeerUncertain(peer_id, f"its reply was rejected: {exc.reason}", request) from exc

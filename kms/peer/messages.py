@@ -18,14 +18,18 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kms.crypto.identity import KmeIdentity
+from kms.crypto.peer_mac import mac_tag, tag_matches
 from kms.crypto.pqc.base import SignatureAlgorithm
 from kms.peer.directory import PeerDirectory
 
 CONTEXT = b"qkms/peer/v1"
+MAC_SCHEME = "hmac-sha256"
+UNKNOWN_MAC_KEY = "unknown MAC key"
 SIGNATURE_HEADER = "qkms-signature"
 VERSION = 1
 
@@ -49,6 +53,9 @@ class PeerMessage:
     ts: float
     body: dict[str, Any]
     reply_to: str | None = None
+    # (key_id, key) when the message was authenticated by a MAC, not a signature: its reply uses
+    # the same key. Never logged or serialised.
+    mac: tuple[str, bytes] | None = field(default=None, repr=False, compare=False)
 
 
 class MessageSealer:
@@ -62,9 +69,15 @@ class MessageSealer:
         self._lock = threading.Lock()
 
     def seal(
-        self, recipient: str, msg_type: str, body: dict[str, Any], reply_to: str | None = None
+        self,
+        recipient: str,
+        msg_type: str,
+        body: dict[str, Any],
+        reply_to: str | None = None,
+        mac: tuple[str, bytes] | None = None,
     ) -> tuple[PeerMessage, bytes, str]:
-        """The message, the exact bytes to send, and the signature header value."""
+        """The message, the exact bytes to send, and the header value: an ML-DSA signature, or with
+        ``mac`` (key_id, key) an HMAC-SHA256 tag under that key (DECISIONS.md D-35)."""
         with self._lock:
             seq = next(self._seq)
         message = PeerMessage(
@@ -94,9 +107,16 @@ class MessageSealer:
             separators=(",", ":"),
             sort_keys=True,
         ).encode()
+        if mac is not None:
+            tag = mac_tag(mac[1], raw, reply=reply_to is not None)
+            return message, raw, f"{MAC_SCHEME};k={mac[0]};tag={base64.b64encode(tag).decode()}"
         version, algorithm, signature = self.identity.sign(raw, CONTEXT)
         header = f"{algorithm};v={version};sig={base64.b64encode(signature).decode()}"
         return message, raw, header
+
+
+MacLookup = Callable[[str, str], "bytes | None"]
+"""The MAC key (sender, key_id) names, or None if unknown here."""
 
 
 def open_message(
@@ -106,8 +126,11 @@ def open_message(
     identity: KmeIdentity,
     max_skew: float,
     authenticated_sender: str | None = None,
+    mac_lookup: MacLookup | None = None,
+    mac_accepted: Callable[[PeerMessage], bool] | None = None,
 ) -> PeerMessage:
-    """Check signature, recipient, sender and freshness; raise ``MessageRejected`` with the reason."""
+    """Check signature (or MAC), recipient, sender and freshness; raise ``MessageRejected`` with the
+    reason. A MAC is accepted only with ``mac_lookup`` and for messages ``mac_accepted`` allows."""
     if not header:
         raise MessageRejected("the message is not signed")
     try:
@@ -131,6 +154,11 @@ def open_message(
         raise MessageRejected("the message's sender is not the KME that presented the TLS certificate")
     if message.recipient != directory.kme_id:
         raise MessageRejected("the message is addressed to another KME")
+    if header.startswith(MAC_SCHEME + ";"):
+        message = _check_mac(message, raw, header, mac_lookup, mac_accepted)
+        if abs(time.time() - message.ts) > max_skew:
+            raise MessageRejected("the message's timestamp is outside the allowed clock skew")
+        return message
     algorithm, version, signature = _parse_header(header)
     key = directory.sign_key(message.sender, version)
     if key is None or key.algorithm != algorithm:
@@ -150,3 +178,27 @@ def _parse_header(header: str) -> tuple[str, int, bytes]:
         return algorithm, int(version_part[2:]), base64.b64decode(sig_part[4:], validate=True)
     except (ValueError, TypeError) as exc:
         raise MessageRejected("the signature header is malformed") from exc
+
+
+def _check_mac(
+    message: PeerMessage,
+    raw: bytes,
+    header: str,
+    lookup: MacLookup | None,
+    accepted: Callable[[PeerMessage], bool] | None,
+) -> PeerMessage:
+    if lookup is None or accepted is None or not accepted(message):
+        raise MessageRejected(f"a {message.type} message must be signed, not MAC'd")
+    try:
+        _, key_part, tag_part = header.split(";", 2)
+        if not key_part.startswith("k=") or not tag_part.startswith("tag="):
+            raise ValueError("malformed")
+        key_id, tag = key_part[2:], base64.b64decode(tag_part[4:], validate=True)
+    except (ValueError, TypeError) as exc:
+        raise MessageRejected("the MAC header is malformed") from exc
+    key = lookup(message.sender, key_id)
+    if key is None:
+        raise MessageRejected(f"{UNKNOWN_MAC_KEY} {key_id} from {message.sender}")
+    if not tag_matches(key, raw, message.reply_to is not None, tag):
+        raise MessageRejected("the message's MAC does not verify")
+    return replace(message, mac=(key_id, key))

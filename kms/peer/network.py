@@ -20,12 +20,16 @@ Other peer services add handlers by message type to ``extra_handlers`` (the audi
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from kms.config import PeeringSection, PoolSection
 from kms.crypto.envelope import Envelope
 from kms.crypto.identity import KmeIdentity
+from kms.crypto.peer_mac import derive_mac_key
+from kms.crypto.pqc.base import PqcError
 from kms.domain.delivery import DeliveredKey
 from kms.domain.errors import PeerRequestRefused
 from kms.domain.policy import PairPolicy
@@ -45,6 +49,7 @@ from kms.service.link_state_store import LinkStateStore
 from kms.service.link_stock import LinkStock
 from kms.service.peer_context import PeerSite
 from kms.service.peer_ledger import PeerLedger
+from kms.service.peer_mac_keys import PeerMacKeys
 from kms.service.peer_records import PeerRecords
 from kms.service.peer_relay import PeerRelay
 from kms.storage.database import Database
@@ -93,6 +98,7 @@ class PeerNetwork:
             records, PeerRelay(site, records), self.master.send_and_settle, pool_cfg.max_key_per_request
         )
         self.mirror = Mirror(stock, self.client, directory, self.followers)
+        self.mac_keys = PeerMacKeys(db, envelope)
         self._handlers: dict[str, Handler] = {
             "keys.record": self.receiver.on_record,
             "keys.record.batch": self.receiver.on_record_batch,
@@ -101,6 +107,7 @@ class PeerNetwork:
             "topology": self.flood.on_sync,
             "topology.flood": self.flood.on_flood,
             "relay.forward": self.routed.on_forward,
+            "session.key": self.on_session_key,
             "pieces.claim": self.mirror.on_claim,
         }
         # Handlers of other peer services (audit copies: ``kms.peer.countersign``), by message type.
@@ -164,6 +171,21 @@ class PeerNetwork:
             raise MessageRejected(exc.reason) from exc
         except (ValueError, KeyError, TypeError) as exc:  # a storage LedgerConflict is a ValueError
             raise MessageRejected(f"cannot act on {message.type}: {exc}"[:300]) from exc
+
+    def on_session_key(self, message: PeerMessage) -> dict[str, Any]:
+        """``session.key`` (signed): a neighbour's MAC key for its next messages (``mac_sessions``)."""
+        body = message.body
+        key_id = str(body["key_id"])
+        if not 8 <= len(key_id) <= 32 or not all(c in "0123456789abcdef" for c in key_id):
+            raise MessageRejected("a MAC key ID is 8 to 32 lowercase hex digits")
+        try:
+            shared = self.identity.decapsulate(
+                int(body["kem_version"]), base64.b64decode(str(body["ciphertext"]))
+            )
+        except (PqcError, RuntimeError, binascii.Error) as exc:
+            raise MessageRejected(f"the MAC key's ciphertext does not decapsulate here: {exc}"[:200]) from exc
+        self.mac_keys.accept(message, key_id, derive_mac_key(shared, message.sender, self.kme_id, key_id))
+        return {"accepted": key_id}
 
     def close(self) -> None:
         self.client.close()

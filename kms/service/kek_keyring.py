@@ -24,6 +24,7 @@ from kms.crypto.envelope import Envelope, KekError, MaterialIntegrityError, kek_
 from kms.crypto.identity import seed_aad
 from kms.storage import kek_repository as repo
 from kms.storage.database import Database
+from kms.storage.peer_mac_repository import mac_key_aad
 from kms.storage.pool_repository import block_aad, key_aad
 
 log = structlog.get_logger(__name__)
@@ -139,6 +140,9 @@ def record_parts(table: str, row: tuple[Any, ...]) -> list[tuple[bytes, bytes]]:
     if table == "kme_keys":
         _id, purpose, version, sealed, _kek = row
         return [(bytes(sealed), seed_aad(purpose, version))]
+    if table == "peer_mac_keys":
+        row_id, sealed, _kek = row
+        return [(bytes(sealed), mac_key_aad(row_id))]
     from kms.domain.key_ids import run_member
 
     key_id, count, material, _kek = row

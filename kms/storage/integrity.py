@@ -21,6 +21,7 @@ from sqlalchemy import Connection, text
 
 from kms.crypto.envelope import Envelope, MaterialIntegrityError, sealed_length
 from kms.domain.key_ids import RUN_MAX, run_member
+from kms.storage.kek_repository import SEALED_TABLES
 from kms.storage.pool_repository import block_aad, consumed_material_overdue, key_aad
 
 
@@ -243,11 +244,7 @@ def _outside_keyring(conn: Connection) -> tuple[int, list[str]]:
     if not conn.execute(text("SELECT COUNT(*) FROM kek_versions")).scalar_one():
         return 0, []
     count, bad = 0, []
-    for table, key, column in (
-        ("keys", "key_id", "material"),
-        ("key_blocks", "id", "material"),
-        ("kme_keys", "id", "sealed_seed"),
-    ):
+    for table, key, column in SEALED_TABLES:
         sql = f"SELECT kek_id, COUNT(*), MIN({key}) FROM {table} WHERE {column} IS NOT NULL GROUP BY kek_id"
         for kek_id, rows, first in conn.execute(text(sql)):
             if kek_id not in live:

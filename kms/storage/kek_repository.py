@@ -30,6 +30,7 @@ SEALED_TABLES: tuple[tuple[str, str, str], ...] = (
     ("key_blocks", "id", "material"),
     ("keys", "key_id", "material"),
     ("kme_keys", "id", "sealed_seed"),
+    ("peer_mac_keys", "id", "sealed_key"),
 )
 
 
@@ -102,7 +103,7 @@ def reseal_batch(conn: Connection, table: str, after: Any, target: str, limit: i
 
     Row shapes: key_blocks (id, link_id, source_block_id, source_offset_bits, next_bit, material,
     kek_id); keys (key_id, key_count, material, kek_id); kme_keys (id, purpose, version,
-    sealed_seed, kek_id)."""
+    sealed_seed, kek_id); peer_mac_keys (id, sealed_key, kek_id)."""
     return [tuple(r) for r in _batch(Raw(conn), table, after, target, limit, include=False)]
 
 
@@ -110,6 +111,7 @@ _COLUMNS = {
     "key_blocks": "id, link_id, source_block_id, source_offset_bits, next_bit, material, kek_id",
     "keys": "key_id, key_count, material, kek_id",
     "kme_keys": "id, purpose, version, sealed_seed, kek_id",
+    "peer_mac_keys": "id, sealed_key, kek_id",
 }
 
 

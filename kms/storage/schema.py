@@ -2,6 +2,9 @@
 
 Key material columns only ever hold AES-GCM envelopes (``kms.crypto.envelope``); they are set to
 NULL when material is zeroised, and the metadata row stays for provenance.
+
+Why one module: every table hangs off one ``MetaData`` that the migrations' head is compared against
+(tests/unit/test_store_integrity.py), and the models are declarations, no logic, read side by side.
 """
 
 from __future__ import annotations
@@ -326,6 +329,18 @@ class LinkStateRecord(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
+class PeerMacKey(Base):
+    """A MAC key a neighbour KME established with this one (``kms.service.peer_mac_keys``), sealed
+    under the KEK; any process of this KME checks that neighbour's MACs with it."""
+
+    __tablename__ = "peer_mac_keys"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)  # "<sender KME>/<key id>"
+    sealed_key: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    kek_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 class KeyRecipient(Base):
     """An *additional* slave SAE entitled to a multicast key (the named slave is on the key row)."""
 
@@ -384,5 +399,6 @@ audit_head = cast(Table, AuditHead.__table__)
 audit_checkpoints = cast(Table, AuditCheckpoint.__table__)
 audit_countersignatures = cast(Table, AuditCountersignature.__table__)
 link_state_records = cast(Table, LinkStateRecord.__table__)
+peer_mac_keys = cast(Table, PeerMacKey.__table__)
 peer_messages = cast(Table, PeerMessage.__table__)
 kek_versions = cast(Table, KekVersion.__table__)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -21,14 +23,15 @@ from kms.domain.lifecycle import KeyState
 from kms.lab.launcher import client_ssl_context
 from kms.lab.pilot import running_network
 from kms.peer.ledger_master import entry_body
-from kms.peer.messages import SIGNATURE_HEADER, MessageSealer
+from kms.peer.messages import SIGNATURE_HEADER, MessageSealer, PeerMessage
 from kms.runtime.assembly import Runtime, build_runtime
+from kms.service.peer_mac_keys import PeerMacKeys
 from kms.storage import migrate
 from kms.storage import pool_repository as pool
 from kms.storage.database import Database
 from kms.storage.peer_repository import close_pending_keys, remember_message, void_message
 from tests.conftest import database_url
-from tests.peer.conftest import Network, open_network, wait_for_remote_keys
+from tests.peer.conftest import Network, open_network, query, wait_for_remote_keys
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +280,105 @@ def test_a_voided_request_is_refused_and_an_arrived_one_is_not_voided(
             assert remember_message(conn, "KME-C", "a" * 32, "s9", 1, "keys.record.batch", at)
     finally:
         db.dispose()
+
+
+# -- MACs between neighbours (DECISIONS.md D-35) -----------------------------------------------------
+
+
+def _mac_key(runtime_a: Runtime) -> tuple[str, bytes]:
+    """KME-A's MAC key toward KME-B: established by a first hop-by-hop call, then cached."""
+    assert runtime_a.network is not None
+    client = runtime_a.network.client
+    assert client.call("KME-B", "topology", {}).type == "topology.ok"  # MAC'd (after session.key)
+
+    def not_again(peer: str, body: dict[str, object]) -> PeerMessage:
+        raise AssertionError("the key should be cached")
+
+    key = client.mac_sessions.key_for("KME-B", not_again)
+    assert key is not None
+    return key
+
+
+def test_a_neighbours_mac_key_is_stored_sealed_at_the_receiver(net: Network, runtime_a: Runtime) -> None:
+    key_id, key = _mac_key(runtime_a)
+    rows = query(net.sites["KME-B"], "SELECT id, sealed_key FROM peer_mac_keys")
+    assert f"KME-A/{key_id}" in {str(r[0]) for r in rows}
+    assert all(key not in bytes(r[1]) for r in rows)  # sealed under B's KEK, never in clear
+
+
+def test_a_kek_rotation_reseals_the_neighbours_mac_keys(net: Network, runtime_a: Runtime) -> None:
+    key_id, key = _mac_key(runtime_a)
+    site_b = net.sites["KME-B"]
+    rotated = subprocess.run(
+        [sys.executable, "-m", "kms", "kek", "rotate", "--config", str(site_b.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    versions = {str(r[0]) for r in query(site_b, "SELECT kek_id FROM peer_mac_keys")}
+    assert versions == {"kek-2"}, versions
+    # A process of B that never held the key in memory opens the re-sealed row.
+    runtime_b = build_runtime(KmsSettings.load(site_b.config_path), sync_registry=False)
+    try:
+        assert PeerMacKeys(runtime_b.db, runtime_b.envelope).lookup("KME-A", key_id) == key
+    finally:
+        runtime_b.close()
+    check = subprocess.run(
+        [sys.executable, "-m", "kms", "db", "check", "--config", str(site_b.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert check.returncode == 0, check.stdout
+
+
+def test_a_macd_hop_message_is_accepted_once_and_answered_with_a_mac(
+    as_kme_a: httpx.Client, sealer: MessageSealer, runtime_a: Runtime
+) -> None:
+    mac = _mac_key(runtime_a)
+    _, raw, header = sealer.seal("KME-B", "topology", {}, mac=mac)
+    assert header.startswith("hmac-sha256;")
+    first = post(as_kme_a, raw, header)
+    assert first.status_code == 200, first.text
+    assert first.headers[SIGNATURE_HEADER].startswith(f"hmac-sha256;k={mac[0]};")
+    replay = post(as_kme_a, raw, header)
+    assert b'"type":"error"' in replay.content and b"replayed" in replay.content
+
+
+def test_a_wrong_mac_an_unknown_key_or_a_macd_ledger_entry_for_the_target_is_refused(
+    as_kme_a: httpx.Client, sealer: MessageSealer, runtime_a: Runtime
+) -> None:
+    key_id, key = _mac_key(runtime_a)
+    _, raw, header = sealer.seal("KME-B", "topology", {}, mac=(key_id, bytes(32)))
+    r = post(as_kme_a, raw, header)
+    assert r.status_code == 401 and "MAC does not verify" in r.json()["message"]
+    _, raw, header = sealer.seal("KME-B", "topology", {}, mac=("00112233aabbccdd", key))
+    r = post(as_kme_a, raw, header)
+    assert r.status_code == 401 and "unknown MAC key" in r.json()["message"]
+    # Where a signed statement is the point, a MAC is not enough: a ledger entry whose target is B,
+    # a batch of them, a withdrawal.
+    for msg_type, body in (
+        ("keys.record", {"route": ["KME-A", "KME-B"], "keys": []}),
+        ("keys.record", {"route": ["KME-C", "KME-A", "KME-B"], "keys": []}),
+        ("keys.record.batch", {"entries": []}),
+        ("keys.cancel", {"origin": "KME-A", "key_IDs": []}),
+    ):
+        _, raw, header = sealer.seal("KME-B", msg_type, body, mac=(key_id, key))
+        r = post(as_kme_a, raw, header)
+        assert r.status_code == 401 and "must be signed" in r.json()["message"], (msg_type, r.text)
+
+
+def test_a_peer_that_lost_the_key_gets_the_message_signed(net: Network, runtime_a: Runtime) -> None:
+    key_id, _ = _mac_key(runtime_a)
+    site_b = net.sites["KME-B"]
+    with sqlite3.connect(site_b.workdir / "qkms.db") as db:
+        db.execute("DELETE FROM peer_mac_keys")
+    # B's server process still holds the key in memory; a new key ID it never saw stands for a
+    # restored database.
+    assert runtime_a.network is not None
+    client = runtime_a.network.client
+    client.mac_sessions._keys["KME-B"] = ("ffeeddccbbaa0099", bytes(32), time.monotonic())
+    assert client.call("KME-B", "topology", {}).type == "topology.ok"  # refused, then sent signed
+    new_id, _ = _mac_key(runtime_a)  # and the next call establishes a new key
+    assert new_id not in (key_id, "ffeeddccbbaa0099")

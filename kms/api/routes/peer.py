@@ -10,6 +10,7 @@ from fastapi.responses import Response
 
 from kms.api.errors import error_response
 from kms.api.identity import current_sae
+from kms.peer.mac_sessions import request_mac_accepted
 from kms.peer.messages import SIGNATURE_HEADER, MessageRejected, MessageSealer, open_message
 from kms.peer.network import PeerNetwork
 
@@ -24,9 +25,9 @@ def peer_router(network: PeerNetwork) -> APIRouter:
     limiter = anyio.CapacityLimiter(16)
 
     def answer(sender: str, raw: bytes, signature: str | None) -> Response:
-        """Verify, act, sign the reply: all off the event loop, in one worker thread. An ML-DSA
-        signature and its check are a millisecond or two of CPU that the loop, serving the SAEs' own
-        requests meanwhile, should not wait behind."""
+        """Verify, act, sign (or MAC) the reply: all off the event loop, in one worker thread. An
+        ML-DSA signature and its check are a millisecond or two of CPU that the loop, serving the
+        SAEs' own requests meanwhile, should not wait behind."""
         try:
             message = open_message(
                 raw,
@@ -35,6 +36,8 @@ def peer_router(network: PeerNetwork) -> APIRouter:
                 network.identity,
                 network.peering.max_clock_skew_seconds,
                 authenticated_sender=sender,
+                mac_lookup=network.mac_keys.lookup,
+                mac_accepted=request_mac_accepted,
             )
         except MessageRejected as exc:
             log.warning("peer_message_rejected", peer=sender, reason=exc.reason)
@@ -45,7 +48,8 @@ def peer_router(network: PeerNetwork) -> APIRouter:
         except MessageRejected as exc:
             log.warning("peer_message_refused", peer=sender, type=message.type, reason=exc.reason)
             body, reply_type = {"message": exc.reason}, "error"
-        _, reply_raw, header = sealer.seal(sender, reply_type, body, reply_to=message.nonce)
+        # A MAC'd request gets a reply MAC'd under the same key; a signed one a signed reply.
+        _, reply_raw, header = sealer.seal(sender, reply_type, body, reply_to=message.nonce, mac=message.mac)
         return Response(reply_raw, media_type="application/json", headers={SIGNATURE_HEADER: header})
 
     @router.post("/peer/v1/messages")
