@@ -230,6 +230,10 @@ class PeeringSection(BaseModel):
     # only on other KMEs' records issued within ``link_state_max_age_seconds``.
     topology_heartbeat_seconds: float = Field(default=30.0, gt=0)
     link_state_max_age_seconds: float = Field(default=100.0, gt=0)
+    # Hop-by-hop messages authenticated by a MAC under a key set up with each neighbour (DECISIONS.md
+    # D-35) instead of an ML-DSA signature each. Off: this KME signs everything and declines MAC keys
+    # (as a KME of a version before D-35 does; its neighbours then sign to it).
+    hop_macs: bool = True
 
 
 class PeerSection(BaseModel):

@@ -91,10 +91,14 @@ class PeerClient:
     def call(self, peer_id: str, msg_type: str, body: dict[str, Any]) -> PeerMessage:
         """Send one message and return the peer's verified reply (never an ``error`` reply). Hop-by-hop
         messages carry a MAC under this process's key with the peer (``mac_sessions``), the others
-        an ML-DSA signature; a peer that does not know the key gets the message signed instead."""
+        an ML-DSA signature; a peer that does not know the key, or declines MAC keys, gets the
+        message signed instead."""
         mac = None
-        if mac_allowed(msg_type, body, peer_id):
-            mac = self.mac_sessions.key_for(peer_id, self._establish)
+        if self.cfg.hop_macs and mac_allowed(msg_type, body, peer_id):
+            try:
+                mac = self.mac_sessions.key_for(peer_id, self._establish)
+            except PeerRefused:  # MACs off there, or a version before them: sign to it for a while
+                self.mac_sessions.declined(peer_id)
         try:
             return self._call(peer_id, msg_type, body, mac)
         except PeerRefused as exc:

@@ -26,6 +26,7 @@ from kms.peer.messages import PeerMessage
 
 MAC_TYPES = frozenset({"topology", "topology.flood", "blocks.announce", "pieces.claim", "relay.forward"})
 RENEW_SECONDS = 3600.0
+DECLINED_SECONDS = 600.0  # a neighbour that refused a MAC key is asked again after this long
 
 
 def mac_allowed(msg_type: str, body: dict[str, Any], recipient: str) -> bool:
@@ -54,12 +55,16 @@ class MacSessions:
         self.directory = directory
         self.identity = identity
         self._keys: dict[str, tuple[str, bytes, float]] = {}
+        self._declined: dict[str, float] = {}  # peer -> monotonic time it refused a MAC key
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
     def key_for(self, peer_id: str, establish: Establish) -> tuple[str, bytes] | None:
         """(key_id, key) toward ``peer_id``, establishing one if needed; None to sign instead (no
-        ML-KEM key is known for the peer)."""
+        ML-KEM key is known for the peer, or it declined one lately)."""
+        refused = self._declined.get(peer_id)
+        if refused is not None and time.monotonic() - refused < DECLINED_SECONDS:
+            return None
         held = self._keys.get(peer_id)
         if held is not None and time.monotonic() - held[2] < RENEW_SECONDS:
             return held[0], held[1]
@@ -88,6 +93,10 @@ class MacSessions:
         }
         establish(peer_id, body)  # raises PeerError if the peer did not take it
         return key_id, derive_mac_key(shared, self.kme_id, peer_id, key_id)
+
+    def declined(self, peer_id: str) -> None:
+        """The peer refused a MAC key (MACs off there, or it predates them): sign to it for a while."""
+        self._declined[peer_id] = time.monotonic()
 
     def drop(self, peer_id: str, key_id: str) -> None:
         """The peer does not know this key (restored, or its KEK rotated): establish a new one."""

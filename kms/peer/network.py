@@ -174,6 +174,8 @@ class PeerNetwork:
 
     def on_session_key(self, message: PeerMessage) -> dict[str, Any]:
         """``session.key`` (signed): a neighbour's MAC key for its next messages (``mac_sessions``)."""
+        if not self.client.cfg.hop_macs:
+            raise MessageRejected("MAC keys are off at this KME (peering.hop_macs = false); sign instead")
         body = message.body
         key_id = str(body["key_id"])
         if not 8 <= len(key_id) <= 32 or not all(c in "0123456789abcdef" for c in key_id):
