@@ -14,9 +14,11 @@ Scenarios (``--only`` picks some):
   at the surviving KMEs 30 s after the load stopped.
 
 Floors (issue 18): cold <= 30 s; latency p50 <= 100 ms; idle <= 0.02 cores per KME; ring recovery
-<= 5 s with no leftovers after 30 s.
+<= 5 s with no leftovers after 30 s. ``--hop-macs both`` runs the 12-KME chain once with every
+message signed and once with MAC'd hop messages (DECISIONS.md D-35), one after the other.
 
     .venv/bin/python benchmarks/bench_relay.py
+    .venv/bin/python benchmarks/bench_relay.py --only latency --hop-macs both
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 import httpx
+import tomli_w
 
 from kms.config import KmsSettings
 from kms.lab.launcher import client_ssl_context
@@ -65,9 +69,18 @@ def relay_once(master: httpx.Client, slave: httpx.Client, m_sae: str, s_sae: str
     return fetched.status_code == 200 and fetched.json()["keys"] == keys, took
 
 
+HOP_MACS = True  # --hop-macs off: every KME signs every peer message (DECISIONS.md D-35 off)
+
+
 def network(root: Path, topo: NetworkTopology) -> dict[str, Site]:
     sites, links = topo.specs()
-    return prepare_network(root, sites, links, pool=POOL)
+    prepared = prepare_network(root, sites, links, pool=POOL)
+    if not HOP_MACS:
+        for site in prepared.values():
+            config = tomllib.loads(site.config_path.read_text())
+            config.setdefault("peering", {})["hop_macs"] = False
+            site.config_path.write_text(tomli_w.dumps(config))
+    return prepared
 
 
 def cold(root: Path, nodes: int, checks: bool) -> dict[str, Any]:
@@ -263,16 +276,29 @@ def main() -> int:
     parser.add_argument(
         "--checks", action="store_true", help="db check and audit verify every KME of the cold chain"
     )
+    parser.add_argument(
+        "--hop-macs",
+        choices=["on", "off", "both"],
+        default="on",
+        help="MAC'd hop messages (D-35) on, off (all signed), or the latency chain run with each",
+    )
     args = parser.parse_args()
+    global HOP_MACS
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="qkms-relay-") as tmp:
         root = Path(tmp)
         if "cold" in args.only:
             results["cold"] = cold(root / "cold", args.cold_nodes, args.checks)
             print("cold chain:", results["cold"], flush=True)
+        if "latency" in args.only and args.hop_macs == "both":
+            HOP_MACS = False
+            signed = latency_and_idle(root / "latency-signed", args.requests, args.idle_seconds)
+            print("12-KME chain, every message signed:", signed, flush=True)
+        HOP_MACS = args.hop_macs != "off"
         if "latency" in args.only:
             results["latency"] = latency_and_idle(root / "latency", args.requests, args.idle_seconds)
-            print("12-KME chain:", results["latency"], flush=True)
+            label = "MAC'd hop messages" if HOP_MACS else "every message signed"
+            print(f"12-KME chain, {label}:", results["latency"], flush=True)
         if "ring" in args.only:
             results["ring"] = ring(root / "ring", args.pairs, args.load_seconds)
             print("ring of 5:", results["ring"], flush=True)
