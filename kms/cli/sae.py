@@ -162,6 +162,7 @@ def sae_suspend(config: ConfigOpt, sae_id: SaeArg, reason: ReasonOpt = "operator
 
     _state_change(config, sae_id, lambda rt, kme: sae_lifecycle.suspend(rt.db, kme, sae_id, reason))
     console.print(f"SAE {sae_id} suspended")
+    _tell_peers(config, [sae_id])
 
 
 @sae_app.command("resume")
@@ -171,6 +172,7 @@ def sae_resume(config: ConfigOpt, sae_id: SaeArg, reason: ReasonOpt = "operator 
 
     _state_change(config, sae_id, lambda rt, kme: sae_lifecycle.resume(rt.db, kme, sae_id, reason))
     console.print(f"SAE {sae_id} resumed")
+    _tell_peers(config, [sae_id])
 
 
 @sae_app.command("revoke")
@@ -186,6 +188,58 @@ def sae_revoke(config: ConfigOpt, sae_id: SaeArg, reason: ReasonOpt = "operator 
     console.print(
         f"SAE {sae_id} revoked: {destroyed} unfetched keys destroyed, {zeroised} consumed keys' redelivery copies zeroised"
     )
+    _tell_peers(config, [sae_id])
+
+
+@sae_app.command("tell-peers")
+def sae_tell_peers(
+    config: ConfigOpt,
+    sae_ids: Annotated[
+        list[str] | None, typer.Argument(help="SAEs of this KME (default: every one not active).")
+    ] = None,
+) -> None:
+    """Tell every peer KME the state of this KME's SAEs again (after a peer was unreachable)."""
+    _tell_peers(config, sae_ids or None)
+
+
+def _tell_peers(config: Path, sae_ids: list[str] | None) -> None:
+    """Tell every peer KME (signed ``sae.state``, DECISIONS.md D-39) the SAEs' current state, audit
+    who was told (``sae.peer_told``); exit 3 if some KME was not told (the change here stands)."""
+    from kms.cli.admin import _sign_pending
+    from kms.runtime.assembly import build_runtime
+    from kms.service import peer_sae_states
+
+    settings = _settings(config)
+    if not settings.peers:
+        return
+    rt = build_runtime(settings, sync_registry=False)
+    missed: list[str] = []
+    try:
+        assert rt.network is not None
+        try:
+            notices = peer_sae_states.notices_of(rt.db, settings.kme.id, sae_ids)
+        except peer_sae_states.SaeNoticeError as exc:
+            raise _fail(str(exc)) from None
+        for notice in notices:
+            outcomes = rt.network.sae_notices.tell([notice])
+            peer_sae_states.record_told(rt.db, notice, outcomes)
+            for kme_id, outcome in outcomes.items():
+                if not outcome["told"]:
+                    missed.append(kme_id)
+                    err.print(
+                        f"[yellow]KME {kme_id} not told that {notice.sae_id} is {notice.state.value}:[/yellow] {outcome['error']}"
+                    )
+                    continue
+                done = sum(int(r.get("keys_destroyed", 0)) for r in outcome["results"])
+                console.print(
+                    f"  KME {kme_id} told: {notice.sae_id} {notice.state.value}, {done} keys destroyed there"
+                )
+        _sign_pending(rt)
+    finally:
+        rt.close()
+    if missed:
+        err.print(f"run `qkms sae tell-peers` again once {', '.join(sorted(set(missed)))} can be reached")
+        raise typer.Exit(3)
 
 
 @sae_app.command("list")

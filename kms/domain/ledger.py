@@ -49,12 +49,16 @@ def check_entry(
     master = registry.get(master_id)
     if master is None or master.kme_id != origin:
         raise PeerRequestRefused(f"SAE {master_id} is not served by the route's origin {origin}")
+    if not master.enabled:  # its KME reported it suspended or revoked (DECISIONS.md D-39)
+        raise PeerRequestRefused(f"SAE {master_id} is {master.state} at {origin}")
     if not slaves:
         raise PeerRequestRefused("a ledger entry names at least one slave")
     for sae_id in slaves:
         info = registry.get(sae_id)
         if info is None or info.kme_id != target or info.role != "sae":
             raise PeerRequestRefused(f"SAE {sae_id} is not served by the route's target {target}")
+        if not info.enabled:
+            raise PeerRequestRefused(f"SAE {sae_id} is {info.state} at {target}")
     entries = b["keys"]
     if not entries or len(entries) > max_key_per_request:
         raise PeerRequestRefused("a ledger entry names 1 to max_key_per_request keys")

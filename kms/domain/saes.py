@@ -54,6 +54,20 @@ def sae_transition_refusal(current: SaeState, target: SaeState) -> str | None:
     return f"is already {current.value}" if current is target else f"is {current.value}, not {target.value}"
 
 
+def peer_notice_applies(
+    held: tuple[SaeState, datetime | None] | None, told: SaeState, changed_at: datetime
+) -> bool:
+    """Whether a peer KME's notice that its SAE is now ``told`` (as of ``changed_at``, its clock)
+    changes what this KME holds (DECISIONS.md D-39): revocation is final, an older notice never
+    overrides a newer one, and a notice of the state already held changes nothing."""
+    if held is None:
+        return told is not SaeState.ACTIVE
+    state, at = held
+    if state is SaeState.REVOKED or state is told:
+        return False
+    return at is None or changed_at > at
+
+
 @dataclass(frozen=True)
 class SaeInfo:
     sae_id: str

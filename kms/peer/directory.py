@@ -50,6 +50,10 @@ class PeerDirectory:
     def get(self, kme_id: str) -> Peer | None:
         return self.peers.get(kme_id)
 
+    def home_of(self, sae_id: str) -> str | None:
+        """The KME whose bundle lists ``sae_id`` as its own, if any."""
+        return self._sae_home.get(sae_id)
+
     def adjacent(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.url]
 

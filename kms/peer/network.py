@@ -12,7 +12,8 @@ Each responsibility lives in its own module, over the units of work in ``kms.ser
 - ``flooding``: this KME's link-state record issued, others' kept and passed on (``topology``,
   ``topology.flood``);
 - ``routed``: signed control messages to non-adjacent KMEs, carried by the trusted nodes
-  (``relay.forward``: a failed relay's withdrawals).
+  (``relay.forward``: a failed relay's withdrawals);
+- ``sae_notices``: an SAE of this KME suspended, resumed or revoked, told to every KME (``sae.state``).
 
 Other peer services add handlers by message type to ``extra_handlers`` (the audit copies:
 ``kms.peer.countersign``).
@@ -43,6 +44,7 @@ from kms.peer.messages import MessageRejected, PeerMessage
 from kms.peer.mirror import Mirror
 from kms.peer.routed import RoutedMessages
 from kms.peer.routing import Edge
+from kms.peer.sae_notices import SaeNotices
 from kms.peer.topology import Router
 from kms.service.delivery import KeyDeliveryService
 from kms.service.link_state_store import LinkStateStore
@@ -99,6 +101,7 @@ class PeerNetwork:
         )
         self.mirror = Mirror(stock, self.client, directory, self.followers)
         self.mac_keys = PeerMacKeys(db, envelope)
+        self.sae_notices = SaeNotices(db, directory, self.routed)
         self._handlers: dict[str, Handler] = {
             "keys.record": self.receiver.on_record,
             "keys.record.batch": self.receiver.on_record_batch,
@@ -109,6 +112,7 @@ class PeerNetwork:
             "relay.forward": self.routed.on_forward,
             "session.key": self.on_session_key,
             "pieces.claim": self.mirror.on_claim,
+            "sae.state": self.sae_notices.on_state,
         }
         # Handlers of other peer services (audit copies: ``kms.peer.countersign``), by message type.
         self.extra_handlers: dict[str, Handler] = {}

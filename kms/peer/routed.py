@@ -6,7 +6,8 @@ the far KME itself (the ordinary peer envelope: signature, recipient, nonce, tim
 hop along the current best route (``kms.peer.topology``), each hop in its own signed message. Only
 the recipient opens it, checks the origin's signature with the origin's bundle, and acts on it:
 a trusted node can drop it but not alter or forge it, and replay fails on the nonce as for any
-message. Only the types in ``ROUTABLE`` travel this way.
+message. Only the types in ``ROUTABLE`` travel this way: withdrawals, and an SAE's state from its
+home KME (``sae_notices``, DECISIONS.md D-39).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from kms.peer.client import PeerClient, PeerError, PeerUnavailable
 from kms.peer.directory import PeerDirectory
 from kms.peer.messages import MessageRejected, PeerMessage, open_message
 
-ROUTABLE = frozenset({"keys.cancel"})
+ROUTABLE = frozenset({"keys.cancel", "sae.state"})
 MAX_HOPS = 64
 
 Handler = Callable[[PeerMessage], dict[str, Any]]

@@ -38,8 +38,8 @@ class Runtime:
 
     def reload_registry(self) -> None:
         entries = registry_service.registered_saes(self.db)
-        if self.network is not None:
-            entries += self.network.directory.registry_entries()
+        if self.network is not None:  # database rows last: a peer's SAE it reported revoked wins (D-39)
+            entries = self.network.directory.registry_entries() + entries
         self.registry.replace(entries)
 
     def make_filler(self) -> PoolFiller:
@@ -97,6 +97,7 @@ def build_network(settings: KmsSettings, runtime: Runtime) -> PeerNetwork | None
         followers,
     )
     network.service = runtime.service
+    network.sae_notices.refresh_seconds = settings.sae_registry.refresh_ms / 1000
     runtime.service.remote = network
     from kms.peer.countersign import CopyKeeper, Countersigner, PeerAudit
 

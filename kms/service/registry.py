@@ -47,7 +47,9 @@ def reload(db: Database, target: SaeRegistry, extra: Callable[[], list[SaeInfo]]
         version = registry.registry_version_of(conn)
         entries = registry.load_saes(conn)
         grace = registry.load_grace(conn, datetime.now(UTC))
-    target.replace(entries + extra(), grace)
+    # The database's rows come last, so they win: a peer KME's SAE it has reported suspended or
+    # revoked (``managed_by = 'peer'``, DECISIONS.md D-39) overrides the bundle's active entry.
+    target.replace(extra() + entries, grace)
     target.version = version
 
 

@@ -180,6 +180,52 @@ def set_state(conn: Connection, sae_id: str, state: SaeState, reason: str, now: 
     )
 
 
+def remote_state(conn: Connection, sae_id: str) -> tuple[SaeState, datetime | None] | None:
+    """The state a peer KME last told this one for its SAE ``sae_id`` (DECISIONS.md D-39), locked."""
+    row = conn.execute(
+        select(saes.c.state, saes.c.updated_at)
+        .where(saes.c.id == sae_id, saes.c.managed_by == "peer")
+        .with_for_update()
+    ).first()
+    return (
+        None
+        if row is None
+        else (SaeState(row.state), None if row.updated_at is None else _aware(row.updated_at))
+    )
+
+
+def set_remote_state(
+    conn: Connection,
+    sae_id: str,
+    kme_id: str,
+    fingerprint: str,
+    state: SaeState,
+    reason: str,
+    changed_at: datetime,
+) -> None:
+    """Record the state of another KME's SAE as that KME told it (``managed_by = 'peer'``); the row's
+    ``updated_at`` is the home KME's time of the change, so an older notice never overrides a newer."""
+    values = {
+        "state": state.value,
+        "enabled": state is SaeState.ACTIVE,
+        "state_reason": reason[:512],
+        "updated_at": changed_at,
+    }
+    done = conn.execute(update(saes).where(saes.c.id == sae_id, saes.c.managed_by == "peer").values(**values))
+    if done.rowcount == 0:
+        conn.execute(
+            saes.insert().values(
+                id=sae_id,
+                kme_id=kme_id,
+                cert_fingerprint=fingerprint,
+                role="sae",
+                managed_by="peer",
+                created_at=changed_at,
+                **values,
+            )
+        )
+
+
 def add_certificate(conn: Connection, sae_id: str, cert: PinnedCertificate, now: datetime) -> None:
     conn.execute(
         sae_certificates.insert().values(
