@@ -152,6 +152,7 @@ def latency_and_idle(root: Path, requests: int, idle_seconds: float) -> dict[str
         before = {k: group_cpu_seconds(p) for k, p in pgids.items()}
         time.sleep(idle_seconds)
         cores = {k: (group_cpu_seconds(p) - before[k]) / idle_seconds for k, p in pgids.items()}
+        most = most_stored_bits(sites)
     times.sort()
     return {
         "hops": len(topo.links),
@@ -162,6 +163,7 @@ def latency_and_idle(root: Path, requests: int, idle_seconds: float) -> dict[str
         "link_change_convergence_s": convergence,
         "idle_cores_mean": round(statistics.mean(cores.values()), 4),
         "idle_cores_max": round(max(cores.values()), 4),
+        "most_stored_bits": most,
     }
 
 
@@ -234,6 +236,7 @@ def ring(root: Path, pairs: int, load_seconds: float) -> dict[str, Any]:
             t.join()
         time.sleep(30)
         leftovers = {k: count_open_keys(site) for k, site in sites.items() if k != victim}
+        most = most_stored_bits({k: site for k, site in sites.items() if k != victim})
     after = [(t - killed_at, ok) for t, ok in events if t >= killed_at]
     failed_after = [t for t, ok in after if not ok]
     recovered = next((t for t, ok in after if ok and not any(f > t for f in failed_after)), None)
@@ -244,7 +247,25 @@ def ring(root: Path, pairs: int, load_seconds: float) -> dict[str, Any]:
         "failed_after_kill": len(failed_after),
         "seconds_to_steady_success": None if recovered is None else round(recovered, 2),
         "open_keys_30s_after": leftovers,
+        "most_stored_bits": most,
     }
+
+
+def most_stored_bits(sites: dict[str, Site]) -> int:
+    """The most unserved bits any link end holds, in any block state (D-25), over every KME."""
+    from sqlalchemy import create_engine
+
+    from kms.storage.pool_repository import stored_bits_by_link
+
+    most = 0
+    for site in sites.values():
+        engine = create_engine(KmsSettings.load(site.config_path).database.url)
+        try:
+            with engine.connect() as conn:
+                most = max([most, *stored_bits_by_link(conn).values()])
+        finally:
+            engine.dispose()
+    return most
 
 
 def count_open_keys(site: Site) -> int:
@@ -317,6 +338,10 @@ def main() -> int:
             ("ring recovers <= 5 s", recovery is not None and recovery <= FLOORS["ring_recovery_s"])
         )
         verdicts.append(("no open keys 30 s after", not any(r["open_keys_30s_after"].values())))
+    stored = [r["most_stored_bits"] for k, r in results.items() if k in ("latency", "ring")]
+    if stored:
+        limit = POOL["max_pool_bits"]
+        verdicts.append((f"no link end holds over {limit} bits", max(stored) <= limit))
     for name, ok in verdicts:
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
     return 0 if all(ok for _, ok in verdicts) else 1

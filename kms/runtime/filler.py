@@ -55,32 +55,59 @@ class PoolFiller:
         self.sources = list(sources)
         self.poll_seconds = poll_seconds
         self.suspend_on = list(suspend_on)
+        self._waiting: dict[str, list[KeyBlock | LinkAlarm]] = {}  # pulled, not yet room for
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def fill_once(self, max_events: int = 16) -> int:
-        """Pull what every source has ready, up to the pool limit. Returns the pieces stored."""
+        """Pull what every source has ready, up to the pool limit. Returns the pieces stored.
+
+        The limit is never passed (issue 18: "no link's stored material exceeds its limit"): a block
+        that does not fit waits here, with the events after it, in pulling order, until the link
+        has room; the source is not pulled meanwhile, so what waits is at most ``max_events``
+        events per link (lost if the KME stops first: the peer's copy is then never confirmed and
+        is destroyed after ``peering.unconfirmed_block_seconds``, D-25). A block larger than the
+        whole limit is stored only into an empty pool."""
         stored = 0
         levels = stored_bits_by_link(self.db)
         for source, peer_kme_id in self.sources:
-            if levels.get(source.link_id, 0) >= self.cfg.max_pool_bits:
+            level = levels.get(source.link_id, 0)
+            if level >= self.cfg.max_pool_bits:
                 continue
+            events = self._waiting.pop(source.link_id, None) or source.pull(
+                max_events=max_events, timeout=0.0
+            )
             # Blocks are stored a run at a time (one transaction each run); an alarm is handled in
             # its place in the stream, so blocks after a suspending alarm are stored suspended.
             run: list[KeyBlock] = []
-            for event in [*source.pull(max_events=max_events, timeout=0.0), None]:
+            for i, event in enumerate([*events, None]):
                 if isinstance(event, KeyBlock):
+                    if not self._fits(level, run, event):
+                        stored += self._store_run(source.link_id, run, peer_kme_id)
+                        self._waiting[source.link_id] = list(events[i:])
+                        break
                     run.append(event)
                     continue
                 if run:
-                    stored += store_blocks(self.db, self.envelope, self.cfg, self.kme_id, run, peer_kme_id)
-                    if (counted := instruments()) is not None:
-                        counted.link_blocks.labels(source.link_id, "delivered", "").inc(len(run))
+                    stored += self._store_run(source.link_id, run, peer_kme_id)
+                    level += sum(b.bit_length for b in run)
                     run = []
                     time.sleep(0)  # let request threads and the event loop have the GIL
                 if isinstance(event, LinkAlarm):
                     self.handle_alarm(event)
         return stored
+
+    def _store_run(self, link_id: str, run: list[KeyBlock], peer_kme_id: str) -> int:
+        if not run:
+            return 0
+        stored = store_blocks(self.db, self.envelope, self.cfg, self.kme_id, run, peer_kme_id)
+        if (counted := instruments()) is not None:
+            counted.link_blocks.labels(link_id, "delivered", "").inc(len(run))
+        return stored
+
+    def _fits(self, level: int, run: list[KeyBlock], block: KeyBlock) -> bool:
+        after = level + sum(b.bit_length for b in run) + block.bit_length
+        return after <= self.cfg.max_pool_bits or (level == 0 and not run)
 
     def handle_alarm(self, alarm: LinkAlarm) -> bool:
         """Record an alarm; suspend the link if its code calls for it. Returns True if suspended."""

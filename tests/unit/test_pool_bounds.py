@@ -25,6 +25,7 @@ from kms.service.link_stock import LinkStock
 from kms.service.peer_context import PeerSite
 from kms.service.peer_sweep import sweep_peer_state
 from kms.storage.integrity import run_checks
+from kms.storage.pool_repository import stored_bits_by_link
 from kms.storage.schema import audit_records, key_blocks
 from tests.conftest import database_url
 
@@ -68,6 +69,25 @@ def test_the_filler_stops_at_the_limit_counting_unconfirmed_and_suspended_blocks
     _set_state(rt, held_as)  # the same bits, now waiting for a peer or for an operator
     assert filler.fill_once() == 0
     assert _blocks(rt) == held
+
+
+@pytest.mark.parametrize("limit", [LIMIT // 3, LIMIT // 3 + 4096])
+def test_the_stored_bits_never_pass_the_limit_whatever_the_block_size(rt: Runtime, limit: int) -> None:
+    """A limit that is no multiple of the block size: the filler used to store a whole pulled run
+    once the link was under its limit, passing it by up to a run of blocks (issue 18 floor: no
+    link's stored material exceeds its limit). Blocks that do not fit wait, none is lost."""
+    filler = rt.make_filler()
+    filler.cfg = rt.settings.pool.model_copy(update={"max_pool_bits": limit})
+    while filler.fill_once(max_events=5):
+        with rt.db.read() as conn:
+            levels = stored_bits_by_link(conn)
+        assert levels and max(levels.values()) <= limit, (levels, limit)
+    assert filler.fill_once() == 0  # full: nothing more is stored...
+    with rt.db.write() as conn:  # ...until room is made; the waiting blocks then go in first
+        conn.execute(update(key_blocks).values(state="destroyed"))
+    assert filler.fill_once(max_events=5) > 0
+    with rt.db.read() as conn:
+        assert 0 < max(stored_bits_by_link(conn).values()) <= limit
 
 
 def test_blocks_never_confirmed_are_destroyed_audited_and_the_store_checks_clean(rt: Runtime) -> None:
