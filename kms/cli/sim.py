@@ -52,7 +52,17 @@ def run(
     clock_rate: Annotated[float, typer.Option(help="Source clock in Hz.")] = 1e9,
     seconds: Annotated[float, typer.Option(help="Simulated link time to run.")] = 5.0,
     key_bits: Annotated[int | None, typer.Option(help="Stop once this many final key bits exist.")] = None,
-    block_seconds: Annotated[float, typer.Option(help="Link time per block (finite-key block size).")] = 1.0,
+    block_seconds: Annotated[
+        float | None, typer.Option(help="Fixed link time per block (implies --block-sizing fixed).")
+    ] = None,
+    block_sizing: Annotated[
+        str | None,
+        typer.Option(help="finite-key (default: each block as long as the finite-key bound needs) | fixed."),
+    ] = None,
+    max_block_seconds: Annotated[float, typer.Option(help="Longest block (finite-key sizing).")] = 60.0,
+    block_efficiency: Annotated[
+        float, typer.Option(help="Finite-key sizing: share of a longest block's key rate a block must reach.")
+    ] = 0.8,
     attack: Annotated[
         str, typer.Option(help="none | intercept-resend:<fraction> | pns | beam-splitting")
     ] = "none",
@@ -65,6 +75,10 @@ def run(
     from qkd_adapters.sim.link import SimulatedLink
     from qkd_adapters.sim.pipeline import PostprocessConfig
 
+    sizing = block_sizing or ("fixed" if block_seconds is not None else "finite-key")
+    if sizing == "fixed" and block_seconds is None:
+        block_seconds = 1.0
+    finite = sizing == "finite-key"
     try:
         link = SimulatedLink(
             "sim-cli",
@@ -77,12 +91,14 @@ def run(
             seed=seed,
             postprocess=PostprocessConfig(pa_family=pa_family),
             autostart=False,
+            block_sizing=sizing,
+            max_block_seconds=max_block_seconds if finite else None,
+            block_efficiency=block_efficiency if finite else None,
         )
     except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    blocks = max(1, round(seconds / block_seconds))
     started = time.perf_counter()
-    tally = _run_blocks(link, blocks, key_bits, f"{protocol} at {distance_km:g} km")
+    tally = _run_blocks(link, seconds, key_bits, f"{protocol} at {distance_km:g} km")
     wall = time.perf_counter() - started
     table = Table(
         title=f"simulated {protocol} link, {link.params.name}, {distance_km:g} km, {clock_rate:.3g} Hz"
@@ -105,10 +121,11 @@ class _Tally:
     qbers: list[float] = field(default_factory=list)
     pa_families: set[str] = field(default_factory=set)
     alarms: dict[str, int] = field(default_factory=dict)
+    closed_by: dict[str, int] = field(default_factory=dict)
 
 
-def _run_blocks(link: SimulatedLink, blocks: int, key_bits: int | None, description: str) -> _Tally:
-    """Produce up to ``blocks`` blocks (fewer once ``key_bits`` final bits exist), with a progress bar."""
+def _run_blocks(link: SimulatedLink, seconds: float, key_bits: int | None, description: str) -> _Tally:
+    """Produce blocks until ``seconds`` of link time have run (or ``key_bits`` final bits exist)."""
     from qkd_adapters.keyblock import KeyBlock
 
     tally = _Tally()
@@ -119,9 +136,13 @@ def _run_blocks(link: SimulatedLink, blocks: int, key_bits: int | None, descript
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        task = progress.add_task(description, total=blocks)
-        for _ in range(blocks):
+        task = progress.add_task(f"{description} (link seconds)", total=seconds)
+        while link.simulated_seconds < seconds - 1e-9 or not link.blocks_produced:
+            before = link.simulated_seconds
             event, _bob = link.produce_block()
+            details = event.provenance.details if isinstance(event, KeyBlock) else event.details
+            closed = str(details.get("block_sizing", {}).get("closed_by", "?"))
+            tally.closed_by[closed] = tally.closed_by.get(closed, 0) + 1
             if isinstance(event, KeyBlock):
                 tally.final += event.bit_length
                 prov = event.provenance
@@ -134,7 +155,7 @@ def _run_blocks(link: SimulatedLink, blocks: int, key_bits: int | None, descript
             else:
                 tally.aborted += 1
                 tally.alarms[event.reason] = tally.alarms.get(event.reason, 0) + 1
-            progress.advance(task)
+            progress.advance(task, link.simulated_seconds - before)
             if key_bits is not None and tally.final >= key_bits:
                 break
     return tally
@@ -148,6 +169,11 @@ def _summary_rows(link: SimulatedLink, protocol: str, tally: _Tally, wall: float
     qbers = tally.qbers
     rows = [
         ("blocks (aborted)", f"{link.blocks_produced} ({tally.aborted})"),
+        (
+            f"block sizing: {link.sizing.mode}",
+            f"mean {simulated / max(link.blocks_produced, 1):.3g} s of link per block; closed by "
+            + ", ".join(f"{k} x{v}" for k, v in tally.closed_by.items()),
+        ),
         ("alarms", ", ".join(f"{k} x{v}" for k, v in tally.alarms.items()) or "none"),
         ("sifted bits", f"{tally.sifted:,}"),
         ("mean QBER", f"{sum(qbers) / len(qbers):.4f}" if qbers else "-"),

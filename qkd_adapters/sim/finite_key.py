@@ -186,7 +186,7 @@ def secret_key_length(
     if n_x <= 0:
         return result(0, float("nan"), "no test-basis detections for the phase-error estimate")
     if s_x1 <= 0.0 or s_z1 <= 0.0:
-        return result(0, float("nan"), "single-photon bound not positive: decoy statistics inconsistent")
+        return result(0, float("nan"), _single_photon_reason(n_z_k, n_x_k, s_z1, s_x1, mu, p))
     rate = min(v_x1 / s_x1, 0.5)
     phi = rate + gamma_sampling(eps, rate, s_x1, s_z1)
     if phi >= min(phase_error_tolerance, 0.5):
@@ -195,6 +195,54 @@ def secret_key_length(
     length = max(0, min(math.floor(raw), n_key))
     reason = None if length > 0 else "finite-size and leakage terms exceed the extractable entropy"
     return result(length, phi, reason)
+
+
+def _single_photon_reason(
+    n_z_k: tuple[float, float, float],
+    n_x_k: tuple[float, float, float],
+    s_z1: float,
+    s_x1: float,
+    mu: tuple[float, float, float],
+    p: tuple[float, float, float],
+) -> str:
+    """Why a single-photon lower bound is not positive: too few events, or gains no honest source gives.
+
+    The bound is re-evaluated without the Hoeffding terms. If it is positive then, the counts are
+    fine and only their finite-size deviation wins: the block is too short. If it is still not
+    positive, the decoy gains themselves do not fit photon-number-independent loss (a PNS-type
+    attack, or a source not doing what its intensities say).
+    """
+    _, z1_exact = decoy_vacuum_single_bounds(n_z_k, 0.0, mu, p)
+    _, x1_exact = decoy_vacuum_single_bounds(n_x_k, 0.0, mu, p)
+    bounds = f"s_Z1 >= {s_z1:.4g}, s_X1 >= {s_x1:.4g}"
+    if z1_exact > 0.0 and x1_exact > 0.0:
+        return (
+            f"single-photon lower bound not positive ({bounds}): the block has too few decoy events "
+            "for their statistical deviation; a longer block is needed"
+        )
+    return (
+        f"single-photon lower bound not positive even without finite-size terms ({bounds}): the decoy "
+        "gains do not fit photon-number-independent loss (photon-number-splitting attack or a faulty source)"
+    )
+
+
+def bbm92_secret_key_length(
+    n: int, k: int, x_errors: int, leak_bits: int, eps_sec: float, eps_cor: float
+) -> tuple[int, str | None]:
+    """Entanglement-based finite-key length (Tomamichel, Lim, Gisin, Renner 2012, Eq. 2).
+
+    l = n (1 - h(Q_X + mu)) - leak - log2(2 / (eps_sec^2 eps_cor)), with n key bits, k X-X test
+    bits at error rate Q_X and mu = sqrt((n + k)/(n k) (k + 1)/k ln(2/eps_sec)).
+    """
+    if n <= 0 or k <= 0:
+        return 0, "no key or no test-basis coincidences"
+    q_x = x_errors / k
+    mu = math.sqrt((n + k) / (n * k) * (k + 1) / k * math.log(2.0 / eps_sec))
+    if q_x + mu >= 0.5:
+        return 0, "phase-error bound above 1/2"
+    raw = n * (1.0 - _h2(q_x + mu)) - leak_bits - math.log2(2.0 / (eps_sec**2 * eps_cor))
+    length = max(0, min(n, math.floor(raw)))
+    return length, None if length > 0 else "finite-size and leakage terms exceed the extractable entropy"
 
 
 def _check_arguments(

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from qkd_adapters.keyblock import KeyBlock, KeySourceError, LinkAlarm, LinkEvent, Provenance
+from qkd_adapters.sim.block_sizing import CLOSED_FIXED, BlockSizer, BlockSizing
 from qkd_adapters.sim.params import LinkParameters, load_preset, load_spdc
 from qkd_adapters.sim.physics.bb84 import simulate_bb84_block
 from qkd_adapters.sim.physics.bbm92 import simulate_bbm92_block
@@ -132,6 +133,9 @@ class SimulatedLink:
         pa_family: str | None = None,
         max_queue: int = 64,
         autostart: bool = True,
+        block_sizing: BlockSizing | str | None = None,
+        max_block_seconds: float | None = None,
+        block_efficiency: float | None = None,
     ) -> None:
         if not link_id:
             raise ValueError("link_id must not be empty")
@@ -157,6 +161,16 @@ class SimulatedLink:
         if self.pulses_per_block <= 0:
             raise ValueError("a block needs at least one pulse")
         self.attack = AttackSpec.parse(attack)
+        self.sizing = _sizing(block_sizing, max_block_seconds, block_efficiency)
+        if self.sizing.mode == "finite-key" and (pulses_per_block, seconds_per_block) != (None, None):
+            raise ValueError(
+                "finite-key block sizing chooses the block size: give no pulses or seconds per block"
+            )
+        self._sizer = (
+            BlockSizer(self.sizing, self.params, protocol=protocol, spdc=self.spdc)
+            if self.sizing.mode == "finite-key"
+            else None
+        )
         if protocol == "bbm92" and self.attack.kind not in ("none", "intercept-resend"):
             raise ValueError("BBM92 models only intercept-resend attacks")
         self._link_id = link_id
@@ -205,6 +219,8 @@ class SimulatedLink:
             "clock_rate_hz": p.clock_rate_hz,
             "pulses_per_block": self.pulses_per_block,
             "seconds_per_block": self.pulses_per_block / p.clock_rate_hz,
+            "block_sizing": self.sizing.mode,
+            "max_block_seconds": self.sizing.max_block_seconds,
             "attack": self.attack.label(),
             "pacing": self.pacing,
             "eps_sec": p.eps_sec,
@@ -243,11 +259,15 @@ class SimulatedLink:
         self._counter += 1
         block_id = f"{self._link_id}-{self._counter:08d}-{uuid.uuid4().hex[:12]}"
         eve = self.attack.eavesdropper()
+        plan = self._sizer.plan() if self._sizer is not None else None
+        n_pulses = plan.pulses if plan is not None else self.pulses_per_block
         if self.protocol == "decoy-bb84":
-            block: Any = simulate_bb84_block(self.params, self.pulses_per_block, self._rng, eve)
+            block: Any = simulate_bb84_block(self.params, n_pulses, self._rng, eve)
         else:
             ir = eve if isinstance(eve, InterceptResend) else None
-            block = simulate_bbm92_block(self.params, self.spdc, self.pulses_per_block, self._rng, ir)
+            block = simulate_bbm92_block(self.params, self.spdc, n_pulses, self._rng, ir)
+        if self._sizer is not None:
+            self._sizer.observe(block)
         channel = ClassicalChannel(self._auth)
         result = run_postprocessing(
             block, self.params, channel, self._rng, self.params.eps_sec, self.params.eps_cor, self._config
@@ -255,6 +275,11 @@ class SimulatedLink:
         self.blocks_produced += 1
         self.simulated_seconds += float(block.duration_s)
         details = self._details(block, result)
+        details["block_sizing"] = (
+            plan.provenance(self.params.clock_rate_hz, self.sizing)
+            if plan is not None
+            else {"mode": "fixed", "link_seconds": float(block.duration_s), "closed_by": CLOSED_FIXED}
+        )
         if not result.ok or result.alice_key is None or result.bob_key is None:
             alarm = LinkAlarm(
                 link_id=self._link_id,
@@ -341,8 +366,9 @@ class SimulatedLink:
                     self._wake_event.clear()
                 if self._stop.is_set():
                     break
+                before = self.simulated_seconds
                 ev_a, ev_b = self.produce_block()
-                sim_elapsed += self.pulses_per_block / self.params.clock_rate_hz
+                sim_elapsed += self.simulated_seconds - before
                 if self.pacing == "realtime":
                     delay = start + sim_elapsed - time.monotonic()
                     if delay > 0 and self._stop.wait(delay):
@@ -354,3 +380,14 @@ class SimulatedLink:
             for end in self._ends.values():
                 with end._cond:
                     end._cond.notify_all()
+
+
+def _sizing(
+    spec: BlockSizing | str | None, max_seconds: float | None, efficiency: float | None
+) -> BlockSizing:
+    """A BlockSizing from the constructor's plain options (so a KME's [links.options] can set them)."""
+    base = spec if isinstance(spec, BlockSizing) else BlockSizing(mode=spec or "fixed")  # type: ignore[arg-type]
+    if max_seconds is not None:
+        step = min(base.step_seconds, float(max_seconds))
+        base = replace(base, max_block_seconds=float(max_seconds), step_seconds=step)
+    return base if efficiency is None else replace(base, efficiency=float(efficiency))

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from qkd_adapters.sim.finite_key import FiniteKeyResult, secret_key_length
+from qkd_adapters.sim.finite_key import FiniteKeyResult, bbm92_secret_key_length, secret_key_length
 from qkd_adapters.sim.params import LinkParameters
 from qkd_adapters.sim.physics.bb84 import BB84Block
 from qkd_adapters.sim.physics.bbm92 import BBM92Block
@@ -274,22 +274,10 @@ class _Run:
 def bbm92_key_length(
     block: BBM92Block, leak_bits: int, eps_sec: float, eps_cor: float
 ) -> tuple[int, str | None]:
-    """Entanglement-based finite-key length (Tomamichel, Lim, Gisin, Renner 2012, Eq. 2).
-
-    l = n (1 - h(Q_X + mu)) - leak - log2(2 / (eps_sec^2 eps_cor)), with n key bits, k X-X test
-    bits at error rate Q_X and mu = sqrt((n + k)/(n k) (k + 1)/k ln(2/eps_sec)).
-    """
+    """Entanglement-based finite-key length of a block (:func:`.finite_key.bbm92_secret_key_length`)."""
     n = int(block.alice_key.shape[0])
     k = int(block.coincidences[1, 1])
-    if n <= 0 or k <= 0:
-        return 0, "no key or no test-basis coincidences"
-    q_x = float(block.errors[1, 1]) / k
-    mu = math.sqrt((n + k) / (n * k) * (k + 1) / k * math.log(2.0 / eps_sec))
-    if q_x + mu >= 0.5:
-        return 0, "phase-error bound above 1/2"
-    raw = n * (1.0 - binary_entropy(q_x + mu)) - leak_bits - math.log2(2.0 / (eps_sec**2 * eps_cor))
-    length = max(0, min(n, math.floor(raw)))
-    return length, None if length > 0 else "finite-size and leakage terms exceed the extractable entropy"
+    return bbm92_secret_key_length(n, k, int(block.errors[1, 1]), leak_bits, eps_sec, eps_cor)
 
 
 def _test_qber(block: BB84Block | BBM92Block) -> float:

@@ -11,7 +11,20 @@ import pytest
 
 def _sim_run(*extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kms", "sim", "run", "--seconds", "1", "--seed", "3", *extra],
+        [
+            sys.executable,
+            "-m",
+            "kms",
+            "sim",
+            "run",
+            "--seconds",
+            "1",
+            "--block-seconds",
+            "1",
+            "--seed",
+            "3",
+            *extra,
+        ],
         capture_output=True,
         text=True,
         timeout=180,

@@ -81,7 +81,7 @@ def test_sim_run_summarises_an_honest_and_an_attacked_link() -> None:
     import os
 
     honest = subprocess.run(
-        [sys.executable, "-m", "kms", "sim", "run", "--seconds", "1", "--seed", "3"],
+        [sys.executable, "-m", "kms", "sim", "run", "--seconds", "1", "--block-seconds", "1", "--seed", "3"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -99,6 +99,8 @@ def test_sim_run_summarises_an_honest_and_an_attacked_link() -> None:
             "sim",
             "run",
             "--seconds",
+            "1",
+            "--block-seconds",
             "1",
             "--seed",
             "3",
