@@ -92,3 +92,45 @@ def restore(
         err.print(f"[red]problem:[/red] {problem}")
     if broken or not report.audit_ok:
         raise typer.Exit(1)
+    if not tell_peers_restored(settings):
+        raise typer.Exit(3)
+
+
+def tell_peers_restored(settings: KmsSettings) -> bool:
+    """Tell every adjacent peer KME that this one was restored (signed ``store.restored``, DECISIONS.md
+    D-39): each retires its pieces of the blocks shared with this KME. Audited here as
+    ``backup.peers_told``. False if some peer could not be told (``qkms peer tell-restored`` again)."""
+    from kms.cli.admin import _sign_pending
+    from kms.peer.restore_notices import tell
+    from kms.runtime.assembly import build_runtime
+    from kms.service import peer_restored
+
+    if not any(p.url for p in settings.peers):
+        return True
+    rt = build_runtime(settings, sync_registry=False)
+    try:
+        assert rt.network is not None
+        try:
+            notice = peer_restored.notice_of(rt.db, settings.kme.id)
+        except peer_restored.NotRestored as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+        outcomes = tell(rt.network.client, rt.network.directory, notice)
+        peer_restored.record_told(rt.db, settings.kme.id, notice, outcomes)
+        _sign_pending(rt)
+    finally:
+        rt.close()
+    missed = []
+    for kme_id, o in outcomes.items():
+        if not o["told"]:
+            missed.append(kme_id)
+            err.print(f"[yellow]KME {kme_id} not told of the restore:[/yellow] {o['error']}")
+            continue
+        pieces = sum(v["own_pieces"] + v["mirrored_pieces"] for v in o["links"].values())
+        console.print(
+            f"KME {kme_id} told of the restore: {pieces} shared pieces retired there,"
+            f" {o['keys_kept']} keys made here still deliverable there"
+        )
+    if missed:
+        err.print(f"run `qkms peer tell-restored` once {', '.join(missed)} can be reached")
+    return not missed

@@ -80,3 +80,13 @@ def link(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     console.print(f"link {link_id} to {peer} added to {config}")
+
+
+@peer_app.command("tell-restored")
+def tell_restored(config: ConfigOpt) -> None:
+    """Tell every adjacent peer KME (again) that this KME was restored from a backup, so that each
+    retires its pieces of the blocks shared with it (done by `qkms restore` itself when it can)."""
+    from kms.cli.backup import _settings, tell_peers_restored
+
+    if not tell_peers_restored(_settings(config)):
+        raise typer.Exit(3)

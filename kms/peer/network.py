@@ -13,7 +13,8 @@ Each responsibility lives in its own module, over the units of work in ``kms.ser
   ``topology.flood``);
 - ``routed``: signed control messages to non-adjacent KMEs, carried by the trusted nodes
   (``relay.forward``: a failed relay's withdrawals);
-- ``sae_notices``: an SAE of this KME suspended, resumed or revoked, told to every KME (``sae.state``).
+- ``sae_notices``: an SAE of this KME suspended, resumed or revoked, told to every KME (``sae.state``);
+- ``restore_notices``: an adjacent KME restored from a backup (``store.restored``).
 
 Other peer services add handlers by message type to ``extra_handlers`` (the audit copies:
 ``kms.peer.countersign``).
@@ -42,6 +43,7 @@ from kms.peer.ledger_master import LedgerMaster
 from kms.peer.ledger_peer import LedgerPeer
 from kms.peer.messages import MessageRejected, PeerMessage
 from kms.peer.mirror import Mirror
+from kms.peer.restore_notices import RestoredPeers
 from kms.peer.routed import RoutedMessages
 from kms.peer.routing import Edge
 from kms.peer.sae_notices import SaeNotices
@@ -113,6 +115,7 @@ class PeerNetwork:
             "session.key": self.on_session_key,
             "pieces.claim": self.mirror.on_claim,
             "sae.state": self.sae_notices.on_state,
+            "store.restored": RestoredPeers(db).on_restored,
         }
         # Handlers of other peer services (audit copies: ``kms.peer.countersign``), by message type.
         self.extra_handlers: dict[str, Handler] = {}

@@ -28,6 +28,8 @@ from kms.lab.pilot import running_network
 from tests.conftest import database_url
 from tests.peer.conftest import Network, open_network, query, wait_for_remote_keys
 
+pytestmark = pytest.mark.postgres
+
 
 class Sites:
     def __init__(self, net: Network, b2: KmeProcess) -> None:
@@ -50,10 +52,12 @@ class Sites:
             c.close()
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(scope="module")
 def sites(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
-    urls = {kme: database_url(request.param, request) for kme in ("KME-A", "KME-B")}
-    net = open_network(tmp_path_factory.mktemp(f"revocation-{request.param}"), urls)
+    # PostgreSQL only: scale-out is several processes on one PostgreSQL (the --workers and SQLite
+    # variants of revocation are tests/api/test_sae_lifecycle.py's).
+    urls = {kme: database_url("postgres", request) for kme in ("KME-A", "KME-B")}
+    net = open_network(tmp_path_factory.mktemp("revocation"), urls)
     with running_network(net.sites):
         b2 = KmeProcess(net.sites["KME-B"].config_path, free_port())
         b2.log_path = net.sites["KME-B"].workdir / "server-b2.log"
