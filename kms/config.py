@@ -310,6 +310,13 @@ class OperatorSection(BaseModel):
     # Label cardinality bound: at most this many (master, slave) SAE pairs get their own series;
     # the rest are summed under master_sae="_other", slave_sae="_other".
     max_pair_series: int = Field(default=200, ge=1, le=10_000)
+    # The web console (docs/OPERATIONS.md "Operator console", D-36): served under /console only
+    # with TLS on (its session cookie is Secure); accounts are made with `qkms operator add`.
+    console: bool = True
+    session_hours: float = Field(default=8.0, gt=0, le=24 * 7)  # a session ends this long after login
+    session_idle_minutes: float = Field(default=30.0, gt=0, le=24 * 60)  # ... or this long unused
+    max_failed_logins: int = Field(default=5, ge=1, le=100)  # wrong passwords in a row lock the account
+    lockout_minutes: float = Field(default=15.0, gt=0, le=24 * 60)
 
     @model_validator(mode="after")
     def _metrics_protected(self) -> OperatorSection:

@@ -13,6 +13,7 @@ from kms.cli.admin import audit_app, keys_app, link_app
 from kms.cli.backup import backup, restore
 from kms.cli.doctor import doctor
 from kms.cli.kek import kek_app
+from kms.cli.operator_accounts import operator_app
 from kms.cli.peer import peer_app
 from kms.cli.pilot import pilot_app
 from kms.cli.pilot_network import network as pilot_network
@@ -285,4 +286,5 @@ app.add_typer(peer_app, name="peer")
 pilot_app.command("network")(pilot_network)
 app.add_typer(pilot_app, name="pilot")
 app.add_typer(sae_app, name="sae")
+app.add_typer(operator_app, name="operator")
 app.command("top")(top)

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kms import __version__
 from kms.config import ConfigError, OperatorSection
+from kms.operator.console.routes import Console, ConsoleRoutes
 from kms.operator.exposition import Exposition
 from kms.service.operator_health import HealthService
 
@@ -63,7 +64,18 @@ def _code(request: Request, name: str, default: int) -> int:
     return int(raw)
 
 
-def create_operator_app(health: HealthService, exposition: Exposition, token_sha256: bytes | None) -> FastAPI:
+NO_PLAIN_CONSOLE = "the console is served only over TLS (operator.tls = true); see docs/OPERATIONS.md"
+
+
+def create_operator_app(
+    health: HealthService,
+    exposition: Exposition,
+    token_sha256: bytes | None,
+    console: Console | None = None,
+    console_refused: bool = False,
+) -> FastAPI:
+    """``console``: the web console's parts (D-36), mounted under ``/console``; ``console_refused``:
+    the console is on but the listener is plain HTTP, so ``/console`` says why it is not served."""
     app = FastAPI(
         title="QKMS operator API", version=__version__, docs_url=None, redoc_url=None, openapi_url=None
     )
@@ -111,5 +123,13 @@ def create_operator_app(health: HealthService, exposition: Exposition, token_sha
                 return _error(401, "metrics need the operator's bearer token", {"WWW-Authenticate": "Bearer"})
         body = await anyio.to_thread.run_sync(exposition.render)
         return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+    if console is not None:
+        ConsoleRoutes(console).mount(app)
+    elif console_refused:
+
+        @app.api_route("/console{rest:path}", methods=["GET", "POST"], include_in_schema=False)
+        async def plain_console(rest: str) -> JSONResponse:
+            return _error(404, NO_PLAIN_CONSOLE)
 
     return app

@@ -341,6 +341,36 @@ class PeerMacKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
+class ConsoleAccount(Base):
+    """An operator or auditor of the web console (``qkms operator add``, DECISIONS.md D-36). The
+    password is kept only as a scrypt hash; ``failed_logins`` and ``locked_until`` carry the lockout."""
+
+    __tablename__ = "console_accounts"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16), nullable=False)  # operator or auditor
+    password_hash: Mapped[str] = mapped_column(String(256), nullable=False)
+    failed_logins: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class ConsoleSession(Base):
+    """A signed-in console session, kept server side so every process of the KME knows it and a
+    logout or account removal ends it. ``id`` is the SHA-256 of the cookie's token, never the token."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account: Mapped[str] = mapped_column(
+        ForeignKey("console_accounts.name"), nullable=False, index=True
+    )
+    csrf_token: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 class KeyRecipient(Base):
     """An *additional* slave SAE entitled to a multicast key (the named slave is on the key row)."""
 
@@ -400,5 +430,7 @@ audit_checkpoints = cast(Table, AuditCheckpoint.__table__)
 audit_countersignatures = cast(Table, AuditCountersignature.__table__)
 link_state_records = cast(Table, LinkStateRecord.__table__)
 peer_mac_keys = cast(Table, PeerMacKey.__table__)
+console_accounts = cast(Table, ConsoleAccount.__table__)
+console_sessions = cast(Table, ConsoleSession.__table__)
 peer_messages = cast(Table, PeerMessage.__table__)
 kek_versions = cast(Table, KekVersion.__table__)
