@@ -19,6 +19,9 @@ command -v promtool >/dev/null 2>&1 || missing_norec+=(prometheus)
 # the audit-to-SIEM tests start unprivileged on 127.0.0.1 (tests/siem/).
 command -v rsyslogd >/dev/null 2>&1 || missing_norec+=(rsyslog)
 ls /usr/lib/*/rsyslog/lmnsd_ossl.so >/dev/null 2>&1 || missing_norec+=(rsyslog-openssl)
+# Headless chromium and its chromedriver: the web console's browser tests (tests/operator/test_console.py)
+# drive them through Selenium with the driver's path given, so Selenium Manager downloads nothing.
+{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || missing_norec+=(chromium chromium-driver)
 if [ $((${#missing[@]} + ${#missing_norec[@]})) -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${missing[*]} ${missing_norec[*]} (Debian packages) for the tests"
   apt-get update -qq
@@ -36,4 +39,5 @@ fi
 .venv/bin/lint-imports --no-cache --no-logo
 # The suite must exercise a real PostgreSQL (and check the compose pilot): fail rather than skip.
 export QKMS_REQUIRE_POSTGRES=1 QKMS_REQUIRE_SOFTHSM=1 QKMS_REQUIRE_DOCKER_COMPOSE=1 QKMS_REQUIRE_PROMTOOL=1 QKMS_REQUIRE_RSYSLOG=1
+export QKMS_REQUIRE_CHROMIUM=1 SE_OFFLINE=true
 exec .venv/bin/python -m pytest "$@"
