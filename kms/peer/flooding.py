@@ -97,6 +97,7 @@ class LinkStateFlood:
                         lv.link_id,
                         "down" if lv.state == "active" and lv.peer_kme_id in down else lv.state,
                         lv.own_bits,
+                        lv.rate,
                     )
                     for lv in self.stock.levels()
                 ),

@@ -33,12 +33,19 @@ class RecordRejected(ValueError):
 
 @dataclass(frozen=True)
 class LinkAdvert:
-    """One link as its origin sees it: toward ``peer``, in ``state``, with ``bits`` it can cut."""
+    """One link as its origin sees it: toward ``peer``, in ``state``, with ``bits`` it can cut and
+    the ``rate`` (bits/s) of key it received for itself lately (None from a KME that does not
+    report it: a record's links are then 4-element lists, as before rates were added)."""
 
     peer: str
     link_id: str
     state: str
     bits: int
+    rate: int | None = None
+
+    def as_list(self) -> list[Any]:
+        fields: list[Any] = [self.peer, self.link_id, self.state, self.bits]
+        return fields if self.rate is None else [*fields, self.rate]
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ class LinkStateRecord:
                 "origin": self.origin,
                 "seq": self.seq,
                 "issued_at": self.issued_at,
-                "links": [[a.peer, a.link_id, a.state, a.bits] for a in self.links],
+                "links": [a.as_list() for a in self.links],
             },
             separators=(",", ":"),
             sort_keys=True,
@@ -69,7 +76,7 @@ class LinkStateRecord:
             "origin": self.origin,
             "seq": self.seq,
             "issued_at": self.issued_at,
-            "links": [[a.peer, a.link_id, a.state, a.bits] for a in self.links],
+            "links": [a.as_list() for a in self.links],
             "key_version": self.key_version,
             "algorithm": self.algorithm,
             "signature": base64.b64encode(self.signature).decode(),
@@ -101,7 +108,9 @@ class LinkStateRecord:
 
     def edges(self) -> list[Edge]:
         """The record's links as routing edges from its origin."""
-        return [Edge(self.origin, a.peer, a.link_id, a.state, a.bits, self.issued_at) for a in self.links]
+        return [
+            Edge(self.origin, a.peer, a.link_id, a.state, a.bits, self.issued_at, a.rate) for a in self.links
+        ]
 
 
 def _ident(value: Any) -> str:
@@ -112,12 +121,15 @@ def _ident(value: Any) -> str:
 
 
 def _advert(item: Any) -> LinkAdvert:
-    peer, link_id, state, bits = item
+    if not isinstance(item, list) or len(item) not in (4, 5):
+        raise RecordRejected("a link is [peer, link_id, state, bits] or [peer, link_id, state, bits, rate]")
+    peer, link_id, state, bits = item[:4]
+    rate = int(item[4]) if len(item) == 5 else None
     if state not in LINK_STATES:
         raise RecordRejected(f"a link's state is one of {', '.join(LINK_STATES)}")
-    if int(bits) < 0:
-        raise RecordRejected("a link's bits are not negative")
-    return LinkAdvert(_ident(peer), _ident(link_id), str(state), int(bits))
+    if int(bits) < 0 or (rate is not None and rate < 0):
+        raise RecordRejected("a link's bits and rate are not negative")
+    return LinkAdvert(_ident(peer), _ident(link_id), str(state), int(bits), rate)
 
 
 def sign_record(identity: KmeIdentity, record: LinkStateRecord) -> LinkStateRecord:

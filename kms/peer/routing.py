@@ -23,7 +23,8 @@ class Edge:
     link_id: str
     state: str
     bits: int
-    at: float
+    at: float = 0.0
+    rate: int | None = None  # own key bits/s the link delivered lately; None: not reported
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -33,20 +34,41 @@ class Edge:
             "state": self.state,
             "bits": self.bits,
             "at": self.at,
+            "rate": self.rate,
         }
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Edge:
+        rate = d.get("rate")
         return Edge(
-            str(d["src"]), str(d["dst"]), str(d["link_id"]), str(d["state"]), int(d["bits"]), float(d["at"])
+            str(d["src"]),
+            str(d["dst"]),
+            str(d["link_id"]),
+            str(d["state"]),
+            int(d["bits"]),
+            float(d["at"]),
+            None if rate is None else int(rate),
         )
 
 
+REFILL_HORIZON_SECONDS = 60.0
+
+
 def edge_cost(edge: Edge, needed_bits: int) -> float | None:
-    """One hop, plus a penalty that grows as the link's stock nears what the key needs; None if unusable."""
+    """One hop, plus two penalties of at most 1 each (docs/DECISIONS.md D-26): the share of the
+    link's stock the key takes, and the share of a minute of the link's key rate it takes to make
+    that up again (1 for a link that delivers nothing; none when the rate is not reported). So a
+    hop more outweighs a slow link but not a link nearly empty and delivering nothing; between
+    routes of as many hops, the one with more stock and faster refill wins. None if the link
+    cannot carry the key."""
     if edge.state != "active" or edge.bits < needed_bits:
         return None
-    return 1.0 + (needed_bits / edge.bits if edge.bits else 0.0)  # a control message needs no bits
+    if not needed_bits:
+        return 1.0  # a control message needs no bits
+    cost = 1.0 + needed_bits / edge.bits
+    if edge.rate is not None:
+        cost += min(1.0, needed_bits / (edge.rate * REFILL_HORIZON_SECONDS)) if edge.rate > 0 else 1.0
+    return cost
 
 
 def shortest_route(edges: Iterable[Edge], source: str, target: str, needed_bits: int) -> list[str] | None:

@@ -52,6 +52,7 @@ class Router:
                 "down" if lv.state == "active" and lv.peer_kme_id in down else lv.state,
                 lv.own_bits,
                 now,
+                lv.rate,
             )
             for lv in levels
         ]

@@ -13,12 +13,43 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
+from dataclasses import replace
+
+from sqlalchemy import Connection
 
 from kms.service.peer_context import PeerSite
 from kms.storage import peer_repository as peers
 from kms.storage.peer_repository import LinkLevel
 
 MAX_AGE_SECONDS = 0.5
+RATE_WINDOW_SECONDS = 60.0  # a link's key rate: own bits stored over about the last minute
+RATE_MIN_SPAN_SECONDS = 5.0  # no rate before this long has been watched
+
+
+class KeyRateMeter:
+    """Own key bits/s each link delivered lately, from the rows stored since the last reading
+    (``peer_repository.own_bits_stored_after``). Approximate by design (on PostgreSQL a row with
+    a lower ID may commit after the reading): it only ranks routes (D-26)."""
+
+    def __init__(self) -> None:
+        self._after: int | None = None
+        self._totals: dict[str, int] = {}
+        self._samples: deque[tuple[float, dict[str, int]]] = deque()
+
+    def read(self, conn: Connection, now: float) -> dict[str, int]:
+        """Per link, bits/s over the window; empty until ``RATE_MIN_SPAN_SECONDS`` are watched."""
+        self._after, new = peers.own_bits_stored_after(conn, self._after)
+        for link_id, bits in new.items():
+            self._totals[link_id] = self._totals.get(link_id, 0) + bits
+        self._samples.append((now, dict(self._totals)))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW_SECONDS:
+            self._samples.popleft()
+        first_at, first = self._samples[0]
+        span = now - first_at
+        if span < RATE_MIN_SPAN_SECONDS:
+            return {}
+        return {link: round((total - first.get(link, 0)) / span) for link, total in self._totals.items()}
 
 
 class LinkStock:
@@ -28,6 +59,7 @@ class LinkStock:
         self._lock = threading.Lock()
         self._reading = threading.Lock()  # held by the one thread re-reading the stock
         self._cached: tuple[float, list[LinkLevel]] | None = None
+        self._meter = KeyRateMeter()
 
     def levels(self) -> list[LinkLevel]:
         """Every link toward another KME with this end's stock, at most ``max_age`` s old."""
@@ -55,6 +87,10 @@ class LinkStock:
         started = time.monotonic()
         with self.site.db.read() as conn:
             levels = [lv for lv in peers.link_levels(conn) if lv.peer_kme_id != self.site.kme_id]
+            with self._lock:
+                rates = self._meter.read(conn, started)
+        if rates:
+            levels = [replace(lv, rate=rates.get(lv.link_id, 0)) for lv in levels]
         with self._lock:
             self._cached = (started, levels)
         return levels

@@ -118,6 +118,7 @@ class LinkLevel:
     state: str
     own_bits: int  # unserved bits in active pieces this KME cuts
     mirror_bits: int = 0  # bits in active pieces the peer cuts (this KME's mirror)
+    rate: int | None = None  # own key bits/s stored lately (``LinkStock``); None: not measured yet
 
 
 def link_levels(conn: Connection) -> list[LinkLevel]:
@@ -133,6 +134,23 @@ def link_levels(conn: Connection) -> list[LinkLevel]:
         LinkLevel(r[0], r[1], r[2], own.get(r[0], 0), mirror.get(r[0], 0))
         for r in raw.all("SELECT id, peer_kme_id, state FROM links")
     ]
+
+
+def own_bits_stored_after(conn: Connection, after_id: int | None) -> tuple[int, dict[str, int]]:
+    """(highest block row ID, own bits per link stored in rows after ``after_id``): a range of the
+    primary key, so a key-rate reading costs only the rows stored since the last one. ``None``: only
+    the highest ID (a first reading)."""
+    raw = Raw(conn)
+    top = raw.one("SELECT MAX(id) FROM key_blocks")
+    highest = int(top[0]) if top and top[0] is not None else 0
+    if after_id is None:
+        return highest, {}
+    rows = raw.all(
+        "SELECT link_id, SUM(bit_length) FROM key_blocks WHERE id > ? AND id <= ? AND owner_kme_id IS NULL"
+        " GROUP BY link_id",
+        (after_id, highest),
+    )
+    return highest, {str(r[0]): int(r[1] or 0) for r in rows}
 
 
 def peer_links(conn: Connection) -> list[LinkLevel]:

@@ -25,12 +25,15 @@ from kms.peer.link_state import (
     sign_record,
     verify_record,
 )
-from kms.peer.routing import Edge, shortest_route, usable_graph
+from kms.peer.routing import Edge, edge_cost, shortest_route, usable_graph
+from kms.provision.workdir import init_workdir
 from kms.runtime.assembly import Runtime, build_runtime
 from kms.service.link_state_store import LinkStateStore
+from kms.service.link_stock import KeyRateMeter
 from kms.storage import migrate
 from kms.storage.database import Database
 from kms.storage.link_state_repository import StoredRecord
+from kms.storage.pool_repository import stored_bits_by_link
 from tests.conftest import database_url
 
 
@@ -183,3 +186,63 @@ def test_routes_skip_down_and_suspended_links_and_avoided_kmes() -> None:
     far = [e if (e.src, e.dst) != ("C", "B") else replace(e, state="suspended") for e in ring]
     assert shortest_route(far, "A", "C", 256) == ["A", "B", "C"]  # Dijkstra alone would use it
     assert shortest_route(usable_graph([], far, frozenset()), "A", "C", 256) == ["A", "E", "D", "C"]
+
+
+def test_between_routes_of_as_many_hops_the_faster_refilling_one_wins() -> None:
+    """Route cost by stock and key rate (issue 18; D-26): equal stock on A-B-D and A-C-D, but the
+    links through C deliver 100 times more key a second; a link that delivers nothing costs most;
+    a KME that reports no rate is ranked by stock only; a hop more costs more than a slow link,
+    less than a link nearly empty and delivering nothing."""
+    now = time.time()
+
+    def both(a: str, b: str, bits: int, rate: int | None) -> list[Edge]:
+        return [Edge(a, b, a + b, "active", bits, now, rate), Edge(b, a, a + b, "active", bits, now, rate)]
+
+    square = [*both("A", "B", 50_000, 100), *both("B", "D", 50_000, 100)]
+    square += [*both("A", "C", 50_000, 10_000), *both("C", "D", 50_000, 10_000)]
+    assert shortest_route(square, "A", "D", 4096) == ["A", "C", "D"]
+    stalled = [e if "C" not in (e.src, e.dst) else replace(e, rate=0) for e in square]
+    assert shortest_route(stalled, "A", "D", 4096) == ["A", "B", "D"]
+    unreported = [replace(e, rate=None) for e in square]
+    richer = [e if "B" not in (e.src, e.dst) else replace(e, bits=500_000) for e in unreported]
+    assert shortest_route(richer, "A", "D", 4096) == ["A", "B", "D"]  # stock alone decides
+    direct = [*square, *both("A", "D", 50_000, 100)]
+    assert shortest_route(direct, "A", "D", 4096) == ["A", "D"]  # one slow hop beats two fast ones
+    dying = [*square, *both("A", "D", 5_000, 0)]  # but not a link nearly empty and delivering nothing
+    assert shortest_route(dying, "A", "D", 4096) == ["A", "C", "D"]
+    assert edge_cost(Edge("A", "D", "AD", "active", 5_000, now, 0), 0) == 1.0  # control messages
+
+
+def test_rates_are_signed_and_records_without_them_still_verify(runtimes: dict[str, Runtime]) -> None:
+    a, b = runtimes["KME-A"], runtimes["KME-B"]
+    rated = (LinkAdvert("KME-B", "link-ab", "active", 65536, 12_000),)
+    record = record_of(a, rated)
+    again = LinkStateRecord.from_json(json.loads(json.dumps(record.to_json())))
+    verify_record(again, directory(b), b.identity)
+    assert [e.rate for e in again.edges()] == [12_000]
+    with pytest.raises(RecordRejected, match="does not verify"):  # the rate is under the signature
+        verify_record(replace(again, links=(replace(again.links[0], rate=10**9),)), directory(b), b.identity)
+    # A record from a KME that reports no rate keeps 4-element links and verifies as before.
+    old = record_of(a, (LinkAdvert("KME-B", "link-ab", "active", 65536),))
+    assert [len(link) for link in old.to_json()["links"]] == [4]
+    verify_record(LinkStateRecord.from_json(old.to_json()), directory(b), b.identity)
+    with pytest.raises(RecordRejected):
+        LinkStateRecord.from_json({**old.to_json(), "links": [["KME-B", "link-ab", "active", 1, -5]]})
+
+
+def test_the_key_rate_meter_reads_own_blocks_stored_since_the_last_reading(tmp_path: Path) -> None:
+    res = init_workdir(tmp_path / "kme", "KME-R", ["SAE-M", "SAE-S"], link_source="random")
+    rt = build_runtime(KmsSettings.load(res.config_path))
+    try:
+        meter = KeyRateMeter()
+        with rt.db.read() as conn:
+            assert meter.read(conn, 1000.0) == {}  # a first reading only marks where it starts
+        rt.make_filler().fill_once()
+        with rt.db.read() as conn:
+            stored = stored_bits_by_link(conn)
+            assert meter.read(conn, 1002.0) == {}  # two seconds are too short to tell
+            rates = meter.read(conn, 1010.0)
+            assert meter.read(conn, 1100.0) == {link: 0 for link in stored}  # nothing new for a minute
+    finally:
+        rt.close()
+    assert stored and rates == {link: round(bits / 10) for link, bits in stored.items()}
