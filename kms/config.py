@@ -234,6 +234,9 @@ class PeeringSection(BaseModel):
     # D-35) instead of an ML-DSA signature each. Off: this KME signs everything and declines MAC keys
     # (as a KME of a version before D-35 does; its neighbours then sign to it).
     hop_macs: bool = True
+    # The leader tells every KME the state of this KME's SAEs that ``qkms sae`` changed this often
+    # (and once after start), for KMEs that were unreachable when a command told them (D-39).
+    sae_resend_seconds: float = Field(default=300.0, gt=0)
 
 
 class PeerSection(BaseModel):

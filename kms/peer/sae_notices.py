@@ -52,6 +52,30 @@ class SaeNotices:
             outcomes[kme_id] = {"told": True, "results": results}
         return outcomes
 
+    def resend(self, kme_id: str) -> int:
+        """The leader's periodic re-send (``peering.sae_resend_seconds``): the state of every SAE of
+        this KME that a ``qkms sae`` command changed, to every KME, so that a KME that was unreachable
+        when told, or restored since, learns it. What changed anywhere is audited here
+        (``sae.peer_told``); returns the number of SAE states some KME changed on it."""
+        notices = states.notices_of(self.db, kme_id, every_changed=True)
+        changed = 0
+        for i in range(0, len(notices), MAX_NOTICES):
+            chunk = notices[i : i + MAX_NOTICES]
+            outcomes = self.tell(chunk)
+            for notice in chunk:
+                per_peer = {
+                    peer: next(r for r in o["results"] if r.get("sae_id") == notice.sae_id)
+                    for peer, o in outcomes.items()
+                    if o["told"]
+                    and any(r.get("sae_id") == notice.sae_id and r.get("changed") for r in o["results"])
+                }
+                if per_peer:
+                    states.record_told(
+                        self.db, notice, {p: {"told": True, "results": [r]} for p, r in per_peer.items()}
+                    )
+                    changed += 1
+        return changed
+
     def on_state(self, message: PeerMessage) -> dict[str, Any]:
         """``sae.state`` from an SAE's home KME: record it; after a revocation, wait until every process
         here judges by the new registry and sweep once more."""

@@ -133,12 +133,18 @@ class Background:
         assert network is not None
         interval = self.runtime.settings.peering.sync_seconds
         window = timedelta(seconds=2 * self.runtime.settings.peering.max_clock_skew_seconds)
-        last_prune = 0.0
+        last_prune, last_resend = 0.0, float("-inf")
         while not self._stop.wait(interval):
             try:
                 network.topology_tick()
             except Exception as exc:
                 log.error("link_state_tick_failed", error=type(exc).__name__, detail=str(exc)[:200])
+            if time.monotonic() - last_resend > self.runtime.settings.peering.sae_resend_seconds:
+                last_resend = time.monotonic()
+                try:  # SAE states told again to every KME (DECISIONS.md D-39)
+                    network.sae_notices.resend(self.runtime.settings.kme.id)
+                except Exception as exc:
+                    log.error("sae_resend_failed", error=type(exc).__name__, detail=str(exc)[:200])
             try:
                 network.sync_once()
                 network.rebalance_once()

@@ -83,12 +83,17 @@ class Applied:
         }
 
 
-def notices_of(db: Database, kme_id: str, sae_ids: Sequence[str] | None = None) -> list[SaeNotice]:
-    """This KME's statements about its own SAEs: the ones named, or every one not active."""
+def notices_of(
+    db: Database, kme_id: str, sae_ids: Sequence[str] | None = None, every_changed: bool = False
+) -> list[SaeNotice]:
+    """This KME's statements about its own SAEs: the ones named, or every one not active, or with
+    ``every_changed`` every one a ``qkms sae`` command changed (resumed ones too: the periodic re-send)."""
     with db.read() as conn:
         records = [r for r in registry.sae_records(conn) if r.role == "sae" and r.managed_by != "peer"]
     by_id = {r.sae_id: r for r in records if r.kme_id == kme_id}
-    if sae_ids is None:
+    if every_changed:
+        chosen = [r for r in by_id.values() if r.managed_by == "cli" or r.state is not SaeState.ACTIVE]
+    elif sae_ids is None:
         chosen = [r for r in by_id.values() if r.state is not SaeState.ACTIVE]
     else:
         missing = [s for s in sae_ids if s not in by_id]

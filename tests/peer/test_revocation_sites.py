@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,23 +33,28 @@ pytestmark = pytest.mark.postgres
 
 
 class Sites:
-    def __init__(self, net: Network, b2: KmeProcess) -> None:
+    def __init__(self, net: Network, a2: KmeProcess, b2: KmeProcess) -> None:
         self.net = net
-        self.b2 = b2
-        self._b2_clients: dict[str, httpx.Client] = {}
+        self.second = {"KME-A": a2, "KME-B": b2}
+        self._clients: dict[tuple[str, str], httpx.Client] = {}
+
+    def at_second(self, kme_id: str, sae_id: str) -> httpx.Client:
+        """SAE ``sae_id`` talking to its KME's second ``qkms serve`` process."""
+        if (kme_id, sae_id) not in self._clients:
+            site = self.net.sites[kme_id]
+            cert, key = site.sae_credentials(sae_id)
+            self._clients[kme_id, sae_id] = httpx.Client(
+                base_url=self.second[kme_id].base_url,
+                verify=client_ssl_context(site.ca, cert, key),
+                timeout=30.0,
+            )
+        return self._clients[kme_id, sae_id]
 
     def at_b2(self, sae_id: str) -> httpx.Client:
-        """SAE ``sae_id`` of B talking to B's second process."""
-        if sae_id not in self._b2_clients:
-            site = self.net.sites["KME-B"]
-            cert, key = site.sae_credentials(sae_id)
-            self._b2_clients[sae_id] = httpx.Client(
-                base_url=self.b2.base_url, verify=client_ssl_context(site.ca, cert, key), timeout=30.0
-            )
-        return self._b2_clients[sae_id]
+        return self.at_second("KME-B", sae_id)
 
     def close(self) -> None:
-        for c in self._b2_clients.values():
+        for c in self._clients.values():
             c.close()
 
 
@@ -59,18 +65,20 @@ def sites(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     urls = {kme: database_url("postgres", request) for kme in ("KME-A", "KME-B")}
     net = open_network(tmp_path_factory.mktemp("revocation"), urls)
     with running_network(net.sites):
-        b2 = KmeProcess(net.sites["KME-B"].config_path, free_port())
-        b2.log_path = net.sites["KME-B"].workdir / "server-b2.log"
-        b2.spawn()
-        out = Sites(net, b2)
+        second = [KmeProcess(net.sites[k].config_path, free_port()) for k in ("KME-A", "KME-B")]
+        for p in second:
+            p.spawn()
+        out = Sites(net, *second)
         try:
-            b2.wait_listening(30)
+            for p in second:
+                p.wait_listening(30)
             wait_for_remote_keys(net, "KME-A", "SAE-A1", "SAE-B1")
             wait_for_remote_keys(net, "KME-B", "SAE-B2", "SAE-A2")
             yield out
         finally:
             out.close()
-            b2.stop()
+            for p in second:
+                p.stop()
             net.close()
 
 
@@ -161,9 +169,14 @@ def test_revocation_at_a_destroys_its_keys_at_b(sites: Sites) -> None:
     assert _dec(sites.at_b2("SAE-B3"), "SAE-A1", fetched).status_code == 200  # in its redelivery window
     other = _enc(sites.net.sae("KME-A", "SAE-A2"), "SAE-B1")  # another pair: untouched
 
+    open_a = [sites.net.sae("KME-A", "SAE-A1"), sites.at_second("KME-A", "SAE-A1")]  # keep-alive
+    assert all(c.get("/api/v1/keys/SAE-B2/status").status_code == 200 for c in open_a)
     revoked = _qkms(a.config_path, "sae", "revoke", "SAE-A1", "--reason", "host compromised")
     assert revoked.returncode == 0, revoked.stdout + revoked.stderr
     assert "KME KME-B told: SAE-A1 revoked, 3 keys destroyed there" in revoked.stdout
+    for client in open_a:  # the next request at either of A's processes
+        r = client.get("/api/v1/keys/SAE-B2/status")
+        assert r.status_code == 401 and "SAE SAE-A1 is revoked" in r.json()["message"], r.text
 
     for client in (sites.net.sae("KME-B", "SAE-B1"), sites.at_b2("SAE-B1")):
         r = _dec(client, "SAE-A1", pending)
@@ -213,3 +226,34 @@ def test_a_kme_cannot_speak_for_another_kmes_sae(sites: Sites) -> None:
         rt.close()
     assert query(sites.net.sites["KME-A"], "SELECT state FROM saes WHERE id = 'SAE-A2'") == [("active",)]
     assert _qkms(b.config_path, "sae", "tell-peers", "SAE-A2").returncode == 1
+
+
+def test_a_kme_that_missed_a_revocation_is_told_again(sites: Sites) -> None:
+    """B's peer-facing process is down when SAE-A2 is revoked: the command says so and exits 3, and
+    B's keys for it stay until A's leader tells the state again (``peering.sae_resend_seconds``, and
+    at once when a process becomes leader: here A's second process, once the first stops)."""
+    a, b = sites.net.sites["KME-A"], sites.net.sites["KME-B"]
+    pending = _enc(sites.net.sae("KME-A", "SAE-A2"), "SAE-B1")
+    assert b.process is not None
+    b.process.stop()
+    revoked = _qkms(a.config_path, "sae", "revoke", "SAE-A2")
+    assert revoked.returncode == 3, revoked.stdout + revoked.stderr
+    assert "SAE SAE-A2 revoked" in revoked.stdout and "KME KME-B not told" in revoked.stderr
+    r = sites.at_second("KME-A", "SAE-A2").get("/api/v1/keys/SAE-B1/status")
+    assert r.status_code == 401  # revoked at home at once, whatever B knows
+    ids = ", ".join(f"'{k['key_ID']}'" for k in pending)
+    held = f"SELECT DISTINCT state FROM keys WHERE key_id IN ({ids})"
+    assert query(b, held) == [("reserved",)]
+
+    b.process = KmeProcess(b.config_path, b.port).spawn()  # stopped by the fixture
+    b.process.wait_listening(30)
+    assert a.process is not None
+    a.process.stop()  # A's second process takes the lead and tells every KME again
+    deadline = time.monotonic() + 30
+    while query(b, held) != [("destroyed",)] and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert query(b, held) == [("destroyed",)]
+    told = query(
+        b, "SELECT actor FROM audit_records WHERE action = 'sae.peer_revoked' AND subject = 'SAE-A2'"
+    )
+    assert told == [("kme:KME-A",)]
