@@ -15,6 +15,7 @@ from kms.crypto.envelope import Envelope
 from kms.domain.blocks import split_block
 from kms.domain.lifecycle import KeyState
 from kms.service import audit_recorder
+from kms.service import links as link_moves
 from kms.service.audit_recorder import AuditEntry
 from kms.storage import link_repository as links
 from kms.storage import pool_repository as pool
@@ -112,7 +113,9 @@ def stored_bits_by_link(db: Database) -> dict[str, int]:
 
 def record_alarm(db: Database, alarm: LinkAlarm, code: str, suspend: bool) -> None:
     """Record ``alarm`` (``link.alarm``) and, with ``suspend``, suspend its link if it is active:
-    the link, its blocks and the reserved keys cut from them (``link.suspended``)."""
+    the link and the reserved keys cut from it in the alarm's transaction (``link.suspended``),
+    then its blocks in batches (``link.blocks_moved``), so an alarm on a link of tens of thousands
+    of blocks does not hold the KME's write lock for seconds (issue 18)."""
     events = pool.EventBatch(datetime.now(UTC))
     actor = f"adapter:{alarm.link_id}"
     with db.write() as conn:
@@ -124,15 +127,14 @@ def record_alarm(db: Database, alarm: LinkAlarm, code: str, suspend: bool) -> No
                 {"block_id": alarm.block_id, "code": code, "reason": alarm.reason[:300]},
             )
         ]
-        if suspend and links.link_state(conn, alarm.link_id) == "active":
-            change = links.suspend_link(conn, alarm.link_id, actor, f"alarm: {code}", events)
-            entries.append(
-                (
-                    actor,
-                    "link.suspended",
-                    alarm.link_id,
-                    {"code": code, "blocks": change.blocks, "keys": change.keys},
-                )
-            )
+        suspended = suspend and links.link_state(conn, alarm.link_id) == "active"
+        if suspended:
+            n_keys = links.suspend_link_keys(conn, alarm.link_id, actor, f"alarm: {code}", events)
+            entries.append((actor, "link.suspended", alarm.link_id, {"code": code, "keys": n_keys}))
         events.flush(conn)
         audit_recorder.append(conn, entries, events.at)
+    if suspended:  # its blocks in short transactions, as an operator's suspension (D-22)
+        live = (KeyState.ACTIVE, KeyState.PRE_ACTIVE)
+        link_moves.move_blocks(
+            db, alarm.link_id, "suspended", (live, KeyState.SUSPENDED), actor, "link suspended"
+        )

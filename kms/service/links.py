@@ -4,7 +4,7 @@ The link's state is checked, the link and the keys cut from it change in one aud
 (``link.suspended`` / ``link.resumed``), then its blocks in batches of ``BLOCK_BATCH``, each a short
 transaction, and ``link.blocks_moved`` records the count: a link of 42,685 blocks held the KME for
 5 s in one transaction, and relays through it timed out. A link suspended by an alarm is the ingest
-use case's (``kms.service.ingest.record_alarm``).
+use case's (``kms.service.ingest.record_alarm``); its blocks move the same way (``move_blocks``).
 """
 
 from __future__ import annotations
@@ -89,23 +89,34 @@ def _transition(
             n_keys = 0  # finishing an interrupted move
         else:
             raise LinkStateError(f"link {link_id} is not {start} on this KME")
+    moved = move_blocks(db, link_id, end, (current, target), OPERATOR, why)
+    return LinkChange(link_id, moved, n_keys)
+
+
+def move_blocks(
+    db: Database,
+    link_id: str,
+    link_state: str,
+    blocks: tuple[tuple[KeyState, ...], KeyState],
+    actor: str,
+    why: str,
+) -> int:
+    """Move a link's blocks from ``blocks[0]`` states to ``blocks[1]`` in batches of
+    ``BLOCK_BATCH``, each its own transaction, while the link stays ``link_state``; audit the
+    count (``link.blocks_moved``). The operator's transitions and an alarm's suspension use it."""
+    current, target = blocks
     moved = 0
     while True:
         batch = EventBatch(datetime.now(UTC))
         with db.write() as conn:
-            if links.link_state(conn, link_id) != end:
+            if links.link_state(conn, link_id) != link_state:
                 break  # changed again meanwhile: that transition moves the rest
-            n = links.move_link_blocks(conn, link_id, current, target, OPERATOR, why, batch, BLOCK_BATCH)
+            n = links.move_link_blocks(conn, link_id, current, target, actor, why, batch, BLOCK_BATCH)
             batch.flush(conn)
             moved += n
             if n < BLOCK_BATCH:
                 audit_recorder.record(
-                    conn,
-                    OPERATOR,
-                    "link.blocks_moved",
-                    link_id,
-                    {"to": target.value, "blocks": moved},
-                    batch.at,
+                    conn, actor, "link.blocks_moved", link_id, {"to": target.value, "blocks": moved}, batch.at
                 )
                 break
-    return LinkChange(link_id, moved, n_keys)
+    return moved

@@ -179,6 +179,7 @@ def test_blocks_after_a_suspending_alarm_in_the_same_pull_are_stored_suspended(r
         ("block.received", "b2"),
         ("link.alarm", "b3"),
         ("link.suspended", None),
+        ("link.blocks_moved", None),  # b1 and b2, in a transaction after the alarm's
         ("block.received", "b4"),
     ]
     received = [r["data"] for r in records if r["action"] == "block.received"]
@@ -231,6 +232,41 @@ def test_an_operators_suspend_and_resume_move_blocks_in_bounded_batches(
     assert _block_states(rt) == {"active": total}
     served = rt.service.get_keys_with_ids(_sae(rt, S), M, [pending[0].key_id])
     assert served[0].material == pending[0].material
+
+
+def test_an_alarms_suspension_moves_blocks_in_bounded_batches_too(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The alarm path suspended every block in the alarm's one transaction (issue 18 left it so
+    after the operator's path was batched): it now moves them as the operator's does."""
+    from kms.service import links
+    from kms.storage.database import Database
+
+    filler = rt.make_filler()
+    while filler.fill_once():
+        pass
+    total = sum(_block_states(rt).values())
+    assert total >= 8
+    monkeypatch.setattr(links, "BLOCK_BATCH", 3)
+    writes = 0
+    real_write = Database.write
+
+    def counting_write(self: Database, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        nonlocal writes
+        writes += 1
+        return real_write(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Database, "write", counting_write)
+    alarm = LinkAlarm("link-local-1", "blk-9", "QBER 0.3", details={"code": "qber-over-threshold"})
+    assert filler.handle_alarm(alarm)
+    assert writes >= 1 + total // 3
+    assert _block_states(rt) == {"suspended": total}
+    from kms.service.audit_queries import AuditService
+
+    records = AuditService(rt.db, rt.identity, "KME-T").events(limit=1000)["records"]
+    moved = [r for r in records if r["action"] == "link.blocks_moved"]
+    assert len(moved) == 1 and moved[0]["actor"] == "adapter:link-local-1", moved
+    assert {k: moved[0]["data"][k] for k in ("to", "blocks")} == {"to": "suspended", "blocks": total}
 
 
 def test_a_suspend_interrupted_between_batches_serves_nothing_and_is_finished_by_running_it_again(
