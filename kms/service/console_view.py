@@ -196,6 +196,7 @@ def _add_block(series: dict[str, list[Bucket]], b: queries.BlockStat, now: datet
 def _edges_of(origin: str, text: str) -> list[Edge]:
     try:
         links = json.loads(text).get("links", [])
-        return [Edge(origin, str(p), str(lid), str(state), int(bits)) for p, lid, state, bits in links]
+        # [peer, link, state, bits] or, from a KME that reports its key rate (D-26), [..., rate]
+        return [Edge(origin, str(p), str(lid), str(state), int(bits)) for p, lid, state, bits, *_ in links]
     except (ValueError, TypeError, AttributeError):
         return []

@@ -246,3 +246,16 @@ def test_the_key_rate_meter_reads_own_blocks_stored_since_the_last_reading(tmp_p
     finally:
         rt.close()
     assert stored and rates == {link: round(bits / 10) for link, bits in stored.items()}
+
+
+def test_the_consoles_topology_reads_records_with_and_without_rates(runtimes: dict[str, Runtime]) -> None:
+    """The console drew no edge at all for records with rates (a 5-element link failed to unpack
+    and the page showed an empty graph)."""
+    from kms.service.console_view import _edges_of
+
+    a = runtimes["KME-A"]
+    rated = record_of(a, (LinkAdvert("KME-B", "link-ab", "active", 65536, 12_000),))
+    plain = record_of(a, (LinkAdvert("KME-B", "link-ab", "suspended", 0),))
+    for record, state in ((rated, "active"), (plain, "suspended")):
+        edges = _edges_of("KME-A", json.dumps(record.to_json()))
+        assert [(e.src, e.dst, e.link_id, e.state) for e in edges] == [("KME-A", "KME-B", "link-ab", state)]
