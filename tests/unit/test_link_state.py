@@ -258,4 +258,6 @@ def test_the_consoles_topology_reads_records_with_and_without_rates(runtimes: di
     plain = record_of(a, (LinkAdvert("KME-B", "link-ab", "suspended", 0),))
     for record, state in ((rated, "active"), (plain, "suspended")):
         edges = _edges_of("KME-A", json.dumps(record.to_json()))
-        assert [(e.src, e.dst, e.link_id, e.state) for e in edges] == [("KME-A", "KME-B", "link-ab", state)]
+        assert [(e.origin, e.peer, e.link_id, e.state) for e in edges] == [
+            ("KME-A", "KME-B", "link-ab", state)
+        ]
