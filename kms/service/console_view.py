@@ -30,7 +30,8 @@ LINK_EVENTS = ("link.alarm", "link.suspended", "link.resumed")
 
 @dataclass
 class Bucket:
-    """One minute of a link: blocks stored, their bits, their mean QBER, blocks aborted."""
+    """One minute of a link: blocks stored (an adapter's block, however many pieces it is stored
+    as), their bits, their mean QBER, blocks aborted."""
 
     start: datetime
     blocks: int = 0
@@ -105,8 +106,10 @@ class ConsoleView:
             fallback = queries.fallback_keys_since(conn, since)
         links = [link.link_id for link in figures.links if link_id in (None, link.link_id)]
         series = {link: _empty_buckets(now) for link in links}
+        seen: set[tuple[str, str]] = set()
         for b in blocks:
-            _add_block(series, b, now)
+            _add_block(series, b, now, first=(b.link_id, b.source_block_id) not in seen)
+            seen.add((b.link_id, b.source_block_id))
         for r in events:
             if r.action == "link.alarm" and isinstance(r.data, dict) and r.data.get("block_id"):
                 bucket = _bucket_of(series.get(r.subject), datetime.fromisoformat(r.at), now)
@@ -182,11 +185,14 @@ def _bucket_of(buckets: list[Bucket] | None, at: datetime, now: datetime) -> Buc
     return buckets[index] if 0 <= index < len(buckets) else None
 
 
-def _add_block(series: dict[str, list[Bucket]], b: queries.BlockStat, now: datetime) -> None:
+def _add_block(series: dict[str, list[Bucket]], b: queries.BlockStat, now: datetime, first: bool) -> None:
+    """Count a stored piece's bits; a block (and its QBER) once, at its first piece."""
     bucket = _bucket_of(series.get(b.link_id), b.received_at, now)
     if bucket is None:
         return
     bucket.bits += b.bits
+    if not first:
+        return
     bucket.blocks += 1
     if b.qber is not None:
         bucket.qber_sum += b.qber

@@ -23,14 +23,14 @@ from typing import Any
 import httpx
 import pytest
 import tomli_w
-from sqlalchemy import select, update
+from sqlalchemy import distinct, func, select, update
 
 from kms.config import KmsSettings
 from kms.lab.launcher import KmeProcess, client_ssl_context, free_port
 from kms.provision.workdir import init_workdir, sae_credential_paths
 from kms.storage import operator_queries
 from kms.storage.database import Database
-from kms.storage.schema import audit_records, console_accounts, console_sessions
+from kms.storage.schema import audit_records, console_accounts, console_sessions, key_blocks
 from tests.operator.harness import OperatorKme
 
 M, S = "SAE-M", "SAE-S"
@@ -287,7 +287,11 @@ def test_operator_sees_what_status_says_and_suspends_and_resumes(
 
     browser.find_element(By.LINK_TEXT, LINK).click()
     assert browser.find_element(By.TAG_NAME, "h1").text == f"Link {LINK}"
-    assert int(browser.find_element(By.ID, "block-totals").text.split()[2]) > 0
+    with db.read() as conn:  # blocks of the last hour, each stored as one or more pieces
+        blocks = conn.execute(
+            select(func.count(distinct(key_blocks.c.source_block_id))).where(key_blocks.c.link_id == LINK)
+        ).scalar_one()
+    assert blocks > 0 and browser.find_element(By.ID, "block-totals").text.split()[2] == str(blocks)
     _shot(browser, tmp_path, "link")
     for verb, state in (("suspend", "suspended"), ("resume", "active")):
         browser.find_element(By.ID, "reason").send_keys(f"browser test {verb}")
