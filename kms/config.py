@@ -250,8 +250,17 @@ class PeerSection(BaseModel):
 
 
 class LoggingSection(BaseModel):
+    """How ``qkms serve`` logs (docs/OPERATIONS.md "Logs", DECISIONS.md D-37)."""
+
     level: Literal["debug", "info", "warning", "error"] = "info"
-    json_logs: bool = False
+    # auto: JSON lines unless stderr is a terminal; json or console force one (also --log-format).
+    format: Literal["auto", "json", "console"] = "auto"
+    json_logs: bool = False  # older spelling of format = "json" (a format other than auto wins)
+    # One ``request`` line per API request (request ID, caller, endpoint, status, latency).
+    requests: bool = True
+
+    def effective_format(self) -> str:
+        return "json" if self.format == "auto" and self.json_logs else self.format
 
 
 class SaeRegistrySection(BaseModel):

@@ -138,7 +138,7 @@ def app_from_env() -> Any:
     """ASGI factory for worker processes: the config path comes from ``QKMS_CONFIG``. With the
     operator listener on, every request is counted and timed (``kms.telemetry.asgi``)."""
     settings = KmsSettings.load(Path(os.environ[CONFIG_ENV]))
-    configure_logging(settings.logging.level, settings.logging.json_logs)
+    configure_logging(settings.logging.level, settings.logging.effective_format())
     app = build_app(settings)
     if not settings.operator.enabled:
         return app
@@ -178,7 +178,7 @@ def _uvicorn_config(host: str, port: int, limits: ServerSection) -> uvicorn.Conf
 def serve(config_path: Path, host: str | None = None, port: int | None = None, workers: int = 1) -> None:
     """Run the KME in the foreground until interrupted."""
     settings = KmsSettings.load(config_path)
-    configure_logging(settings.logging.level, settings.logging.json_logs)
+    configure_logging(settings.logging.level, settings.logging.effective_format())
     if (
         workers > 1
         and settings.database.url.startswith("sqlite")
@@ -289,7 +289,7 @@ def _worker_main(config_path: str, host: str, port: int, processes: int) -> None
     os.environ[CONFIG_ENV] = config_path
     os.environ[PROCESSES_ENV] = str(processes)
     settings = KmsSettings.load(Path(config_path))
-    configure_logging(settings.logging.level, settings.logging.json_logs)
+    configure_logging(settings.logging.level, settings.logging.effective_format())
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

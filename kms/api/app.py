@@ -1,8 +1,9 @@
 """The FastAPI application: the ETSI GS QKD 014 endpoints and the auditor API over the application
-services, behind the KME's middleware (outermost first): catch-all errors, SAE authentication by
-pinned certificate, the body limit, and the lean hot path for ordinary ``enc_keys`` / ``dec_keys``
-POSTs (``kms.api.hot_path``). Routes live in ``kms.api.routes``; the event loop reaches the use cases
-through one ``kms.service.gateway.DeliveryGateway`` per app.
+services, behind the KME's middleware (outermost first): the request ID and log line
+(``kms.api.request_log``), catch-all errors, SAE authentication by pinned certificate, the body
+limit, and the lean hot path for ordinary ``enc_keys`` / ``dec_keys`` POSTs (``kms.api.hot_path``).
+Routes live in ``kms.api.routes``; the event loop reaches the use cases through one
+``kms.service.gateway.DeliveryGateway`` per app.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kms.api.denials import DenialAggregator, write_denials
 from kms.api.errors import CatchAllMiddleware, install_error_handlers
 from kms.api.hot_path import HotPathMiddleware
 from kms.api.identity import SaeAuthMiddleware
+from kms.api.request_log import RequestLog
 from kms.api.routes.audit import audit_router
 from kms.api.routes.keys import KeyHandlers, keys_router
 from kms.api.routes.status import status_router
@@ -66,6 +68,8 @@ def create_app(runtime: Runtime, lifespan_hooks: Hooks | None = None, api_proces
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.kme.max_request_bytes)
     app.add_middleware(SaeAuthMiddleware, runtime=runtime, denials=denials)
     app.add_middleware(CatchAllMiddleware)
+    # Outermost: the request ID and log line cover the hot path, the routes and every refusal alike.
+    app.add_middleware(RequestLog, enabled=runtime.settings.logging.requests)
     _document_only_etsi_status_codes(app)
     return app
 

@@ -8,9 +8,11 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import anyio
+from structlog.contextvars import bind_contextvars
 
 from kms.api.denials import Denial, DenialAggregator, write_denials
 from kms.api.errors import error_response
+from kms.api.request_log import log_fields
 from kms.crypto.pki import certificate_common_name, certificate_role, fingerprint_sha256
 from kms.domain.errors import NotEntitled
 from kms.domain.saes import SaeInfo, SaeState
@@ -78,6 +80,7 @@ class SaeAuthMiddleware:
                 info = sae_from_scope(scope, self.runtime)
                 _check_role(scope.get("path", ""), info)
                 scope[SCOPE_KEY] = info
+                _name_caller(scope, info)
             except NotEntitled as exc:
                 records = self.denials.note(_denial(scope, exc.message))
                 if records:
@@ -85,6 +88,19 @@ class SaeAuthMiddleware:
                 await error_response(401, exc.message)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+_CALLER_FIELD = {"sae": "sae_id", "kme": "peer_kme_id", "auditor": "auditor_id"}
+
+
+def _name_caller(scope: Any, info: SaeInfo) -> None:
+    """The caller in the request's log line and in every line logged while serving it
+    (``kms.api.request_log``): ``sae_id``, ``peer_kme_id`` or ``auditor_id``."""
+    name = _CALLER_FIELD.get(info.role, "sae_id")
+    fields = log_fields(scope)
+    if fields is not None:
+        fields[name] = info.sae_id
+    bind_contextvars(**{name: info.sae_id})
 
 
 def _denial(scope: Any, reason: str) -> Denial:

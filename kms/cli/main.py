@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -139,12 +140,24 @@ def serve(
             help="API processes sharing the database (SQLite file or PostgreSQL); one per core is a good start. More than one needs a fixed --port."
         ),
     ] = 1,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (JSON lines unless stderr is a terminal) | json | console; default from [logging] format."
+        ),
+    ] = None,
 ) -> None:
     """Run the KME over HTTPS with client certificates required, until interrupted."""
     from kms.crypto.envelope import KekError
     from kms.runtime.assembly import load_envelope
     from kms.server import serve as run_server
 
+    if log_format is not None:
+        if log_format not in ("auto", "json", "console"):
+            err_console.print("[red]error:[/red] --log-format must be auto, json or console")
+            raise typer.Exit(2)
+        # Through the environment, so the --workers processes (which load the config) log alike.
+        os.environ["QKMS_LOGGING__FORMAT"] = log_format
     settings = _settings(config)
     try:
         load_envelope(settings)  # fail here, readably, rather than inside the server's start-up

@@ -75,6 +75,7 @@ class SharedFigures(Collector):
             yield from _link_families(figures)
             yield from _key_families(figures)
             yield from _audit_and_peer_families(figures)
+            yield from _siem_families(figures)
 
 
 def _link_families(f: DbFigures) -> Iterable[Metric]:
@@ -177,6 +178,30 @@ def _audit_and_peer_families(f: DbFigures) -> Iterable[Metric]:
     for peer, age in sorted(f.peer_message_age_seconds.items()):
         peers.add_metric([peer], age)
     yield peers
+
+
+def _siem_families(f: DbFigures) -> Iterable[Metric]:
+    """Audit to SIEM (D-33): how far each configured sink is behind the audit head."""
+    records = GaugeMetricFamily(
+        "qkms_siem_lag_records",
+        "Audit records not yet known delivered to the SIEM sink (audit head minus shipped position).",
+        labels=["sink"],
+    )
+    seconds = GaugeMetricFamily(
+        "qkms_siem_lag_seconds",
+        "Age of the oldest audit record not yet known delivered to the SIEM sink (0 when none waits).",
+        labels=["sink"],
+    )
+    shipped = GaugeMetricFamily(
+        "qkms_siem_shipped_sequence",
+        "Sequence number of the newest audit record known delivered to the SIEM sink.",
+        labels=["sink"],
+    )
+    for lag in f.siem_lag:
+        records.add_metric([lag.sink], lag.records_behind)
+        seconds.add_metric([lag.sink], lag.seconds_behind)
+        shipped.add_metric([lag.sink], lag.shipped_seq)
+    return [records, seconds, shipped]
 
 
 def _peers_up(settings: KmsSettings, peers_down: Callable[[], frozenset[str]]) -> Metric:

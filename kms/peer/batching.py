@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import structlog
+from structlog.contextvars import bound_contextvars, get_contextvars
 
 from kms.domain.delivery import DeliveredKey, KeyOrder
 
@@ -31,6 +32,14 @@ class LedgerRequest:
 
     order: KeyOrder
     future: Future[list[DeliveredKey]] = field(default_factory=Future)
+    # The API request it serves (``kms.api.request_log``), for the batch's log lines; a batch that
+    # serves one request alone carries its ID to the peer KME too (``kms.peer.client``).
+    request_id: str | None = field(default_factory=lambda: _current_request_id())
+
+
+def _current_request_id() -> str | None:
+    value = get_contextvars().get("request_id")
+    return None if value is None else str(value)
 
 
 DeliverBatch = Callable[[str, list[LedgerRequest]], None]
@@ -64,7 +73,8 @@ class LedgerBatcher:
                 except queue.Empty:
                     break
             try:
-                self.deliver(self.peer_id, batch)
+                with bound_contextvars(**_batch_context(batch)):
+                    self.deliver(self.peer_id, batch)
             except Exception as exc:  # never leave a request waiting
                 log.error(
                     "ledger_batch_failed", peer=self.peer_id, error=type(exc).__name__, detail=str(exc)[:200]
@@ -72,3 +82,11 @@ class LedgerBatcher:
                 for r in batch:
                     if not r.future.done():
                         r.future.set_exception(exc)
+
+
+def _batch_context(batch: list[LedgerRequest]) -> dict[str, object]:
+    """``request_id`` for a batch of one request, ``request_ids`` for several (none: background)."""
+    ids = [r.request_id for r in batch if r.request_id is not None]
+    if len(batch) == 1 and ids:
+        return {"request_id": ids[0]}
+    return {"request_ids": ids} if ids else {}

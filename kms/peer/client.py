@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import structlog
+from structlog.contextvars import get_contextvars
 
 from kms.config import PeeringSection
 from kms.crypto.identity import KmeIdentity
@@ -115,12 +116,12 @@ class PeerClient:
     ) -> PeerMessage:
         client, _ = self._client(peer_id)
         request, raw, header = self.sealer.seal(peer_id, msg_type, body, mac=mac)
+        headers = {SIGNATURE_HEADER: header, "content-type": "application/json"}
+        request_id = get_contextvars().get("request_id")
+        if request_id is not None:  # the SAE request this message serves: the peer logs it too
+            headers["x-request-id"] = str(request_id)
         try:
-            response = client.post(
-                MESSAGES_PATH,
-                content=raw,
-                headers={SIGNATURE_HEADER: header, "content-type": "application/json"},
-            )
+            response = client.post(MESSAGES_PATH, content=raw, headers=headers)
         except httpx.ConnectError as exc:
             self._down_until[peer_id] = time.monotonic() + RETRY_AFTER_FAILURE
             self._failing_since.setdefault(peer_id, time.monotonic())

@@ -21,7 +21,7 @@ from kms.config import KmsSettings
 from kms.siem.sink import Sink
 from kms.storage import audit_repository as audit
 from kms.storage.database import Database
-from kms.storage.siem_positions import PositionStore, ShippedPosition
+from kms.storage.siem_positions import PositionError, PositionStore, ShippedPosition
 
 log = structlog.get_logger(__name__)
 
@@ -115,12 +115,16 @@ def sink_names(settings: KmsSettings) -> list[str]:
 
 
 def shipping_lag(db: Database, settings: KmsSettings) -> list[ShippingLag]:
-    """Per configured sink: the audit head, the shipped seq, and how far and how long behind."""
+    """Per configured sink: the audit head, the shipped seq, and how far and how long behind (an
+    unreadable position file counts as nothing shipped)."""
     positions = PositionStore(settings.siem.state_dir, settings.kme.id)
     now = datetime.now(UTC)
     lags = []
     for name in sink_names(settings):
-        position = positions.load(name)
+        try:
+            position = positions.load(name)
+        except PositionError:  # the shipper cannot resume this sink either (siem_sink_down): all waits
+            position = None
         shipped = position.seq if position is not None else 0
         with db.read() as conn:
             head, _ = audit.head(conn)

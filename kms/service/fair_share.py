@@ -6,7 +6,8 @@ pure (``kms.domain.quotas``); this adds the clock, each process's share of the r
 counts (read from the database at most every ``quotas.reserved_refresh_ms``, plus what this process
 admitted since) and the audit: the first refusal per (master, slave, rule) in a window is recorded
 (``quota.refused``) with the number of those not recorded since, so the audit grows by at most one
-record per pair and rule per window and process, however fast an SAE retries.
+record per pair and rule per window and process, however fast an SAE retries. Every refusal is
+counted (``qkms_quota_refusals_total``, summed over the ``--workers`` processes by ``kms.telemetry``).
 """
 
 from __future__ import annotations
@@ -24,10 +25,23 @@ from kms.domain.quotas import FairShareRules, QuotaLimits, Refusal
 from kms.service import audit_recorder
 from kms.storage.database import Database
 from kms.storage.quota_queries import reserved_by_master
+from kms.telemetry.metrics import instruments
 
 log = structlog.get_logger(__name__)
 
 MAX_TRACKED = 1024
+# ``qkms_quota_refusals_total{limit}``: each rule by the [quotas] key that sets it (a fixed set; SAE IDs
+# stay out of the label: per-process counters cannot share one bound on them; the audit and the
+# request's log line name the SAE).
+LIMIT_LABELS = {
+    "reserved keys": "max_reserved_keys_per_master",
+    "pool share": "max_pool_share",
+    **{
+        f"{scope} {unit}/s": f"{scope.lower()}_{unit}_per_second"
+        for scope in ("SAE", "pair")
+        for unit in ("requests", "keys", "bits")
+    },
+}
 
 
 class QuotaExceeded(ServiceUnavailable):
@@ -96,6 +110,8 @@ class FairShares:
         bits = order.number * order.size
         refusal = self.rules.admit(master, order.slave.sae_id, order.number, bits, held, now)
         if refusal is not None:
+            if (counted := instruments()) is not None:
+                counted.quota_refusals.labels(LIMIT_LABELS.get(refusal.rule, "other")).inc()
             raise QuotaExceeded(refusal, self._note(master, order.slave.sae_id, refusal, now))
         if self.rules.limits.any_cap:
             self._reserved[master] = (held[0] + order.number, held[1] + bits)

@@ -23,6 +23,7 @@ from pathlib import Path
 from cryptography import x509
 
 from kms.config import KmsSettings
+from kms.service.audit_shipping import ShippingLag, shipping_lag
 from kms.service.single_flight import SingleFlight
 from kms.storage import operator_queries as queries
 from kms.storage.database import Database
@@ -65,6 +66,7 @@ class DbFigures:
     checkpoint_age_seconds: float | None
     unsigned_records: int  # records after the newest checkpoint (all of them without one)
     peer_message_age_seconds: dict[str, float] = field(default_factory=dict)
+    siem_lag: list[ShippingLag] = field(default_factory=list)  # per configured SIEM sink
 
 
 class OperatorMetrics:
@@ -131,6 +133,7 @@ class OperatorMetrics:
             checkpoint_age_seconds=(now - _utc(checkpoint[2])).total_seconds() if checkpoint else None,
             unsigned_records=head_seq - (checkpoint[1] if checkpoint else 0),
             peer_message_age_seconds={p: (now - _utc(at)).total_seconds() for p, at in peer_seen.items()},
+            siem_lag=_siem_lag(self.db, self.settings),
         )
 
     def _draw_per_second(self, served: dict[str, int]) -> dict[str, float]:
@@ -184,6 +187,11 @@ def _not_after(path: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return cert.not_valid_after_utc.timestamp()
+
+
+def _siem_lag(db: Database, settings: KmsSettings) -> list[ShippingLag]:
+    """Each SIEM sink's lag (``kms.service.audit_shipping``); none when ``[siem]`` is off."""
+    return shipping_lag(db, settings) if settings.siem.active else []
 
 
 def _seconds_until_empty(bits: int, draw_per_second: float | None) -> float | None:

@@ -28,6 +28,17 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _KIND = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
 MAX_ALARM_KINDS = 32  # distinct alarm kinds per process before the rest count as "other"
+# The [quotas] keys a fair-share refusal is counted under (kms.service.fair_share maps each rule).
+QUOTA_LIMITS = (
+    "sae_requests_per_second",
+    "sae_keys_per_second",
+    "sae_bits_per_second",
+    "pair_requests_per_second",
+    "pair_keys_per_second",
+    "pair_bits_per_second",
+    "max_reserved_keys_per_master",
+    "max_pool_share",
+)
 
 
 class Instruments:
@@ -81,6 +92,14 @@ class Instruments:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.quota_refusals = Counter(
+            "qkms_quota_refusals",
+            "Get key requests refused (503) by a fair-share limit, by the limit's [quotas] key.",
+            ["limit"],
+            registry=registry,
+        )
+        for limit in QUOTA_LIMITS:  # every series from the start, so rate() sees the first refusal
+            self.quota_refusals.labels(limit)
         self._kinds: set[str] = set()
         self._lock = threading.Lock()
 

@@ -71,7 +71,9 @@ def operator_kme(
     link_source: str | None = "random",
     policy: dict[str, Any] | None = None,
     fill_keys: int = 64,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> Iterator[OperatorKme]:
+    """``sections``: further config sections (``siem``, ``quotas``, ...) merged into the config."""
     result = init_workdir(
         workdir,
         "KME-OP",
@@ -96,6 +98,8 @@ def operator_kme(
         "db_metrics_max_age_seconds": 0,
         **(operator or {}),
     }
+    for name, values in (sections or {}).items():
+        config.setdefault(name, {}).update(values)
     result.config_path.write_text(tomli_w.dumps(config))
     settings = KmsSettings.load(result.config_path)
     proc = KmeProcess(result.config_path, settings.kme.port, workers=workers)

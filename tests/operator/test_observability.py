@@ -19,6 +19,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from kms.lab.launcher import free_port
 from tests.operator.harness import SAES, OperatorKme, operator_kme
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +45,12 @@ def run(*args: str, stdin: str | None = None, cwd: Path = OBS) -> subprocess.Com
 
 @pytest.fixture(scope="module")
 def kme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorKme]:
-    with operator_kme(tmp_path_factory.mktemp("observability")) as running:
+    """With audit to SIEM on: a file sink that keeps up and a syslog receiver that is down."""
+    siem = {
+        "file": "siem/audit.jsonl",
+        "syslog": {"host": "127.0.0.1", "port": free_port(), "transport": "tcp"},
+    }
+    with operator_kme(tmp_path_factory.mktemp("observability"), sections={"siem": siem}) as running:
         yield running
 
 
@@ -77,7 +83,7 @@ def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
     exe = promtool()
     checked = run(exe, "check", "rules", RULES.name)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 10 rules found" in checked.stdout
+    assert "SUCCESS: 11 rules found" in checked.stdout
     tested = run(exe, "test", "rules", "qkms-alerts.test.yml")
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
@@ -110,6 +116,29 @@ def test_real_metrics_pass_promtool_check_metrics(scraped: str) -> None:
     checked = run(promtool(), "check", "metrics", stdin=scraped)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.strip() == "" and checked.stderr.strip() == ""
+
+
+def test_siem_lag_per_sink(kme: OperatorKme, scraped: str) -> None:
+    """The file sink catches up with the audit head; the syslog sink, whose receiver is down, ships
+    nothing and falls behind by every record, for as long as the oldest has waited."""
+    deadline = time.monotonic() + 30
+    with kme.operator(kme.token) as client:
+        while True:
+            text = client.get("/metrics").text
+            got = {
+                (s.name, s.labels.get("sink")): s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+            }
+            head = got[("qkms_audit_head_sequence", None)]
+            if got[("qkms_siem_lag_records", "file")] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert got[("qkms_siem_lag_records", "file")] == 0 and got[("qkms_siem_lag_seconds", "file")] == 0, text
+    assert got[("qkms_siem_shipped_sequence", "file")] >= head > 0
+    assert got[("qkms_siem_shipped_sequence", "syslog")] == 0
+    assert got[("qkms_siem_lag_records", "syslog")] >= head
+    assert got[("qkms_siem_lag_seconds", "syslog")] > 0
 
 
 def dashboard_exprs() -> list[str]:

@@ -59,7 +59,7 @@ def test_one_process_serves_the_operator_port(two_workers: OperatorKme) -> None:
     deadline = time.monotonic() + 30
     while True:  # the second worker may still be starting
         log = two_workers.process.log_tail(400)
-        serving = [line for line in log.splitlines() if re.search(r"operator_listener\s+host=", line)]
+        serving = [line for line in log.splitlines() if '"event":"operator_listener"' in line]
         standby = [line for line in log.splitlines() if "operator_listener_standby" in line]
         if standby or time.monotonic() > deadline:
             break

@@ -3,13 +3,17 @@ so it stays out of the published OpenAPI document). Only ``kme`` certificates re
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from structlog.contextvars import bind_contextvars
 
 from kms.api.errors import error_response
 from kms.api.identity import current_sae
+from kms.api.request_log import log_fields
 from kms.peer.mac_sessions import request_mac_accepted
 from kms.peer.messages import SIGNATURE_HEADER, MessageRejected, MessageSealer, open_message
 from kms.peer.network import PeerNetwork
@@ -24,7 +28,7 @@ def peer_router(network: PeerNetwork) -> APIRouter:
     # Peer messages may wait on the next hop or a device: run them off the event loop, a few at a time.
     limiter = anyio.CapacityLimiter(16)
 
-    def answer(sender: str, raw: bytes, signature: str | None) -> Response:
+    def answer(sender: str, raw: bytes, signature: str | None, fields: dict[str, Any]) -> Response:
         """Verify, act, sign (or MAC) the reply: all off the event loop, in one worker thread. An
         ML-DSA signature and its check are a millisecond or two of CPU that the loop, serving the
         SAEs' own requests meanwhile, should not wait behind."""
@@ -42,6 +46,10 @@ def peer_router(network: PeerNetwork) -> APIRouter:
         except MessageRejected as exc:
             log.warning("peer_message_rejected", peer=sender, reason=exc.reason)
             return error_response(401, exc.reason)
+        # The message type in the request's line and in every line its use case logs (this thread's
+        # context is a copy: nothing leaks to the next request).
+        fields["peer_message"] = message.type
+        bind_contextvars(peer_message=message.type)
         try:
             body = network.handle(message)
             reply_type = f"{message.type}.ok"
@@ -59,6 +67,9 @@ def peer_router(network: PeerNetwork) -> APIRouter:
         if len(raw) > MAX_MESSAGE_BYTES:
             return error_response(413, "peer message too large")
         signature = request.headers.get(SIGNATURE_HEADER)
-        return await anyio.to_thread.run_sync(answer, sender, raw, signature, limiter=limiter)
+        fields = log_fields(request.scope)
+        return await anyio.to_thread.run_sync(
+            answer, sender, raw, signature, {} if fields is None else fields, limiter=limiter
+        )
 
     return router
