@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,13 @@ def run(
     block_efficiency: Annotated[
         float, typer.Option(help="Finite-key sizing: share of a longest block's key rate a block must reach.")
     ] = 0.8,
+    physics_processes: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes simulating the next blocks while this one post-processes the current one "
+            "(0: none; default 2 with 2 or more CPUs, else 0)."
+        ),
+    ] = None,
     attack: Annotated[
         str, typer.Option(help="none | intercept-resend:<fraction> | pns | beam-splitting")
     ] = "none",
@@ -94,11 +102,15 @@ def run(
             block_sizing=sizing,
             max_block_seconds=max_block_seconds if finite else None,
             block_efficiency=block_efficiency if finite else None,
+            physics_processes=_default_processes() if physics_processes is None else physics_processes,
         )
     except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     started = time.perf_counter()
-    tally = _run_blocks(link, seconds, key_bits, f"{protocol} at {distance_km:g} km")
+    try:
+        tally = _run_blocks(link, seconds, key_bits, f"{protocol} at {distance_km:g} km")
+    finally:
+        link.close()
     wall = time.perf_counter() - started
     table = Table(
         title=f"simulated {protocol} link, {link.params.name}, {distance_km:g} km, {clock_rate:.3g} Hz"
@@ -108,6 +120,12 @@ def run(
     for name, value in _summary_rows(link, protocol, tally, wall):
         table.add_row(name, value)
     console.print(table)
+
+
+def _default_processes() -> int:
+    """Two physics processes beside this one where two CPUs are ours (docs/DECISIONS.md D-38)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 2 if cpus >= 2 else 0
 
 
 @dataclass
@@ -169,6 +187,10 @@ def _summary_rows(link: SimulatedLink, protocol: str, tally: _Tally, wall: float
     qbers = tally.qbers
     rows = [
         ("blocks (aborted)", f"{link.blocks_produced} ({tally.aborted})"),
+        (
+            "physics processes (pipeline)",
+            str(link.physics_processes) if link.physics_processes else "0 (inline)",
+        ),
         (
             f"block sizing: {link.sizing.mode}",
             f"mean {simulated / max(link.blocks_produced, 1):.3g} s of link per block; closed by "

@@ -16,17 +16,16 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
 
 from qkd_adapters.keyblock import KeyBlock, KeySourceError, LinkAlarm, LinkEvent, Provenance
+from qkd_adapters.sim.attack import AttackSpec
 from qkd_adapters.sim.block_sizing import CLOSED_FIXED, BlockSizer, BlockSizing
 from qkd_adapters.sim.params import LinkParameters, load_preset, load_spdc
-from qkd_adapters.sim.physics.bb84 import simulate_bb84_block
-from qkd_adapters.sim.physics.bbm92 import simulate_bbm92_block
-from qkd_adapters.sim.physics.eve import BeamSplitting, Eavesdropper, InterceptResend, PhotonNumberSplitting
+from qkd_adapters.sim.physics_feed import InlineFeed, PhysicsSpec, check_processes, open_feed
 from qkd_adapters.sim.pipeline import PostprocessConfig, PostprocessResult, run_postprocessing
 from qkd_adapters.sim.postproc._types import U8Array
 from qkd_adapters.sim.postproc.channel import Authenticator, ClassicalChannel, Party
@@ -34,41 +33,7 @@ from qkd_adapters.sim.postproc.channel import Authenticator, ClassicalChannel, P
 Protocol_ = Literal["decoy-bb84", "bbm92"]
 Pacing = Literal["realtime", "fast"]
 ADAPTER = "simulated-link"
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """Which eavesdropper sits on the fibre: ``none``, ``intercept-resend`` (with the fraction of
-    pulses intercepted), ``pns`` (photon-number splitting) or ``beam-splitting``."""
-
-    kind: Literal["none", "intercept-resend", "pns", "beam-splitting"] = "none"
-    fraction: float = 1.0
-
-    @classmethod
-    def parse(cls, spec: AttackSpec | str | None) -> AttackSpec:
-        """Accept an AttackSpec, None, or strings like ``"intercept-resend:0.3"``."""
-        if isinstance(spec, AttackSpec):
-            return spec
-        if spec is None or spec == "none":
-            return cls()
-        name, _, frac = spec.partition(":")
-        if name == "intercept-resend":
-            return cls("intercept-resend", float(frac) if frac else 1.0)
-        if name in ("pns", "beam-splitting") and not frac:
-            return cls(name)  # type: ignore[arg-type]
-        raise ValueError(f"unknown attack {spec!r}")
-
-    def eavesdropper(self) -> Eavesdropper | None:
-        if self.kind == "intercept-resend":
-            return InterceptResend(fraction=self.fraction)
-        if self.kind == "pns":
-            return PhotonNumberSplitting()
-        if self.kind == "beam-splitting":
-            return BeamSplitting()
-        return None
-
-    def label(self) -> str:
-        return f"intercept-resend:{self.fraction:g}" if self.kind == "intercept-resend" else self.kind
+__all__ = ["ADAPTER", "AttackSpec", "LinkEnd", "SimulatedLink"]
 
 
 class LinkEnd:
@@ -136,6 +101,7 @@ class SimulatedLink:
         block_sizing: BlockSizing | str | None = None,
         max_block_seconds: float | None = None,
         block_efficiency: float | None = None,
+        physics_processes: int = 0,
     ) -> None:
         if not link_id:
             raise ValueError("link_id must not be empty")
@@ -151,33 +117,27 @@ class SimulatedLink:
             overrides["clock_rate_hz"] = float(clock_rate_hz)
         self.params = base.with_overrides(**overrides) if overrides else base
         self.spdc = load_spdc(preset) if isinstance(preset, str) else load_spdc("gys")
-        if pulses_per_block is not None and seconds_per_block is not None:
-            raise ValueError("give pulses_per_block or seconds_per_block, not both")
-        if seconds_per_block is not None:
-            pulses_per_block = round(seconds_per_block * self.params.clock_rate_hz)
-        self.pulses_per_block = (
-            int(pulses_per_block) if pulses_per_block is not None else int(self.params.clock_rate_hz)
-        )
-        if self.pulses_per_block <= 0:
-            raise ValueError("a block needs at least one pulse")
+        self.pulses_per_block = _block_pulses(pulses_per_block, seconds_per_block, self.params.clock_rate_hz)
         self.attack = AttackSpec.parse(attack)
         self.sizing = _sizing(block_sizing, max_block_seconds, block_efficiency)
         if self.sizing.mode == "finite-key" and (pulses_per_block, seconds_per_block) != (None, None):
             raise ValueError(
                 "finite-key block sizing chooses the block size: give no pulses or seconds per block"
             )
-        self._sizer = (
-            BlockSizer(self.sizing, self.params, protocol=protocol, spdc=self.spdc)
-            if self.sizing.mode == "finite-key"
-            else None
-        )
         if protocol == "bbm92" and self.attack.kind not in ("none", "intercept-resend"):
             raise ValueError("BBM92 models only intercept-resend attacks")
         self._link_id = link_id
         self.protocol: Protocol_ = protocol
         self.pacing: Pacing = pacing
         self.seed = seed
-        self._rng = np.random.default_rng(seed)
+        self.physics_processes = check_processes(physics_processes)
+        # Two streams from one seed: physics (possibly in another process) and post-processing.
+        physics_seed, post_seed = np.random.SeedSequence(seed).spawn(2)
+        self._rng = np.random.default_rng(post_seed)
+        spec = PhysicsSpec(
+            self.params, self.spdc, protocol, self.attack.eavesdropper(), self.pulses_per_block, self.sizing
+        )
+        self._feed = open_feed(spec, physics_seed, self.physics_processes)
         self._auth = authenticator
         self._config = postprocess if postprocess is not None else PostprocessConfig()
         if pa_family is not None:  # a plain option, so a KME's [links.options] can choose it
@@ -203,6 +163,11 @@ class SimulatedLink:
         return self._stop.is_set()
 
     @property
+    def _sizer(self) -> BlockSizer | None:
+        """The block sizer when physics runs in this process (tests look at its next plan)."""
+        return self._feed.sizer if isinstance(self._feed, InlineFeed) else None
+
+    @property
     def postprocess(self) -> PostprocessConfig:
         """The post-processing configuration every block runs with (thresholds, PA family)."""
         return self._config
@@ -220,6 +185,7 @@ class SimulatedLink:
             "pulses_per_block": self.pulses_per_block,
             "seconds_per_block": self.pulses_per_block / p.clock_rate_hz,
             "block_sizing": self.sizing.mode,
+            "physics_processes": self.physics_processes,
             "max_block_seconds": self.sizing.max_block_seconds,
             "attack": self.attack.label(),
             "pacing": self.pacing,
@@ -237,6 +203,7 @@ class SimulatedLink:
         for end in self._ends.values():
             with end._cond:
                 end._cond.notify_all()
+        self._feed.close()  # first: a worker waiting for the physics process then returns
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
@@ -258,16 +225,8 @@ class SimulatedLink:
         """Simulate and post-process one block now; the (Alice, Bob) events (no queueing)."""
         self._counter += 1
         block_id = f"{self._link_id}-{self._counter:08d}-{uuid.uuid4().hex[:12]}"
-        eve = self.attack.eavesdropper()
-        plan = self._sizer.plan() if self._sizer is not None else None
-        n_pulses = plan.pulses if plan is not None else self.pulses_per_block
-        if self.protocol == "decoy-bb84":
-            block: Any = simulate_bb84_block(self.params, n_pulses, self._rng, eve)
-        else:
-            ir = eve if isinstance(eve, InterceptResend) else None
-            block = simulate_bbm92_block(self.params, self.spdc, n_pulses, self._rng, ir)
-        if self._sizer is not None:
-            self._sizer.observe(block)
+        block, plan, physics_cpu = self._feed.next()
+        post_started = time.thread_time()
         channel = ClassicalChannel(self._auth)
         result = run_postprocessing(
             block, self.params, channel, self._rng, self.params.eps_sec, self.params.eps_cor, self._config
@@ -275,6 +234,7 @@ class SimulatedLink:
         self.blocks_produced += 1
         self.simulated_seconds += float(block.duration_s)
         details = self._details(block, result)
+        details["cpu_s"] = {"physics": physics_cpu, "postprocessing": time.thread_time() - post_started}
         details["block_sizing"] = (
             plan.provenance(self.params.clock_rate_hz, self.sizing)
             if plan is not None
@@ -344,6 +304,7 @@ class SimulatedLink:
             "privacy_amplification": result.privacy_amplification,
             "classical_channel": result.channel,
             "postprocessing_s": dict(result.timings_s),
+            "postprocessing_cpu_s": dict(result.cpu_s),
         }
         if hasattr(block, "chsh_s"):
             d["chsh_s"] = float(block.chsh_s)
@@ -375,8 +336,9 @@ class SimulatedLink:
                         break
                 self._ends["alice"]._push(ev_a)
                 self._ends["bob"]._push(ev_b)
-        except BaseException as exc:  # surfaced to the KMS by pull()
-            self._error = exc
+        except BaseException as exc:  # surfaced to the KMS by pull(); after close() it is the shutdown
+            if not self._stop.is_set():
+                self._error = exc
             for end in self._ends.values():
                 with end._cond:
                     end._cond.notify_all()
@@ -391,3 +353,13 @@ def _sizing(
         step = min(base.step_seconds, float(max_seconds))
         base = replace(base, max_block_seconds=float(max_seconds), step_seconds=step)
     return base if efficiency is None else replace(base, efficiency=float(efficiency))
+
+
+def _block_pulses(pulses: int | None, seconds: float | None, clock_rate_hz: float) -> int:
+    """Pulses of a fixed block: given, or seconds x clock, or one second of pulses."""
+    if pulses is not None and seconds is not None:
+        raise ValueError("give pulses_per_block or seconds_per_block, not both")
+    n = int(pulses) if pulses is not None else round((1.0 if seconds is None else seconds) * clock_rate_hz)
+    if n <= 0:
+        raise ValueError("a block needs at least one pulse")
+    return n

@@ -106,6 +106,7 @@ class PostprocessResult:
     collision_bound: float | None
     channel: dict[str, dict[str, int]]
     timings_s: dict[str, float]
+    cpu_s: dict[str, float] = field(default_factory=dict)  # the same stages in this thread's CPU time
     decoy: dict[str, float] = field(default_factory=dict)
     privacy_amplification: dict[str, Any] | None = None  # family, lengths, seed bits (metadata)
 
@@ -171,8 +172,19 @@ class _Run:
         self.leak_ver = 0
         self.collision: float | None = None
         self.timings: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._marks: tuple[float, float] = (0.0, 0.0)
         self.decoy: dict[str, float] = {}
         self.pa: dict[str, Any] | None = None
+
+    def _mark(self) -> float:
+        self._marks = (time.perf_counter(), time.thread_time())
+        return self._marks[0]
+
+    def _lap(self, stage: str) -> None:
+        """Wall and CPU time since the last mark, under ``stage``."""
+        self.timings[stage] = time.perf_counter() - self._marks[0]
+        self.cpu[stage] = time.thread_time() - self._marks[1]
 
     def abort(self, alarm: str, detail: str | None) -> PostprocessResult:
         return self._result(alarm, detail, None, None, 0)
@@ -198,6 +210,7 @@ class _Run:
             collision_bound=self.collision,
             channel=self.channel.summary(),
             timings_s=dict(self.timings),
+            cpu_s=dict(self.cpu),
             decoy=dict(self.decoy),
             privacy_amplification=self.pa,
         )
@@ -217,7 +230,7 @@ class _Run:
         return bbm92_key_length(self.block, leak, self.eps_sec, self.eps_cor)
 
     def execute(self) -> PostprocessResult:
-        t0 = time.perf_counter()
+        t0 = self._mark()
         block = self.block
         # 1. parameter estimation: the test statistics are announced (public, not key).
         self.channel.send("alice", "pe/statistics", _statistics_payload(block))
@@ -232,9 +245,9 @@ class _Run:
         length, reason = self._key_length(expected_leak)
         if length <= 0:
             return self.abort(ALARM_NO_KEY, reason)
-        self.timings["estimation"] = time.perf_counter() - t0
+        self._lap("estimation")
         # 2. error correction
-        t1 = time.perf_counter()
+        self._mark()
         try:
             corrected, self.rec = reconcile(
                 block.alice_key, block.bob_key, self.channel, hint, self.cfg.cascade
@@ -243,30 +256,30 @@ class _Run:
             return self.abort(ALARM_RECONCILIATION, str(exc))
         self.leak_ec = self.rec.leaked_bits
         self.qber = self.rec.qber_corrected
-        self.timings["reconciliation"] = time.perf_counter() - t1
+        self._lap("reconciliation")
         if self.qber > self.cfg.qber_threshold:
             return self.abort(ALARM_QBER, f"key error rate {self.qber:.4f}")
         # 3. verification
-        t2 = time.perf_counter()
+        self._mark()
         try:
             ver = verify_keys(block.alice_key, corrected, self.channel, self.rng, self.eps_cor)
         except VerificationError as exc:
             return self.abort(ALARM_VERIFICATION, str(exc))
         self.leak_ver = ver.leaked_bits
         self.collision = ver.collision_bound
-        self.timings["verification"] = time.perf_counter() - t2
+        self._lap("verification")
         # 4. secret key length with the leak actually counted on the channel
         length, reason = self._key_length(self.leak_ec + self.leak_ver)
         if length <= 0:
             return self.abort(ALARM_NO_KEY, reason)
         # 5. privacy amplification
-        t3 = time.perf_counter()
+        self._mark()
         try:
             ka, kb = amplify(block.alice_key, corrected, length, self.channel, family=self.cfg.pa_family)
         except PrivacyAmplificationError as exc:
             return self.abort(ALARM_PRIVACY_AMPLIFICATION, str(exc))
         self.pa = describe(self.cfg.pa_family, self.n, length)
-        self.timings["privacy_amplification"] = time.perf_counter() - t3
+        self._lap("privacy_amplification")
         self.timings["total"] = time.perf_counter() - t0
         return self._result(None, None, ka, kb, length)
 

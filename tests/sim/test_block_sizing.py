@@ -8,6 +8,7 @@ provenance how long it ran and why it closed.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -164,3 +165,48 @@ def test_sim_run_sizes_blocks_and_honours_the_maximum() -> None:
     assert res.returncode == 0, res.stderr
     row = next(line for line in res.stdout.splitlines() if "block sizing: finite-key" in line)
     assert "mean 0.5 s of link per block" in row and f"{CLOSED_MAXIMUM} x2" in row
+
+
+def _outcome(event: KeyBlock | LinkAlarm) -> tuple[object, ...]:
+    d = _details(event)
+    length = event.bit_length if isinstance(event, KeyBlock) else event.reason
+    sizing = d["block_sizing"]
+    assert isinstance(sizing, dict)
+    source = sizing["statistics_from"]
+    return d["n_pulses"], d["sifted_bits"], length, d["leaked_ec_bits"], d["qber_test_basis"], source
+
+
+def _details(event: KeyBlock | LinkAlarm) -> dict[str, object]:
+    return dict(event.provenance.details if isinstance(event, KeyBlock) else event.details)
+
+
+def test_the_pipelined_link_yields_the_blocks_of_the_inline_one() -> None:
+    """Physics in two worker processes: same seeded blocks, sizes, leaks; the workers exit on close."""
+    runs = []
+    for processes in (0, 2):
+        link = SimulatedLink(
+            "pipe",
+            "gys",
+            distance_km=5,
+            clock_rate_hz=1e9,
+            block_sizing="finite-key",
+            max_block_seconds=0.3,
+            seed=21,
+            autostart=False,
+            physics_processes=processes,
+        )
+        runs.append([_outcome(link.produce_block()[0]) for _ in range(4)])
+        workers = [p for p in multiprocessing.active_children() if p.name.startswith("qkd-sim-physics")]
+        assert len(workers) == processes
+        link.close()
+        assert not [p for p in multiprocessing.active_children() if p.name.startswith("qkd-sim-physics")]
+    assert runs[0] == runs[1]
+    assert all(isinstance(r[2], int) and r[2] > 0 for r in runs[0])
+    # blocks 0 and 1 are sized from the model, the rest from blocks before them (SIZING_LAG = 2)
+    assert [r[5] for r in runs[0]] == ["link model"] * 2 + ["previous blocks"] * 2
+
+
+def test_physics_processes_must_be_a_small_count() -> None:
+    for bad in (-1, 9, True):
+        with pytest.raises(ValueError, match="physics_processes"):
+            SimulatedLink("x", "gys", physics_processes=bad, autostart=False)
