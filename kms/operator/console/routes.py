@@ -7,9 +7,10 @@ audited (``kms.service.console_auth``/``console_actions``). Database work runs i
 
 from __future__ import annotations
 
+import functools
 import hmac
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qs
@@ -115,7 +116,21 @@ class ConsoleRoutes:
             ("/console/audit", self.audit, "GET"),
         ]
         for path, handler, method in routes:
-            app.add_api_route(path, handler, methods=[method], include_in_schema=False)
+            app.add_api_route(path, self._guarded(handler), methods=[method], include_in_schema=False)
+
+    def _guarded(self, handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        """A page that cannot be built (the database down or hung) answers 503 with a page saying
+        so, never a stack trace."""
+
+        @functools.wraps(handler)
+        async def guarded(*args: Any, **kwargs: Any) -> Response:
+            try:
+                return await handler(*args, **kwargs)
+            except Exception as exc:
+                message = f"the KME could not build this page ({type(exc).__name__}): is its database up?"
+                return _html(error_page(self.c.kme_id, None, message), 503)
+
+        return guarded
 
     async def viewer_or_refusal(self, request: Request) -> Viewer | Response:
         """The signed-in viewer, or the answer for a request without a live session."""
