@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from kms.domain.saes import SaeState
@@ -63,16 +64,14 @@ class SaeNotices:
             chunk = notices[i : i + MAX_NOTICES]
             outcomes = self.tell(chunk)
             for notice in chunk:
-                per_peer = {
-                    peer: next(r for r in o["results"] if r.get("sae_id") == notice.sae_id)
+                moved = {
+                    peer: {"told": True, "results": [r]}
                     for peer, o in outcomes.items()
-                    if o["told"]
-                    and any(r.get("sae_id") == notice.sae_id and r.get("changed") for r in o["results"])
+                    for r in o.get("results", [])
+                    if r.get("sae_id") == notice.sae_id and r.get("changed")
                 }
-                if per_peer:
-                    states.record_told(
-                        self.db, notice, {p: {"told": True, "results": [r]} for p, r in per_peer.items()}
-                    )
+                if moved:
+                    states.record_told(self.db, notice, moved)
                     changed += 1
         return changed
 
@@ -93,15 +92,9 @@ class SaeNotices:
             time.sleep(self.refresh_seconds + 0.05)
             late = {a.sae_id: states.sweep(self.db, message.sender, a.sae_id) for a in revoked}
             applied = [
-                a
-                if a.sae_id not in late
-                else states.Applied(
-                    a.sae_id,
-                    a.state,
-                    True,
-                    a.keys_destroyed + late[a.sae_id][0],
-                    a.redelivery_zeroised + late[a.sae_id][1],
-                )
+                replace(a, keys_destroyed=a.keys_destroyed + late[a.sae_id][0],
+                        redelivery_zeroised=a.redelivery_zeroised + late[a.sae_id][1])
+                if a.sae_id in late else a
                 for a in applied
-            ]
+            ]  # fmt: skip
         return {"results": [a.reply() for a in applied]}

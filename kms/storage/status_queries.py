@@ -85,5 +85,7 @@ def read_pool_report(conn: Connection) -> PoolReport:
             select(keys.c.state, func.sum(keys.c.key_count).label("n")).group_by(keys.c.state)
         )
     }
-    report.saes = [r.id for r in conn.execute(select(saes.c.id).order_by(saes.c.id))]
+    # Not the other KMEs' SAEs this one was told about (``managed_by = 'peer'``, DECISIONS.md D-39).
+    registered = select(saes.c.id).where(saes.c.managed_by != "peer").order_by(saes.c.id)
+    report.saes = [r.id for r in conn.execute(registered)]
     return report

@@ -194,6 +194,13 @@ def test_revocation_at_a_destroys_its_keys_at_b(sites: Sites) -> None:
     assert at_b[0] == ("kme:KME-A", "sae.peer_revoked")
     at_a = [r[0] for r in query(a, "SELECT action FROM audit_records WHERE subject = 'SAE-A1' ORDER BY seq")]
     assert at_a[-2:] == ["sae.revoked", "sae.peer_told"]
+    listed = _qkms(b.config_path, "sae", "list")
+    assert any(
+        "SAE-A1" in line and "revoked" in line and "peer" in line for line in listed.stdout.splitlines()
+    )
+    status = _qkms(b.config_path, "status")
+    line = next(x for x in status.stdout.splitlines() if x.startswith("registered SAEs:"))
+    assert "SAE-B1" in line and "SAE-A1" not in line  # the told-about SAEs are not B's
     again = _qkms(a.config_path, "sae", "tell-peers")  # idempotent: nothing changes, nothing destroyed
     assert again.returncode == 0 and "SAE-A1 revoked, 0 keys destroyed" in again.stdout, again.stdout
     assert len(query(b, "SELECT seq FROM audit_records WHERE action = 'sae.peer_revoked'")) == 1
