@@ -229,6 +229,10 @@ def test_a_kme_cannot_speak_for_another_kmes_sae(sites: Sites) -> None:
             rt.network.client.call("KME-A", "sae.state", {"saes": [notice]})
         with pytest.raises(PeerRefused, match="names 1 to 256 SAEs"):
             rt.network.client.call("KME-A", "sae.state", {"saes": []})
+        with pytest.raises(PeerRefused, match=r"cannot act on sae\.state"):
+            rt.network.client.call("KME-A", "sae.state", {"saes": [{**notice, "changed_at": "2026-01-01"}]})
+        with pytest.raises(PeerRefused, match=r"cannot act on store\.restored"):
+            rt.network.client.call("KME-A", "store.restored", {"backup": "x.qkmsbackup"})
     finally:
         rt.close()
     assert query(sites.net.sites["KME-A"], "SELECT state FROM saes WHERE id = 'SAE-A2'") == [("active",)]
