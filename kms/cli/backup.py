@@ -104,6 +104,7 @@ def tell_peers_restored(settings: KmsSettings) -> bool:
     from kms.peer.restore_notices import tell
     from kms.runtime.assembly import build_runtime
     from kms.service import peer_restored
+    from kms.service.peer_sae_states import adopt_after_restore
 
     if not any(p.url for p in settings.peers):
         return True
@@ -117,6 +118,9 @@ def tell_peers_restored(settings: KmsSettings) -> bool:
             raise typer.Exit(1) from exc
         outcomes = tell(rt.network.client, rt.network.directory, notice)
         peer_restored.record_told(rt.db, settings.kme.id, notice, outcomes)
+        reports = {k: list(o.get("sae_states", [])) for k, o in outcomes.items() if o["told"]}
+        for line in adopt_after_restore(rt.db, settings.kme.id, reports):
+            console.print(line)
         _sign_pending(rt)
     finally:
         rt.close()

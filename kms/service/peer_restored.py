@@ -7,6 +7,8 @@ retires in one transaction, with the message's replay check, every piece it hold
 with the restored KME and confirmed before the restore (``kms.storage.peer_restore_repository``),
 audited ``peer.restored`` with the counts. Keys the restored KME made for slaves here stay
 deliverable: their master already holds them, and their bits are in no piece anyone will cut again.
+The peer answers with what the restored KME had told it about its SAEs, so that a revocation the
+snapshot predates is not undone by the restore (``peer_sae_states.adopt_after_restore``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from typing import Any
 
 from kms.service import audit_recorder
 from kms.service.peer_context import Received, remember
+from kms.service.peer_sae_states import SaeNotice, utc
 from kms.storage import peer_restore_repository as restores
 from kms.storage import pool_repository as pool
+from kms.storage import registry_repository as registry
 from kms.storage.database import Database
 
 
@@ -82,9 +86,16 @@ def apply(db: Database, message: Received, notice: RestoreNotice) -> dict[str, A
             r.link_id: {"own_pieces": r.own_pieces, "mirrored_pieces": r.mirrored_pieces, "bits": r.bits}
             for r in retired
         }
-        data = {**notice.body(), "links": links, "keys_kept": kept}
+        # What the restored KME told this one about its SAEs: a revocation after its snapshot is
+        # lost there and known here (``peer_sae_states.adopt_after_restore``).
+        told = [
+            SaeNotice(r.sae_id, r.state, r.reason or "", utc(r.updated_at)).body()
+            for r in registry.sae_records(conn)
+            if r.managed_by == "peer" and r.kme_id == message.sender
+        ]
+        data = {**notice.body(), "links": links, "keys_kept": kept, "sae_states": len(told)}
         audit_recorder.record(conn, actor, "peer.restored", message.sender, data, now)
-    return {"links": links, "keys_kept": kept}
+    return {"links": links, "keys_kept": kept, "sae_states": told}
 
 
 def record_told(

@@ -15,7 +15,7 @@ entry checked against the registry just before it changed. Suspension touches no
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -100,10 +100,10 @@ def notices_of(
         if missing:
             raise SaeNoticeError(f"no SAE {missing[0]!r} is served by this KME")
         chosen = [by_id[s] for s in sae_ids]
-    return [SaeNotice(r.sae_id, r.state, r.reason or "", _utc(r.updated_at)) for r in chosen]
+    return [SaeNotice(r.sae_id, r.state, r.reason or "", utc(r.updated_at)) for r in chosen]
 
 
-def _utc(at: datetime | None) -> datetime:
+def utc(at: datetime | None) -> datetime:
     """SQLite hands back naive datetimes (every stored time is UTC); a configured SAE has none."""
     if at is None:
         return datetime(1970, 1, 1, tzinfo=UTC)
@@ -172,3 +172,41 @@ def record_told(db: Database, notice: SaeNotice, outcomes: dict[str, dict[str, A
     """At the home KME: which peers were told of ``notice`` and what each did (``sae.peer_told``)."""
     data = {"state": notice.state.value, "peers": outcomes}
     audit_recorder.append_alone(db, [("operator", "sae.peer_told", notice.sae_id, data)])
+
+
+def adopt_after_restore(db: Database, kme_id: str, reports: dict[str, list[Any]]) -> list[str]:
+    """At a KME just restored from a backup: what its peers hold about its SAEs (their answers to
+    ``store.restored``). A revocation or suspension they hold that is newer than this store's state
+    was lost with the history after the snapshot: it is made again here (``sae.revoked`` /
+    ``sae.suspended``, the reason naming the peer), so a restore never revives a revoked SAE that a
+    peer knew of. A resume is not adopted (the conservative direction). One line per change."""
+    from kms.service import sae_lifecycle
+
+    with db.read() as conn:
+        own = {
+            r.sae_id: r for r in registry.sae_records(conn) if r.kme_id == kme_id and r.managed_by != "peer"
+        }
+    changes: list[str] = []
+    for peer, bodies in sorted(reports.items()):
+        for body in bodies:
+            notice = SaeNotice.parse(body)
+            record = own.get(notice.sae_id)
+            if record is None or notice.state is SaeState.ACTIVE or record.state is SaeState.REVOKED:
+                continue
+            if record.state is notice.state or notice.changed_at <= utc(record.updated_at):
+                continue
+            reason = (
+                f"{notice.state.value} at {notice.changed_at.isoformat()} per KME {peer}'s record"
+                f" (lost by the restore): {notice.reason}"
+            )
+            act = sae_lifecycle.revoke if notice.state is SaeState.REVOKED else sae_lifecycle.suspend
+            try:
+                change = act(db, kme_id, notice.sae_id, reason)
+            except sae_lifecycle.SaeLifecycleError as exc:
+                changes.append(
+                    f"SAE {notice.sae_id}: KME {peer} holds it {notice.state.value}, not adopted: {exc}"
+                )
+                continue
+            own[notice.sae_id] = replace(record, state=change.state, updated_at=datetime.now(UTC))
+            changes.append(f"SAE {notice.sae_id} {notice.state.value} again ({reason})")
+    return changes

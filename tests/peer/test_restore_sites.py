@@ -2,8 +2,9 @@
 real KMEs; A is backed up while both serve, keys are made both ways after the snapshot, A is stopped
 and restored. ``qkms restore`` fences A's store and tells B (signed ``store.restored``): B retires
 every piece, its own and its mirrors of A's, of the blocks A had confirmed, so no bit of them is cut
-again at either end; the keys A made for B's slaves stay deliverable at B. Audited at both ends;
-both stores pass ``db check`` and ``audit verify``."""
+again at either end; the keys A made for B's slaves stay deliverable at B; an SAE revoked at A after
+the snapshot is revoked again at A from B's record of it. Audited at both ends; both stores pass
+``db check`` and ``audit verify``."""
 
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def test_restore_at_a_retires_the_shared_pieces_at_b(net: Network, tmp_path: Pat
     assert taken.returncode == 0, taken.stdout + taken.stderr
     after = _enc(net, "KME-A", "SAE-A1", "SAE-B1")  # made after the snapshot, held at B
     _enc(net, "KME-B", "SAE-B2", "SAE-A2")  # made after the snapshot, held at A (fenced there)
+    revoked = _qkms(a.config_path, "sae", "revoke", "SAE-A2", "--reason", "lost laptop")  # B is told
+    assert revoked.returncode == 0, revoked.stdout + revoked.stderr
     shared = query(b, "SELECT count(*) FROM key_blocks WHERE state = 'active'")[0][0]
     assert isinstance(shared, int) and shared > 0
     assert a.process is not None
@@ -65,6 +68,10 @@ def test_restore_at_a_retires_the_shared_pieces_at_b(net: Network, tmp_path: Pat
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert f"KME KME-B told of the restore: {shared} shared pieces retired there" in restored.stdout
     assert "3 keys made here still deliverable there" in restored.stdout
+    # The snapshot predates the revocation; B's record of it revokes SAE-A2 again at A.
+    assert "SAE SAE-A2 revoked again (revoked at " in restored.stdout
+    assert "per KME KME-B's record (lost by the restore): lost laptop" in restored.stdout
+    assert query(a, "SELECT state FROM saes WHERE id = 'SAE-A2'") == [("revoked",)]
     # B cuts nothing more from blocks A fenced: no piece of them is usable at B.
     assert query(b, "SELECT count(*) FROM key_blocks WHERE state = 'active' OR material IS NOT NULL"
                  " AND state <> 'pre_active'") == [(0,)]  # fmt: skip
