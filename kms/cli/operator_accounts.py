@@ -59,7 +59,9 @@ def _password(from_stdin: bool) -> str:
 def add(
     config: ConfigOpt,
     name: NameArg,
-    role: Annotated[str, typer.Option(help="operator (may suspend and resume links) or auditor (reads only).")],
+    role: Annotated[
+        str, typer.Option(help="operator (may suspend and resume links) or auditor (reads only).")
+    ],
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
     ] = False,

@@ -362,9 +362,7 @@ class ConsoleSession(Base):
     __tablename__ = "console_sessions"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    account: Mapped[str] = mapped_column(
-        ForeignKey("console_accounts.name"), nullable=False, index=True
-    )
+    account: Mapped[str] = mapped_column(ForeignKey("console_accounts.name"), nullable=False, index=True)
     csrf_token: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
