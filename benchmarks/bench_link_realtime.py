@@ -1,13 +1,15 @@
 """Whole-link real-time factor: simulated seconds per wall second, everything included.
 
 Run: .venv/bin/python benchmarks/bench_link_realtime.py [--preset gys] [--km 25] [--seconds 5]
-     [--processes 0,2] [--block-seconds S | --block-sizing finite-key]
+     [--configs 0/default,2/keep] [--block-seconds S | --block-sizing finite-key]
 
 Physics, parameter estimation, Cascade, verification, privacy amplification at both ends, HMAC on
 every classical message, KeyBlock packing - pulled through the KeySource interface with pacing
-"fast". ``--processes 0,2`` (the default) runs the same seeded link twice, physics inline and then
-in two worker processes beside the post-processing (DECISIONS D-38), and checks that both deliver
-the same block sizes, final lengths and leaks. The first block of each run is a warm-up (numba caches, the physics process starting) and
+"fast". Each configuration ``P/M`` runs the same seeded link in a fresh process: P physics worker
+processes (0 = inline) and M = ``default`` (glibc returns freed memory to the OS) or ``keep``
+(:func:`keep_freed_memory`, as ``qkms sim run`` and the workers do). The default compares the link
+before issue 17's pipeline (``0/default``) with the pipelined one (``2/keep``, DECISIONS D-38) and
+checks that both deliver the same block sizes, final lengths and leaks. The first block of each run is a warm-up (numba caches, the physics process starting) and
 is left out of the figures. Per stage it prints CPU seconds per link second (this thread's CPU time
 for each stage; HMAC estimated as messages x the measured cost of one sign + verify).
 
@@ -18,9 +20,12 @@ Floors (issue 17): GYS 25 km at 1 GHz, 1 s blocks: RTF >= 1.0; snspd-modern 10 k
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -28,9 +33,11 @@ from _common import ROOT  # noqa: F401  (puts the repository on sys.path, one th
 
 from qkd_adapters.keyblock import KeyBlock, LinkAlarm, LinkEvent
 from qkd_adapters.sim.link import SimulatedLink
+from qkd_adapters.sim.physics_feed import keep_freed_memory
 from qkd_adapters.sim.postproc.channel import HmacAuthenticator
 
 FLOORS = {"gys": 1.0, "snspd-modern": 0.5}
+RESULT = "\nRESULT "
 STAGES = ("estimation", "reconciliation", "verification", "privacy_amplification")
 AUTH = HmacAuthenticator(b"benchmark-link-authentication-key")
 
@@ -102,7 +109,7 @@ def report(label: str, r: dict[str, Any], hmac_s: float) -> float:
         f"\n[{label}] {len(events)} blocks ({len(events) - len(keys)} aborted), {sim:.2f} s of link in {wall:.2f} s wall"
     )
     print(
-        f"  real-time factor {rtf:.3f}; process CPU {r['cpu'] / sim:.2f} s per link second; peak RSS {r['rss_mb']}"
+        f"  real-time factor {rtf:.3f}; CPU of all processes {r['cpu'] / sim:.2f} s per link second (workers' start included); peak RSS {r['rss_mb']}"
     )
     print(f"  sifted {sifted / sim / 1e6:.2f} Mbit/s, final key {final / sim / 1e6:.3f} Mbit/s of link time")
     print(f"  block seconds: {statistics.mean(float(_details(e)['duration_s']) for e in events):.3f} mean")
@@ -141,32 +148,61 @@ def main() -> int:
     )
     ap.add_argument("--block-seconds", type=float, default=1.0)
     ap.add_argument("--block-sizing", choices=("fixed", "finite-key"), default="fixed")
-    ap.add_argument("--processes", default="0,2", help="physics processes per run, comma-separated")
+    ap.add_argument("--configs", default="0/default,2/keep", help="P/M per run: physics processes, malloc")
+    ap.add_argument("--single", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
+    if args.single is not None:
+        return _single(args)
     blocks = "finite-key blocks" if args.block_sizing == "finite-key" else f"{args.block_seconds:g} s blocks"
     print(
         f"{args.preset} decoy-BB84, {args.km:g} km, {args.clock:.3g} Hz, {blocks}, {args.seconds:g} s of link"
     )
     print(f"CPUs available: {len(os.sched_getaffinity(0))}; load average {os.getloadavg()[0]:.2f} at start")
-    hmac_s = _hmac_cost()
-    modes = [int(x) for x in args.processes.split(",")]
-    results = {p: run(args, p) for p in modes}
-    floor = FLOORS.get(args.preset, 1.0)
-    ok = True
-    for p, r in results.items():
-        rtf = report(f"physics processes: {p}" if p else "physics inline (one process)", r, hmac_s)
-        print(f"  -> floor {floor}: {'PASS' if rtf >= floor else 'FAIL'}")
-        ok = ok and rtf >= floor
-    base = modes[0]
-    for p in modes[1:]:
-        a, b = _outcome(results[base]), _outcome(results[p])
+    results: dict[str, dict[str, Any]] = {}
+    for config in args.configs.split(","):
+        argv = [
+            "--preset",
+            args.preset,
+            "--km",
+            str(args.km),
+            "--clock",
+            str(args.clock),
+            "--seed",
+            str(args.seed),
+        ]
+        argv += ["--seconds", str(args.seconds), "--block-seconds", str(args.block_seconds)]
+        argv += ["--block-sizing", args.block_sizing]
+        out = subprocess.run(
+            [sys.executable, __file__, *argv, "--single", config], capture_output=True, text=True, check=False
+        )
+        sys.stdout.write(out.stdout.split(RESULT)[0])
+        if out.returncode not in (0, 1) or RESULT not in out.stdout:
+            print(out.stderr[-2000:])
+            return 2
+        results[config] = json.loads(out.stdout.split(RESULT)[1])
+    base = next(iter(results))
+    for config, r in list(results.items())[1:]:
+        a, b = results[base]["outcome"], r["outcome"]
         n = min(len(a), len(b))
-        print(f"\nprocesses {p} vs {base}: same blocks, final lengths and leaks: {a[:n] == b[:n]}")
-        ratio = (results[base]["wall"] / results[base]["sim"]) / (results[p]["wall"] / results[p]["sim"])
-        print(f"speed-up {ratio:.2f}x")
+        print(f"\n{config} vs {base}: same blocks, final lengths and leaks: {a[:n] == b[:n]}")
+        print(
+            f"real-time factor {results[base]['rtf']:.3f} -> {r['rtf']:.3f} ({r['rtf'] / results[base]['rtf']:.2f}x)"
+        )
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
-    return 0 if ok else 1
+    return 0 if all(r["pass"] for r in results.values()) else 1
+
+
+def _single(args: argparse.Namespace) -> int:
+    processes, _, malloc = args.single.partition("/")
+    kept = keep_freed_memory() if malloc == "keep" else False
+    r = run(args, int(processes))
+    label = f"physics processes {processes}, malloc {'keep' if kept else 'default'}"
+    rtf = report(label, r, _hmac_cost())
+    floor = FLOORS.get(args.preset, 1.0)
+    print(f"  -> floor {floor}: {'PASS' if rtf >= floor else 'FAIL'}")
+    print(RESULT + json.dumps({"rtf": rtf, "pass": rtf >= floor, "outcome": _outcome(r)}))
+    return 0
 
 
 if __name__ == "__main__":

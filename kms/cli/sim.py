@@ -81,8 +81,10 @@ def run(
 ) -> None:
     """Simulate a link block by block (physics and post-processing) and summarise what it delivered."""
     from qkd_adapters.sim.link import SimulatedLink
+    from qkd_adapters.sim.physics_feed import keep_freed_memory
     from qkd_adapters.sim.pipeline import PostprocessConfig
 
+    keep_freed_memory()  # this process only simulates: no page faults on every block's arrays
     sizing = block_sizing or ("fixed" if block_seconds is not None else "finite-key")
     if sizing == "fixed" and block_seconds is None:
         block_seconds = 1.0
@@ -102,7 +104,7 @@ def run(
             block_sizing=sizing,
             max_block_seconds=max_block_seconds if finite else None,
             block_efficiency=block_efficiency if finite else None,
-            physics_processes=_default_processes() if physics_processes is None else physics_processes,
+            physics_processes=_default_processes(preset) if physics_processes is None else physics_processes,
         )
     except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -122,10 +124,18 @@ def run(
     console.print(table)
 
 
-def _default_processes() -> int:
-    """Two physics processes beside this one where two CPUs are ours (docs/DECISIONS.md D-38)."""
+def _default_processes(preset: str) -> int:
+    """Two physics processes beside this one where it pays (docs/DECISIONS.md D-38): two CPUs and
+    detectors with memory, whose walk is half the link's CPU. Without dead time or afterpulsing the
+    physics costs ~2 % and shipping its blocks between processes more than it saves."""
+    from qkd_adapters.sim.params import load_preset
+
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 2 if cpus >= 2 else 0
+    try:
+        p = load_preset(preset)
+    except (ValueError, OSError):
+        return 0  # the link's own constructor reports the bad preset
+    return 2 if cpus >= 2 and (p.dead_time_s > 0.0 or p.afterpulse_prob > 0.0) else 0
 
 
 @dataclass

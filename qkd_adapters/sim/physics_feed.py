@@ -12,7 +12,7 @@ has threads, which ``fork`` would copy in whatever state they were), on the firs
 daemons and exit when the link closes.
 
 Cost: each worker is one more Python process (~300 MB peak resident with numpy, numba and a block
-of 0.25 s at 10 km); up to SIZING_LAG blocks are simulated ahead, so up to SIZING_LAG + 1 blocks of
+of 0.25 s at 10 km, kept resident: :func:`keep_freed_memory`); up to SIZING_LAG blocks are simulated ahead, so up to SIZING_LAG + 1 blocks of
 physics output exist at once, plus their pickled copies in flight. Latency: a block's key still
 comes out one physics + one post-processing time after the block was started; the pipeline only
 overlaps consecutive blocks, so the link delivers one block per max(physics / N, post-processing)
@@ -22,6 +22,7 @@ instead of per their sum.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing as mp
 import queue
 import time
@@ -40,6 +41,7 @@ from qkd_adapters.sim.physics.eve import Eavesdropper, InterceptResend
 
 Block = BB84Block | BBM92Block
 Fed = tuple[Block, BlockPlan | None, float]  # block, its plan, physics CPU seconds
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 SIZING_LAG = 2  # block k is sized from blocks <= k - SIZING_LAG: the blocks in flight are not waited for
 
 
@@ -123,8 +125,26 @@ class InlineFeed:
         return None
 
 
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed memory in this process instead of returning it to the OS.
+
+    A block allocates tens of MB of fresh arrays; glibc serves them with mmap (or trims them off
+    the heap) and gives them back on free, so every block pays its page faults again: ~0.5-0.9 s of
+    system time per link second at 10 km, a quarter of the physics. With the mmap threshold at
+    1 GiB and the trim threshold at 2 GiB the process keeps its peak memory and reuses it. Only for
+    processes that exist to simulate (the physics workers, ``qkms sim run``): a KME keeps glibc's
+    defaults. Returns whether the settings took (False off glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 31))
+    except (OSError, AttributeError):
+        return False
+
+
 def _worker(spec: PhysicsSpec, seed: np.random.SeedSequence, tasks: Any, results: Any) -> None:
     """A physics process: (index, plan) tasks in, (index, "block" | "error", payload) out; None stops it."""
+    keep_freed_memory()
     while (task := tasks.get()) is not None:
         index, plan = task
         try:
