@@ -27,7 +27,7 @@ import multiprocessing as mp
 import queue
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.context import SpawnProcess
 from typing import Any, Protocol
 
@@ -42,6 +42,7 @@ from qkd_adapters.sim.physics.eve import Eavesdropper, InterceptResend
 Block = BB84Block | BBM92Block
 Fed = tuple[Block, BlockPlan | None, float]  # block, its plan, physics CPU seconds
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+_EMPTY = np.zeros(0, dtype=np.uint8)
 SIZING_LAG = 2  # block k is sized from blocks <= k - SIZING_LAG: the blocks in flight are not waited for
 
 
@@ -142,13 +143,27 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def _pack(fed: Fed) -> tuple[Any, ...]:
+    """A block for the pipe: the key bits packed 8 to a byte (8x less to pickle and copy)."""
+    block, plan, cpu = fed
+    n = int(block.alice_key.shape[0])
+    bare = replace(block, alice_key=_EMPTY, bob_key=_EMPTY)
+    return bare, np.packbits(block.alice_key), np.packbits(block.bob_key), n, plan, cpu
+
+
+def _unpack(packed: tuple[Any, ...]) -> Fed:
+    bare, alice, bob, n, plan, cpu = packed
+    block = replace(bare, alice_key=np.unpackbits(alice, count=n), bob_key=np.unpackbits(bob, count=n))
+    return block, plan, cpu
+
+
 def _worker(spec: PhysicsSpec, seed: np.random.SeedSequence, tasks: Any, results: Any) -> None:
     """A physics process: (index, plan) tasks in, (index, "block" | "error", payload) out; None stops it."""
     keep_freed_memory()
     while (task := tasks.get()) is not None:
         index, plan = task
         try:
-            results.put((index, "block", make_block(spec, seed, index, plan)))
+            results.put((index, "block", _pack(make_block(spec, seed, index, plan))))
         except BaseException as exc:  # the parent raises it where the link's errors surface
             results.put((index, "error", f"{type(exc).__name__}: {exc}"))
             return
@@ -203,7 +218,7 @@ class ProcessFeed:
                 continue
             if kind == "error":
                 raise RuntimeError(f"physics process failed on block {index}: {payload}")
-            self._ready[index] = payload
+            self._ready[index] = _unpack(payload)
         fed = self._ready.pop(self._consumed)
         self._consumed += 1
         self._planner.observe(fed[0])

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from qkd_adapters.keyblock import KeyBlock, LinkAlarm
@@ -210,3 +211,25 @@ def test_physics_processes_must_be_a_small_count() -> None:
     for bad in (-1, 9, True):
         with pytest.raises(ValueError, match="physics_processes"):
             SimulatedLink("x", "gys", physics_processes=bad, autostart=False)
+
+
+def test_privacy_amplification_hashes_bobs_end_itself_when_it_differs() -> None:
+    """Bob's hash is copied from Alice's only for a bit-identical key; otherwise his end computes it."""
+    from qkd_adapters.sim.postproc.channel import ClassicalChannel
+    from qkd_adapters.sim.postproc.privacy_amplification import amplify, decode_seed_message, hash_key
+
+    family, n, m = "multiply-add-shift", 4096, 1000
+    alice = np.random.default_rng(4).integers(0, 2, n, dtype=np.uint8)
+
+    def run(bob: np.ndarray) -> tuple[np.ndarray, np.ndarray, bytes]:
+        channel = ClassicalChannel(record=True)
+        ka, kb = amplify(alice, bob, m, channel, family=family)
+        return ka, kb, decode_seed_message(channel.log[-1].payload, family, n, m)
+
+    ka, kb, seed = run(alice.copy())
+    assert np.array_equal(ka, kb) and ka is not kb
+    assert np.array_equal(ka, hash_key(family, alice, seed, m))
+    bob = alice.copy()
+    bob[17] ^= 1
+    ka, kb, seed = run(bob)
+    assert np.array_equal(kb, hash_key(family, bob, seed, m)) and not np.array_equal(ka, kb)
