@@ -21,10 +21,10 @@ from tests.conftest import database_url
 from tests.peer.conftest import Network, open_network, query, wait_for_remote_keys
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def net(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
-    urls = {kme: database_url("sqlite", request) for kme in ("KME-A", "KME-B")}
-    network = open_network(tmp_path_factory.mktemp("restore-sites"), urls)
+    urls = {kme: database_url(request.param, request) for kme in ("KME-A", "KME-B")}
+    network = open_network(tmp_path_factory.mktemp(f"restore-sites-{request.param}"), urls)
     with running_network(network.sites):
         try:
             wait_for_remote_keys(network, "KME-A", "SAE-A1", "SAE-B1")
