@@ -30,6 +30,8 @@ from qkd_adapters.keyblock import KeyBlock, KeySource, LinkAlarm
 
 log = structlog.get_logger(__name__)
 
+IDLE_MAX_SECONDS = 1.0  # longest wait between two rounds that found nothing to store
+
 
 class PoolFiller:
     """One background thread per KME process that keeps every link's pool topped up.
@@ -127,10 +129,17 @@ class PoolFiller:
         self._thread.start()
 
     def _run(self) -> None:
+        """Fill, and after rounds that stored nothing wait twice as long each time, up to
+        ``IDLE_MAX_SECONDS``: a KME whose pools are full summed its pool five times a second for
+        nothing, the largest part of an idle trusted node's CPU (issue 18)."""
+        idle = self.poll_seconds
         while not self._stop.is_set():
             try:
                 if self.fill_once() == 0:
-                    self._stop.wait(self.poll_seconds)
+                    self._stop.wait(idle)
+                    idle = min(2 * idle, max(self.poll_seconds, IDLE_MAX_SECONDS))
+                else:
+                    idle = self.poll_seconds
             except Exception as exc:  # keep filling after a transient failure
                 log.error("pool_fill_failed", error=type(exc).__name__, detail=str(exc)[:200])
                 self._stop.wait(1.0)
