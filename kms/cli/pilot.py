@@ -275,7 +275,7 @@ def serve_device_pair(device_dir: Path, ports: dict[str, int], *options: str) ->
                 proc.wait(5)
 
 
-def _device_link_options(device_dir: Path, url: str, role: str, client: str, peer_sae: str) -> dict[str, Any]:
+def device_link_options(device_dir: Path, url: str, role: str, client: str, peer_sae: str) -> dict[str, Any]:
     creds = {
         "ca_cert": str((device_dir / "ca.pem").resolve()),
         "client_cert": str((device_dir / "clients" / f"{client}.pem").resolve()),
@@ -353,8 +353,8 @@ def _run_two_site(directory: Path, sites: dict[str, Site], device: bool, number:
             add_peer(a.config_path, directory / f"{SITE_B}.bundle.json", b.url)
             add_peer(b.config_path, directory / f"{SITE_A}.bundle.json", a.url)
             dev = directory / "devices"
-            options_a = _device_link_options(dev, devices["A"], "master", "kme-a", "kme-b")
-            options_b = _device_link_options(dev, devices["B"], "follower", "kme-b", "kme-a")
+            options_a = device_link_options(dev, devices["A"], "master", "kme-a", "kme-b")
+            options_b = device_link_options(dev, devices["B"], "follower", "kme-b", "kme-a")
             add_link(a.config_path, PILOT_LINK, SITE_B, "etsi014", options_a)
             add_link(b.config_path, PILOT_LINK, SITE_A, "etsi014", options_b)
             console.print(f"simulated QKD device pair: device A {devices['A']}, device B {devices['B']}")

@@ -10,6 +10,7 @@ Nothing here prints key material.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -21,7 +22,8 @@ from rich.table import Table
 from kms.cli.pilot import ExchangeError, SaeEndpoint, console, err_console, report_exchange, run_exchange
 
 if TYPE_CHECKING:
-    from kms.lab.pilot import Site
+    from kms.lab.network_topology import NetworkTopology
+    from kms.lab.pilot import LinkSpec, Site
 
 # Small pools: a pilot relays a handful of keys; 8 Mibit per link end fills in seconds and then stops.
 NETWORK_POOL = {"max_pool_bits": 8 * 1024 * 1024, "reserved_ttl_seconds": 60.0}
@@ -49,13 +51,29 @@ def network(
     hold: Annotated[
         float, typer.Option("--hold", help="Keep the network running this many seconds after.")
     ] = 0.0,
+    links: Annotated[
+        str,
+        typer.Option(
+            "--links",
+            help="'random' (test sources paced at each link's analytic key rate; any size) or 'device'"
+            " (a simulated QKD device pair with full physics per link; up to 8 links).",
+        ),
+    ] = "random",
+    preset: Annotated[
+        str | None,
+        typer.Option("--preset", help="Detector and fibre preset for every link (default: the topology's)."),
+    ] = None,
 ) -> None:
     """Start every KME of a topology, wait until each knows the whole network, relay keys end to end."""
     from kms.lab.network_topology import TopologyError, load_topology
-    from kms.lab.pilot import prepare_network, running_network
+    from kms.lab.pilot import prepare_network
 
+    if links not in ("random", "device"):
+        raise typer.BadParameter("--links must be 'random' or 'device'")
     try:
         topo = load_topology(topology)
+        if preset is not None:
+            topo = dataclasses.replace(topo, preset=preset)
         ids = [n.id for n in topo.nodes]
         source = source or ids[0]
         target = target or ids[-1]
@@ -72,7 +90,41 @@ def network(
     directory.mkdir(parents=True, exist_ok=True)
     _print_topology(topo)
     console.print(f"preparing {len(ids)} sites in {directory}")
-    sites = prepare_network(directory, sites_spec, links_spec, pool=NETWORK_POOL)
+    with contextlib.ExitStack() as devices:
+        if links == "device":
+            links_spec = _start_devices(devices, directory, topo)
+        sites = prepare_network(directory, sites_spec, links_spec, pool=NETWORK_POOL)
+        ok = _run(sites, topo, source, target, number, wait, hold)
+    console.print("every KME stopped")
+    raise typer.Exit(0 if ok else 1)
+
+
+def _start_devices(
+    stack: contextlib.ExitStack[bool | None], directory: Path, topo: NetworkTopology
+) -> list[LinkSpec]:
+    from kms.cli.pilot_devices import device_links
+    from kms.lab.network_topology import TopologyError
+
+    console.print(f"starting {len(topo.links)} simulated QKD device pairs ({topo.preset}, fast pacing)")
+    try:
+        return stack.enter_context(device_links(directory, topo))
+    except (TopologyError, ExchangeError) as exc:
+        err_console.print(f"error: {exc}", markup=False)
+        raise typer.Exit(2 if isinstance(exc, TopologyError) else 1) from exc
+
+
+def _run(
+    sites: dict[str, Site],
+    topo: NetworkTopology,
+    source: str,
+    target: str,
+    number: int,
+    wait: float,
+    hold: float,
+) -> bool:
+    """Start every KME, wait for convergence, exchange keys from ``source`` to ``target``."""
+    from kms.lab.pilot import running_network
+
     started = time.monotonic()
     with running_network(sites, start_timeout=max(60.0, 4.0 * len(sites))):
         console.print(f"{len(sites)} KMEs serving on 127.0.0.1 after {time.monotonic() - started:.1f} s")
@@ -92,8 +144,7 @@ def network(
             console.print(f"holding the network for {hold:g} s (Ctrl-C stops it)")
             with contextlib.suppress(KeyboardInterrupt):
                 time.sleep(hold)
-    console.print("every KME stopped")
-    raise typer.Exit(0 if ok else 1)
+    return ok
 
 
 def _print_topology(topo: object) -> None:

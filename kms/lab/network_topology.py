@@ -94,9 +94,11 @@ class NetworkTopology:
 
 
 def uniform(kind: str, count: int, length_km: float = 50.0) -> NetworkTopology:
-    """``chain`` or ``ring`` of ``count`` nodes, every link ``length_km`` long."""
+    """``chain`` or ``ring`` of ``count`` nodes, every link ``length_km`` long (``chain:N:KM``)."""
     if kind not in ("chain", "ring") or not 2 <= count <= 64 or (kind == "ring" and count < 3):
         raise TopologyError("use chain:N (2 to 64 nodes) or ring:N (3 to 64 nodes)")
+    if not 0 < length_km <= 500:
+        raise TopologyError("a link is 0 to 500 km long")
     width = len(str(count - 1))
     nodes = tuple(Node(f"KME-{i:0{width}d}") for i in range(count))
     pairs = [(i, i + 1) for i in range(count - 1)] + ([(count - 1, 0)] if kind == "ring" else [])
@@ -106,9 +108,13 @@ def uniform(kind: str, count: int, length_km: float = 50.0) -> NetworkTopology:
 
 def load_topology(name_or_path: str) -> NetworkTopology:
     """A shipped topology by name, ``chain:N`` / ``ring:N``, or a TOML file."""
-    kind, _, count = name_or_path.partition(":")
+    kind, _, rest = name_or_path.partition(":")
+    count, _, km = rest.partition(":")
     if kind in ("chain", "ring") and count.isdigit():
-        return uniform(kind, int(count))
+        try:
+            return uniform(kind, int(count)) if not km else uniform(kind, int(count), float(km))
+        except ValueError as exc:
+            raise TopologyError(f"{name_or_path}: use {kind}:N or {kind}:N:KM (link length in km)") from exc
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = TOPOLOGIES / f"{name_or_path}.toml"

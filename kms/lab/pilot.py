@@ -33,6 +33,8 @@ class LinkSpec:
     b: str
     source: str = "random"
     options: dict[str, Any] = field(default_factory=dict)
+    # The b end's options when the two ends differ (a device pair: master at a, follower at b).
+    options_b: dict[str, Any] | None = None
 
 
 @dataclass
@@ -89,7 +91,13 @@ def prepare_network(
         if lk.source == "random":
             options.setdefault("shared_seed", f"pilot-{lk.link_id}")
         add_link(out[lk.a].config_path, lk.link_id, lk.b, lk.source, options)
-        add_link(out[lk.b].config_path, lk.link_id, lk.a, lk.source, options)
+        add_link(
+            out[lk.b].config_path,
+            lk.link_id,
+            lk.a,
+            lk.source,
+            options if lk.options_b is None else lk.options_b,
+        )
     return out
 
 
