@@ -5,7 +5,7 @@ missing CSRF token and lockout are refused and audited, and an SAE certificate o
 real browser (Debian's chromium and chromedriver, driven by Selenium with the driver path given, no
 download): an operator signs in, sees the figures ``qkms status`` and the database hold, suspends
 and resumes a link; an auditor is refused. Screenshots go to the test's tmp dir (and to
-``QKMS_CONSOLE_SCREENSHOT_DIR`` when set: how docs/img/ was made)."""
+``QKMS_CONSOLE_SCREENSHOT_DIR`` when set)."""
 
 from __future__ import annotations
 
