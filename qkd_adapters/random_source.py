@@ -31,7 +31,11 @@ class RandomTestSource:
         block_bits: int = 65536,
         rate_bps: float | None = None,
         shared_seed: str | None = None,
+        start_after: int = 0,
     ) -> None:
+        """``start_after``: the highest block number this end already stored (a paired source
+        resumes after it on a restart: block k's bits depend only on k, so starting again at 1
+        would hand the KME blocks it holds, refused as duplicates until the count passed them)."""
         if block_bits <= 0 or block_bits % 8:
             raise ValueError("block_bits must be a positive multiple of 8")
         self._seed_key = (
@@ -43,7 +47,9 @@ class RandomTestSource:
         self._block_bits = block_bits
         self._rate_bps = rate_bps
         self._closed = threading.Event()
-        self._counter = 0
+        if start_after < 0:
+            raise ValueError("start_after must not be negative")
+        self._counter = start_after if shared_seed is not None else 0
 
     @property
     def link_id(self) -> str:

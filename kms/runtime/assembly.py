@@ -17,6 +17,7 @@ from kms.runtime.sources import build_source
 from kms.service import registry as registry_service
 from kms.service.delivery import KeyDeliveryService
 from kms.service.identity_keys import IdentityKeys
+from kms.service.ingest import paired_block_numbers
 from kms.storage.database import Database
 from qkd_adapters.keyblock import FollowerKeySource
 
@@ -43,8 +44,12 @@ class Runtime:
         self.registry.replace(entries)
 
     def make_filler(self) -> PoolFiller:
+        stored = paired_block_numbers(self.db)  # a paired test source resumes where it stopped
         sources = [
-            (build_source(link, base_dir=self.settings.config_dir), link.peer_kme_id or self.settings.kme.id)
+            (
+                build_source(link, base_dir=self.settings.config_dir, start_after=stored.get(link.id, 0)),
+                link.peer_kme_id or self.settings.kme.id,
+            )
             for link in self.settings.links
             if not _is_follower(link)
         ]

@@ -22,10 +22,11 @@ PATH_OPTIONS = {
 }
 
 
-def build_source(link: LinkSection, base_dir: Path | None = None) -> KeySource:
+def build_source(link: LinkSection, base_dir: Path | None = None, start_after: int = 0) -> KeySource:
     """The link's key source. For ``etsi014`` with ``role = "follower"`` this is an
     ``Etsi014Follower``: a ``FollowerKeySource`` whose ``pull`` yields nothing (its blocks arrive by
-    announcement from the peer KME), so the pool filler can hold it harmlessly."""
+    announcement from the peer KME), so the pool filler can hold it harmlessly. ``start_after``: the
+    highest block number a paired ``random`` source stored here before (it resumes after it)."""
     options = resolve_paths(link, base_dir)
     if link.source == "random":
         return RandomTestSource(
@@ -33,6 +34,7 @@ def build_source(link: LinkSection, base_dir: Path | None = None) -> KeySource:
             block_bits=int(options.get("block_bits", 65536)),
             rate_bps=options.get("rate_bps"),
             shared_seed=options.get("shared_seed"),
+            start_after=start_after,
         )
     if link.source == "key-files":
         from qkd_adapters.key_files import KeyFileSource

@@ -104,6 +104,17 @@ def _received_record(block: KeyBlock, storage_blocks: int, state: KeyState) -> d
     }
 
 
+def paired_block_numbers(db: Database) -> dict[str, int]:
+    """Per link, the number of the newest block a paired test source (``rnd-N``) stored here."""
+    with db.read() as conn:
+        newest = pool.last_source_block_ids(conn)
+    return {
+        link: int(block[4:])
+        for link, block in newest.items()
+        if block.startswith("rnd-") and block[4:].isdigit()
+    }
+
+
 def stored_bits_by_link(db: Database) -> dict[str, int]:
     """Unserved bits held per link, confirmed or not, suspended or not (the filler stops pulling a
     link at its limit)."""

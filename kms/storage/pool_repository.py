@@ -164,6 +164,14 @@ def stored_bits_by_link(conn: Connection) -> dict[str, int]:
     return {row[0]: int(row[1]) for row in conn.execute(stmt)}
 
 
+def last_source_block_ids(conn: Connection) -> dict[str, str]:
+    """Per link, the source block ID of its newest stored row (a paired test source resumes after
+    its number on a restart)."""
+    newest = select(func.max(key_blocks.c.id)).group_by(key_blocks.c.link_id)
+    stmt = select(key_blocks.c.link_id, key_blocks.c.source_block_id).where(key_blocks.c.id.in_(newest))
+    return {str(row[0]): str(row[1]) for row in conn.execute(stmt)}
+
+
 def count_available_keys(conn: Connection, target_kme_id: str, key_size: int) -> int:
     """Keys of ``key_size`` bits that the active pool toward ``target_kme_id`` could serve now.
 
