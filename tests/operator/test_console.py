@@ -30,7 +30,7 @@ from kms.lab.launcher import KmeProcess, client_ssl_context, free_port
 from kms.provision.workdir import init_workdir, sae_credential_paths
 from kms.storage import operator_queries
 from kms.storage.database import Database
-from kms.storage.schema import audit_records, console_accounts, console_sessions, key_blocks
+from kms.storage.schema import audit_records, console_accounts, console_sessions, key_blocks, links
 from tests.operator.harness import OperatorKme
 
 M, S = "SAE-M", "SAE-S"
@@ -154,13 +154,26 @@ def test_missing_csrf_and_stale_sessions_are_refused_and_audited(kme: OperatorKm
         stale = client.get("/console/")
         assert stale.status_code == 401 and "your session has expired or ended" in stale.text
         assert client.get("/console/").status_code == 303  # the cookie is gone, the row too
+        assert _login(client, "olga", PASSWORDS["olga"]).status_code == 303
+        with db.write() as conn:  # unused for longer than session_idle_minutes (30)
+            conn.execute(
+                update(console_sessions).values(last_seen_at=datetime.now(UTC) - timedelta(minutes=31))
+            )
+        assert client.get("/console/").status_code == 401
+        assert _login(client, "olga", PASSWORDS["olga"]).status_code == 303
+        token = client.cookies["qkms_session"]
+        csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/console/").text)
+        assert csrf and client.post("/console/logout", data={"csrf": csrf.group(1)}).status_code == 303
+        reused = client.get("/console/keys", headers={"Cookie": f"qkms_session={token}"})
+        assert reused.status_code == 401 and "sign in again" in reused.text
     with db.read() as conn:
         assert conn.execute(select(console_sessions)).first() is None
-        links = operator_queries.link_totals(conn)
-    assert links  # nothing above changed the link
+        assert conn.execute(select(links.c.state).where(links.c.id == LINK)).scalar_one() == "active"
     refusals = [r.data for r in _records(db, "console.refused")[refused_before:]]
-    assert len(refusals) == 3 and "CSRF" in refusals[0] and "CSRF" in refusals[1]
-    assert '"session expired"' in refusals[2]
+    assert len(refusals) == 5 and "CSRF" in refusals[0] and "CSRF" in refusals[1]
+    assert '"session expired"' in refusals[2] and '"session expired"' in refusals[3]
+    assert '"no such session"' in refusals[4]
+    assert [r.actor for r in _records(db, "console.logout")][-1:] == ["console:olga"]
 
 
 def test_wrong_passwords_lock_the_account(kme: OperatorKme, db: Database) -> None:
