@@ -174,6 +174,7 @@ class SimulatedLink:
 
     def describe(self) -> Mapping[str, Any]:
         p = self.params
+        fixed = self.sizing.mode == "fixed"  # finite-key blocks: each block's size is in its provenance
         return {
             "adapter": ADAPTER,
             "protocol": self.protocol,
@@ -182,11 +183,11 @@ class SimulatedLink:
             "preset": p.name,
             "distance_km": p.length_km,
             "clock_rate_hz": p.clock_rate_hz,
-            "pulses_per_block": self.pulses_per_block,
-            "seconds_per_block": self.pulses_per_block / p.clock_rate_hz,
+            "pulses_per_block": self.pulses_per_block if fixed else None,
+            "seconds_per_block": self.pulses_per_block / p.clock_rate_hz if fixed else None,
             "block_sizing": self.sizing.mode,
+            "max_block_seconds": None if fixed else self.sizing.max_block_seconds,
             "physics_processes": self.physics_processes,
-            "max_block_seconds": self.sizing.max_block_seconds,
             "attack": self.attack.label(),
             "pacing": self.pacing,
             "eps_sec": p.eps_sec,
