@@ -27,7 +27,7 @@ from qkd_adapters.sim.block_sizing import (
 )
 from qkd_adapters.sim.finite_key import secret_key_length
 from qkd_adapters.sim.link import SimulatedLink
-from qkd_adapters.sim.params import load_preset
+from qkd_adapters.sim.params import load_preset, load_spdc
 from qkd_adapters.sim.physics.eve import PhotonNumberSplitting
 
 
@@ -233,3 +233,20 @@ def test_privacy_amplification_hashes_bobs_end_itself_when_it_differs() -> None:
     bob[17] ^= 1
     ka, kb, seed = run(bob)
     assert np.array_equal(kb, hash_key(family, bob, seed, m)) and not np.array_equal(ka, kb)
+
+
+def test_bbm92_blocks_are_sized_by_the_entanglement_bound() -> None:
+    params = load_preset("snspd-modern", length_km=20)
+    plan = BlockSizer(
+        BlockSizing("finite-key"), params, protocol="bbm92", spdc=load_spdc("snspd-modern")
+    ).plan()
+    assert plan.closed_by == CLOSED_TARGET and plan.expected_length > 0 and plan.pulses <= 0.5e9
+    with pytest.raises(ValueError, match="SPDC"):
+        BlockSizer(BlockSizing("finite-key"), params, protocol="bbm92")
+    link = SimulatedLink(
+        "bbm92", "gys", distance_km=5, clock_rate_hz=1e9, protocol="bbm92", block_sizing="finite-key",
+        max_block_seconds=1.0, seed=8, autostart=False,
+    )  # fmt: skip
+    event, _ = link.produce_block()
+    info = _sizing(event)
+    assert info["statistics_from"] == "link model" and float(info["link_seconds"]) <= 1.0  # type: ignore[arg-type]
