@@ -69,7 +69,7 @@ class PoolFiller:
         has room; the source is not pulled meanwhile, so what waits is at most ``max_events``
         events per link (lost if the KME stops first: the peer's copy is then never confirmed and
         is destroyed after ``peering.unconfirmed_block_seconds``, D-25). A block larger than the
-        whole limit is stored only into an empty pool."""
+        whole limit is stored alone whenever the link is under its limit (``_fits``)."""
         stored = 0
         levels = stored_bits_by_link(self.db)
         for source, peer_kme_id in self.sources:
@@ -108,8 +108,14 @@ class PoolFiller:
         return stored
 
     def _fits(self, level: int, run: list[KeyBlock], block: KeyBlock) -> bool:
-        after = level + sum(b.bit_length for b in run) + block.bit_length
-        return after <= self.cfg.max_pool_bits or (level == 0 and not run)
+        """Whether ``block`` may be stored after ``run``. A block larger than the whole limit can
+        never fit: it is stored alone whenever the link is under its limit (waiting for an empty
+        pool stalled the link for good, since the bits left over after cutting keys never reach
+        zero), so the limit is passed by less than one block, and only with such a small limit."""
+        limit = self.cfg.max_pool_bits
+        if level + sum(b.bit_length for b in run) + block.bit_length <= limit:
+            return True
+        return block.bit_length > limit and not run and level < limit
 
     def handle_alarm(self, alarm: LinkAlarm) -> bool:
         """Record an alarm; suspend the link if its code calls for it. Returns True if suspended."""

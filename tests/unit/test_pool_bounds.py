@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from kms.config import KmsSettings
+from kms.domain.errors import ServiceUnavailable
 from kms.provision.workdir import init_workdir
 from kms.runtime.assembly import Runtime, build_runtime
 from kms.service.link_stock import LinkStock
@@ -88,6 +89,29 @@ def test_the_stored_bits_never_pass_the_limit_whatever_the_block_size(rt: Runtim
     assert filler.fill_once(max_events=5) > 0
     with rt.db.read() as conn:
         assert 0 < max(stored_bits_by_link(conn).values()) <= limit
+
+
+def test_a_limit_smaller_than_one_block_does_not_stall_the_link(rt: Runtime) -> None:
+    """Found with the console (issue 15): with ``max_pool_bits`` below one block, a block was
+    stored only into an empty pool, and the bits left after cutting keys never reach zero: one
+    block, then nothing for good. Such a block is now stored alone whenever the link is under
+    its limit."""
+    filler = rt.make_filler()
+    with rt.db.read() as conn:
+        assert not stored_bits_by_link(conn)
+    filler.cfg = rt.settings.pool.model_copy(update={"max_pool_bits": 1000})  # blocks are 65,536 bits
+    assert filler.fill_once(max_events=2) > 0
+    assert filler.fill_once(max_events=2) == 0  # over the limit: the next block waits
+    master = rt.registry.get("SAE-M")
+    assert master is not None
+    # 384-bit keys do not divide a 65,536-bit block: 256 bits stay behind.
+    with pytest.raises(ServiceUnavailable):
+        for _ in range(200):
+            rt.service.get_keys(master, "SAE-S", number=1, size=384)
+    with rt.db.read() as conn:
+        left = max(stored_bits_by_link(conn).values())
+    assert 0 < left < 1000  # leftovers, never zero: the old filler waited for zero
+    assert filler.fill_once(max_events=2) > 0
 
 
 def test_blocks_never_confirmed_are_destroyed_audited_and_the_store_checks_clean(rt: Runtime) -> None:
