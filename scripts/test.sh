@@ -22,6 +22,8 @@ ls /usr/lib/*/rsyslog/lmnsd_ossl.so >/dev/null 2>&1 || missing_norec+=(rsyslog-o
 # Headless chromium and its chromedriver: the web console's browser tests (tests/operator/test_console.py)
 # drive them through Selenium with the driver's path given, so Selenium Manager downloads nothing.
 { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || missing_norec+=(chromium chromium-driver)
+# A font for the pages' text in the screenshots (chromium only recommends one).
+[ -d /usr/share/fonts/truetype/liberation ] || missing_norec+=(fonts-liberation)
 if [ $((${#missing[@]} + ${#missing_norec[@]})) -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${missing[*]} ${missing_norec[*]} (Debian packages) for the tests"
   apt-get update -qq
