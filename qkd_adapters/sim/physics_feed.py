@@ -1,22 +1,22 @@
 """Where a simulated link's physics blocks come from: the link's own thread, or worker processes.
 
-Physics (the detector walk: ~2 s of CPU per link second for snspd-modern at 10 km) and
-post-processing (Cascade, verification, privacy amplification: ~1.4 s) both hold the GIL, so the
+Physics (the detector walk: ~2.2-2.8 s of CPU per link second for snspd-modern at 10 km) and
+post-processing (Cascade, verification, privacy amplification: ~1.2 s) both hold the GIL, so the
 pipelined link (``physics_processes=N``) simulates the next blocks in N child processes while the
 link's thread post-processes the current one; with N = 2 on two cores physics and
 post-processing share both cores. Each block draws from its own random stream, derived from the
-link's seed and the block's index, and block k is sized from the blocks before k - 1
-(``SIZING_LAG``) in every mode, so a seeded link yields the same blocks inline or pipelined,
-whichever worker simulated which block. Workers start with ``spawn`` (a KME that hosts the link
-has threads, which ``fork`` would copy in whatever state they were), on the first block; they are
-daemons and exit when the link closes.
+link's seed and the block's index, and block k is sized from blocks 0 .. k - 2 (``SIZING_LAG``)
+in every mode, so a seeded link yields the same blocks inline or pipelined, whichever worker
+simulated which block. Workers start with ``spawn`` (a KME that hosts the link has threads, which
+``fork`` would copy in whatever state they were) on the first block; they are daemons and exit
+when the link closes. Blocks cross the pipe with their key bits packed 8 to a byte.
 
-Cost: each worker is one more Python process (~300 MB peak resident with numpy, numba and a block
-of 0.25 s at 10 km, kept resident: :func:`keep_freed_memory`); up to SIZING_LAG blocks are simulated ahead, so up to SIZING_LAG + 1 blocks of
-physics output exist at once, plus their pickled copies in flight. Latency: a block's key still
-comes out one physics + one post-processing time after the block was started; the pipeline only
-overlaps consecutive blocks, so the link delivers one block per max(physics / N, post-processing)
-instead of per their sum.
+Cost: each worker is one more Python process (~340 MB peak resident with numpy, numba and a 0.25 s
+block at 10 km, kept resident by :func:`keep_freed_memory`); up to SIZING_LAG blocks are simulated
+ahead, so up to SIZING_LAG + 1 blocks of physics output exist at once, plus their packed copies in
+flight. Latency: a block's key still comes out one physics + one post-processing time after the
+block was started; the pipeline overlaps consecutive blocks, so the link delivers one block per
+max(physics / N, post-processing) instead of per their sum, where the cores are free.
 """
 
 from __future__ import annotations
