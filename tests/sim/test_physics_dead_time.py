@@ -204,3 +204,35 @@ def test_gate_law_tables_are_consistent() -> None:
     assert law.click_prob(0) == pytest.approx(law.click_prob(1), rel=1e-12)  # Alice's bit is a fair coin
     j = np.arange(1, law.geo_cdf.shape[1] + 1)
     assert np.allclose(law.geo_cdf[1], 1.0 - (1.0 - law.p_hit[1]) ** j)
+
+
+PAIR_LAWS = {
+    "snspd 10 km, 25 dead gates": (
+        bb84_gate_law(class_model(load_preset("snspd-modern", length_km=10.0))),
+        25,
+    ),
+    "dead time past the gap table": (
+        bb84_gate_law(class_model(load_preset("snspd-modern", length_km=10.0))),
+        700,
+    ),
+    "gaps past the table (100 km)": (
+        bb84_gate_law(class_model(load_preset("snspd-modern", length_km=100.0))),
+        25,
+    ),
+    "one detector blind": (GateLaw.build(np.array([0.7, 0.3]), np.array([0, 2]), 2), 5),
+    "both saturated": (GateLaw.build(np.array([0.5, 0.5]), np.array([3, 1]), 2), 3),
+}
+
+
+@pytest.mark.parametrize("case", list(PAIR_LAWS))
+def test_pair_walk_gives_the_general_walk_bit_for_bit(case: str) -> None:
+    """The two-detector kernel (pair_walk.py) is an optimisation, not a new law: same draws, same block."""
+    law, dead = PAIR_LAWS[case]
+    n = 3 * 10**6 + 7  # odd length: blocks end in every detector state over the seeds
+    for seed in range(3):
+        fast = register_clicks(law, n, dead, 0.0, 0.0, np.random.default_rng([seed, 31]))
+        ref = register_clicks(law, n, dead, 0.0, 0.0, np.random.default_rng([seed, 31]), fast_pair=False)
+        assert fast.cats.size > 0 and np.array_equal(fast.cats, ref.cats)
+        assert np.array_equal(fast.masks, ref.masks)
+        assert fast.quiet.tolist() == ref.quiet.tolist() and fast.state.tolist() == ref.state.tolist()
+        assert int(fast.quiet.sum()) + fast.cats.size == n

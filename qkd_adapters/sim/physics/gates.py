@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qkd_adapters.sim.physics.dead_time_kernels import walk_arrivals, walk_time_ordered
+from qkd_adapters.sim.physics.pair_walk import walk_pair
 
 Sampler = Literal["arrivals", "time-ordered"]
 SAMPLERS: tuple[Sampler, ...] = ("arrivals", "time-ordered")
@@ -168,11 +169,18 @@ def register_clicks(
     afterpulse_delay_gates: float,
     rng: np.random.Generator,
     sampler: Sampler = "arrivals",
+    *,
+    fast_pair: bool = True,
 ) -> Registered:
-    """Run ``n_gates`` gates through detectors with dead time and afterpulsing, drawing from ``rng``."""
+    """Run ``n_gates`` gates through detectors with dead time and afterpulsing, drawing from ``rng``.
+
+    Two detectors without afterpulsing take :func:`.pair_walk.walk_pair` unless ``fast_pair`` is
+    false (the general walk: the same block bit for bit, slower; kept selectable for the tests).
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}")
     walk = walk_arrivals if sampler == "arrivals" else walk_time_ordered
+    pair = sampler == "arrivals" and law.n_det == 2 and afterpulse_prob == 0.0 and fast_pair
     capacity = _capacity(law, n_gates, dead_gates, afterpulse_prob)
     n_masks = 1 << law.n_det
     seed_rng = np.random.default_rng(rng.integers(0, 2**63))  # reruns (out of room) repeat the draws
@@ -182,24 +190,40 @@ def register_clicks(
         quiet = np.zeros(n_masks, dtype=np.int64)
         known = np.zeros(law.probs.shape[0], dtype=np.int64)
         state = kernel_state(seed_rng)
-        n = walk(
-            state,
-            n_gates,
-            law.n_det,
-            dead_gates,
-            afterpulse_prob,
-            afterpulse_delay_gates,
-            law.p_hit,
-            law.alias_prob,
-            law.alias_idx,
-            law.hit,
-            law.geo_cdf,
-            law.geo_guide,
-            cats,
-            masks,
-            quiet,
-            known,
-        )
+        if pair:
+            n = walk_pair(
+                state,
+                n_gates,
+                dead_gates,
+                law.p_hit,
+                law.alias_prob,
+                law.alias_idx,
+                law.hit,
+                law.geo_cdf,
+                law.geo_guide,
+                cats,
+                masks,
+                quiet,
+            )
+        else:
+            n = walk(
+                state,
+                n_gates,
+                law.n_det,
+                dead_gates,
+                afterpulse_prob,
+                afterpulse_delay_gates,
+                law.p_hit,
+                law.alias_prob,
+                law.alias_idx,
+                law.hit,
+                law.geo_cdf,
+                law.geo_guide,
+                cats,
+                masks,
+                quiet,
+                known,
+            )
         if n >= 0:
             return Registered(cats=cats[:n], masks=masks[:n], quiet=quiet, known=known, state=state)
         capacity = min(2 * capacity, n_gates)
