@@ -91,4 +91,9 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> Literal["json",
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # httpx logs every request it sends at info: one line per peer message, which the peer's own
+    # request line and qkms_peer_requests_total already cover. Shown at debug.
+    quiet = numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(quiet)
     return chosen

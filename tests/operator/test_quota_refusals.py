@@ -6,6 +6,7 @@ its own; the listener's scrape adds them up), equal to the 503 quota answers the
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,8 +58,13 @@ def test_refusals_are_counted_by_limit_across_worker_processes(kme: OperatorKme)
     assert counted == expected, (counted, answers)
     # Each refusal has its request line (whichever process served it), naming the SAE and the limit.
     assert kme.process.log_path is not None
-    lines = [json.loads(x) for x in kme.process.log_path.read_text().splitlines() if x.strip()]
-    refused = [x for x in lines if x.get("event") == "request" and x["status"] == 503]
+    deadline = time.monotonic() + 10  # a line is written once its answer has gone out
+    while True:
+        lines = [json.loads(x) for x in kme.process.log_path.read_text().splitlines() if x.strip()]
+        refused = [x for x in lines if x.get("event") == "request" and x["status"] == 503]
+        if len(refused) >= sum(answers[limit] for limit in QUOTA_LIMITS) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert len(refused) == sum(answers[limit] for limit in QUOTA_LIMITS)
     assert all(x["sae_id"] == M and "(quota)" in x["error"] for x in refused)
 

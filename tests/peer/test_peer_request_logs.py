@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,7 +45,13 @@ def test_a_request_id_follows_the_keys_to_the_peer_kme(net: Network) -> None:
         "/api/v1/keys/SAE-A1/dec_keys", json={"key_IDs": ids}, headers={"X-Request-ID": "xsite-dec-1"}
     )
     assert dec.status_code == 200, dec.text
-    at_a, at_b = lines(net.sites["KME-A"]), lines(net.sites["KME-B"])
+    # A request's line is written once its answer has gone out: wait for the last one.
+    deadline = time.monotonic() + 10
+    while True:
+        at_a, at_b = lines(net.sites["KME-A"]), lines(net.sites["KME-B"])
+        if any(x.get("request_id") == "xsite-dec-1" for x in at_b) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     (sae_line,) = [x for x in at_a if x["event"] == "request" and x.get("request_id") == "xsite-enc-1"]
     assert (sae_line["sae_id"], sae_line["endpoint"], sae_line["status"]) == ("SAE-A1", "enc_keys", 200)
     carried = [x for x in at_b if x["event"] == "request" and x.get("request_id") == "xsite-enc-1"]
@@ -56,6 +63,7 @@ def test_a_request_id_follows_the_keys_to_the_peer_kme(net: Network) -> None:
     assert (dec_line["sae_id"], dec_line["endpoint"], dec_line["status"]) == ("SAE-B1", "dec_keys", 200)
     # Background peer traffic (block confirmations, sync) is logged too, without a request of an SAE.
     assert any(x["event"] == "request" and x.get("endpoint") == "peer" for x in at_a)
+    assert not any(x.get("logger") == "httpx" for x in at_a + at_b)  # the peer client's calls: not twice
     text = "".join(
         s.process.log_path.read_text() for s in net.sites.values() if s.process and s.process.log_path
     )
