@@ -186,6 +186,21 @@ def test_blocks_after_a_suspending_alarm_in_the_same_pull_are_stored_suspended(r
     assert received[0]["state"] == "active" and received[2]["state"] == "suspended"
 
 
+def _count_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts write transactions opened from now on (one element, updated in place)."""
+    from kms.storage.database import Database
+
+    writes = [0]
+    real_write = Database.write
+
+    def counting_write(self: Database, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        writes[0] += 1
+        return real_write(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Database, "write", counting_write)
+    return writes
+
+
 def _block_states(rt: Runtime) -> dict[str, int]:
     with rt.db.read() as conn:
         rows = conn.execute(select(key_blocks.c.state)).scalars().all()
@@ -201,7 +216,6 @@ def test_an_operators_suspend_and_resume_move_blocks_in_bounded_batches(
     """Issue 18: suspending a link with 42,685 blocks held the KME 5 s in one transaction. The link
     and its keys now change at once, its blocks in batches, each its own short transaction."""
     from kms.service import links
-    from kms.storage.database import Database
 
     filler = rt.make_filler()
     while filler.fill_once():
@@ -210,18 +224,10 @@ def test_an_operators_suspend_and_resume_move_blocks_in_bounded_batches(
     assert total >= 8
     pending = rt.service.get_keys(_sae(rt, M), S)
     monkeypatch.setattr(links, "BLOCK_BATCH", 3)
-    writes = 0
-    real_write = Database.write
-
-    def counting_write(self: Database, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        nonlocal writes
-        writes += 1
-        return real_write(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Database, "write", counting_write)
+    writes = _count_writes(monkeypatch)
     change = links.suspend(rt.db, "link-local-1", "maintenance")
     assert (change.blocks, change.keys) == (total, 1)
-    assert writes >= 1 + total // 3  # the link and keys, then a transaction per batch of 3 blocks
+    assert writes[0] >= 1 + total // 3  # the link and keys, then a transaction per batch of 3 blocks
     assert _block_states(rt) == {"suspended": total}
     with pytest.raises(ServiceUnavailable):  # M -> T has no fallback: nothing to serve it from
         rt.service.get_keys(_sae(rt, M), T)
@@ -240,7 +246,6 @@ def test_an_alarms_suspension_moves_blocks_in_bounded_batches_too(
     """The alarm path suspended every block in the alarm's one transaction (issue 18 left it so
     after the operator's path was batched): it now moves them as the operator's does."""
     from kms.service import links
-    from kms.storage.database import Database
 
     filler = rt.make_filler()
     while filler.fill_once():
@@ -248,18 +253,10 @@ def test_an_alarms_suspension_moves_blocks_in_bounded_batches_too(
     total = sum(_block_states(rt).values())
     assert total >= 8
     monkeypatch.setattr(links, "BLOCK_BATCH", 3)
-    writes = 0
-    real_write = Database.write
-
-    def counting_write(self: Database, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        nonlocal writes
-        writes += 1
-        return real_write(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Database, "write", counting_write)
+    writes = _count_writes(monkeypatch)
     alarm = LinkAlarm("link-local-1", "blk-9", "QBER 0.3", details={"code": "qber-over-threshold"})
     assert filler.handle_alarm(alarm)
-    assert writes >= 1 + total // 3
+    assert writes[0] >= 1 + total // 3
     assert _block_states(rt) == {"suspended": total}
     from kms.service.audit_queries import AuditService
 
