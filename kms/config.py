@@ -315,7 +315,8 @@ class OperatorSection(BaseModel):
     tls: bool = True
     unauthenticated_metrics: bool = False
     metrics_token_file: Path | None = None
-    # A probe waits at most this long for the database; a stuck one is reported, never waited on.
+    # A probe (health, metrics, the console before each page) waits at most this long for the
+    # database; a stuck one is reported, never waited on.
     health_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
     # Figures read from the database are reused for this long (several scrapers cost one query).
     db_metrics_max_age_seconds: float = Field(default=5.0, ge=0, le=300)

@@ -14,6 +14,7 @@ from kms.service.audit_queries import AuditService
 from kms.service.console_actions import ConsoleActions
 from kms.service.console_auth import ConsoleAuth
 from kms.service.console_view import ConsoleView
+from kms.service.database_probe import DatabaseProbe
 from kms.service.operator_health import HealthService
 from kms.service.operator_metrics import OperatorMetrics
 from kms.telemetry.metrics import Instruments
@@ -48,4 +49,5 @@ def build_console(
     db, settings = runtime.db, runtime.settings
     auth = ConsoleAuth(db, settings.operator)
     view = ConsoleView(db, settings, metrics, AuditService.for_settings(db, runtime.identity, settings))
-    return Console(settings, auth, view, ConsoleActions(db, auth, view), peers_down)
+    probe = DatabaseProbe(db, settings.operator.health_timeout_seconds)
+    return Console(settings, auth, view, ConsoleActions(db, auth, view), peers_down, probe)

@@ -34,11 +34,13 @@ class OperatorKme:
         return self.workdir / "pki" / "ca.pem"
 
     def operator(self, token: str | None = None, timeout: float = 10.0) -> httpx.Client:
-        """A client of the operator listener (TLS checked against the site CA, no client certificate)."""
+        """A client of the operator listener (TLS checked against the site CA, no client certificate;
+        plain HTTP when ``operator.tls = false``)."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        tls = self.settings.operator.tls
         return httpx.Client(
-            base_url=f"https://127.0.0.1:{self.operator_port}",
-            verify=client_ssl_context(self.ca, None, None),
+            base_url=f"{'https' if tls else 'http'}://127.0.0.1:{self.operator_port}",
+            verify=client_ssl_context(self.ca, None, None) if tls else False,
             headers=headers,
             timeout=timeout,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
@@ -138,6 +139,24 @@ def test_console_needs_a_session_and_an_sae_certificate_opens_nothing(kme: Opera
     ) as sae:
         assert sae.get("/console/").status_code == 303
         assert sae.get("/console/audit").headers["location"] == "/console/login"
+
+
+def test_plain_http_to_the_tls_listener_gets_no_answer(kme: OperatorKme) -> None:
+    """Plain HTTP to the TLS operator port fails the TLS handshake: the connection is closed without
+    a byte of HTTP (no page, no cookie); the listener goes on serving TLS."""
+    for request in (b"GET /console/ HTTP/1.1\r\n", b"POST /console/login HTTP/1.1\r\nContent-Length: 0\r\n"):
+        with socket.create_connection(("127.0.0.1", kme.operator_port), timeout=5) as sock:
+            sock.sendall(request + b"Host: 127.0.0.1\r\n\r\n")
+            try:
+                answer = sock.recv(4096)
+            except ConnectionResetError:
+                answer = b""
+        assert answer == b"", answer
+    plain = httpx.Client(base_url=f"http://127.0.0.1:{kme.operator_port}", timeout=5)
+    with plain, pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+        plain.get("/console/login")
+    with kme.operator() as client:
+        assert client.get("/console/login").status_code == 200
 
 
 def test_missing_csrf_and_stale_sessions_are_refused_and_audited(kme: OperatorKme, db: Database) -> None:

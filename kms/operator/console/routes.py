@@ -2,7 +2,9 @@
 nothing; every POST (sign in, sign out, suspend, resume) carries a CSRF token: the session's, or
 for signing in a double-submit token in a short-lived cookie. A missing or stale session, a wrong
 token and an auditor's attempt at an operator action are refused with a page saying so, and
-audited (``kms.service.console_auth``/``console_actions``). Database work runs in worker threads.
+audited (``kms.service.console_auth``/``console_actions``). Database work runs in worker threads,
+after a bounded check that the database answers: when it is down or hung, every page (the sign-in
+form too) answers 503 saying so within ``operator.health_timeout_seconds``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from kms.operator.console.pages import keys_page, link_page, overview_page
 from kms.service.console_actions import ActionRefused, ConsoleActions
 from kms.service.console_auth import ConsoleAuth, LoginRefused, SessionStale, Viewer
 from kms.service.console_view import ConsoleView
+from kms.service.database_probe import DatabaseProbe
 from kms.service.links import LinkStateError
 
 SESSION_COOKIE = "qkms_session"
@@ -43,6 +46,7 @@ class Console:
     view: ConsoleView
     actions: ConsoleActions
     peers_down: Callable[[], frozenset[str]]
+    database: DatabaseProbe
 
     @property
     def kme_id(self) -> str:
@@ -116,15 +120,22 @@ class ConsoleRoutes:
             ("/console/audit", self.audit, "GET"),
         ]
         for path, handler, method in routes:
-            app.add_api_route(path, self._guarded(handler), methods=[method], include_in_schema=False)
+            guarded = self._guarded(handler, needs_database=handler != self.css)
+            app.add_api_route(path, guarded, methods=[method], include_in_schema=False)
 
-    def _guarded(self, handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    def _guarded(
+        self, handler: Callable[..., Awaitable[Response]], needs_database: bool
+    ) -> Callable[..., Awaitable[Response]]:
         """A page that cannot be built (the database down or hung) answers 503 with a page saying
-        so, never a stack trace."""
+        so, never a stack trace; a database that does not answer in time is not waited on."""
 
         @functools.wraps(handler)
         async def guarded(*args: Any, **kwargs: Any) -> Response:
             try:
+                down = await _run(self.c.database.down) if needs_database else None
+                if down is not None:
+                    message = f"the console cannot serve this page: {down}; try again once it is back"
+                    return _html(error_page(self.c.kme_id, None, message), 503)
                 return await handler(*args, **kwargs)
             except Exception as exc:
                 message = f"the KME could not build this page ({type(exc).__name__}): is its database up?"
