@@ -100,6 +100,7 @@ def _with_operator_listener(
     def stop() -> None:
         listener.stop()
         background.stop()
+        metrics.flush()  # a worker that stops has written all it counted (dead workers' counts stay)
 
     return start, stop
 

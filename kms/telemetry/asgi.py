@@ -38,7 +38,7 @@ class RequestMetrics:
         self.app = app
         self._requests = instruments.api_requests
         self._seconds = instruments.api_seconds
-        # Label children resolved once: ``labels()`` costs a dict lookup and a lock per call.
+        # Label children (buffered, ``kms.telemetry.buffered``) resolved once per label values.
         self._timers = {name: self._seconds.labels(name) for name in ("enc_keys", "dec_keys", "status")}
         self._counters: dict[tuple[str, int], Any] = {}
 

@@ -4,7 +4,9 @@ of work in this code base takes one connection for one transaction (``Database.w
 included. Pool events fire twice per transaction; statement or connection events would be cheaper
 to write but put every statement on SQLAlchemy's slow event path (measured: about 18 us per write
 transaction on SQLite for an empty listener, three times what this costs), and the hot path's raw
-SQL would escape them anyway."""
+SQL would escape them anyway. The observation itself is buffered (``kms.telemetry.buffered``):
+about 0.2 us instead of prometheus-client's 6 us of multiprocess writes; the two pool events' dispatch
+(about 5 us per transaction) remains."""
 
 from __future__ import annotations
 

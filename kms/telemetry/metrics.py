@@ -3,7 +3,9 @@
 Under ``qkms serve`` every process writes its counters to files in one directory
 (prometheus-client's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR``) so that the one process serving
 the operator listener exports the sum over all worker processes, dead ones included (counters stay
-monotonic across a worker restart). Without that directory (an app built inside a test) the
+monotonic across a worker restart). Events are buffered in the process and folded into those files
+every fraction of a second, before each scrape and when the process stops (``kms.telemetry.buffered``),
+so counting costs a request well under a microsecond. Without that directory (an app built inside a test) the
 instruments live in a private registry of this process. Figures that describe shared state (pool
 levels, keys by state) are not instruments: they are read from the database at scrape time
 (``kms.service.operator_metrics``), so every process would report the same one.
@@ -19,6 +21,8 @@ import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from kms.telemetry.buffered import BufferedFamily, BufferedHistogram, Buffers
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -42,61 +46,88 @@ QUOTA_LIMITS = (
 
 
 class Instruments:
-    """Every instrument a KME process updates. Built once per process (:func:`instruments`)."""
+    """Every instrument a KME process updates. Built once per process (:func:`instruments`). Each is
+    seen through process-local buffers (:mod:`kms.telemetry.buffered`): ``labels(...).inc()`` and
+    ``observe()`` cost an append; :meth:`flush` folds them into prometheus-client's values."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         from prometheus_client import Counter, Histogram
 
-        self.api_requests = Counter(
-            "qkms_api_requests",
-            "ETSI API requests answered, by endpoint and HTTP status.",
-            ["endpoint", "status"],
-            registry=registry,
+        self.buffers = Buffers()
+        buffers = self.buffers
+
+        def counter(metric: Counter) -> BufferedFamily:
+            return BufferedFamily(metric, buffers, histogram=False)
+
+        def histogram(metric: Histogram) -> BufferedFamily:
+            return BufferedFamily(metric, buffers, histogram=True)
+
+        self.api_requests = counter(
+            Counter(
+                "qkms_api_requests",
+                "ETSI API requests answered, by endpoint and HTTP status.",
+                ["endpoint", "status"],
+                registry=registry,
+            )
         )
-        self.api_seconds = Histogram(
-            "qkms_api_request_duration_seconds",
-            "Time from a request's arrival to the end of its answer, by endpoint.",
-            ["endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        self.api_seconds = histogram(
+            Histogram(
+                "qkms_api_request_duration_seconds",
+                "Time from a request's arrival to the end of its answer, by endpoint.",
+                ["endpoint"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            )
         )
-        self.db_seconds = Histogram(
+        db_seconds = Histogram(
             "qkms_db_transaction_duration_seconds",
             "Database transactions (a connection's checkout to its checkin: one transaction each).",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.link_blocks = Counter(
-            "qkms_link_blocks",
-            "Key blocks a link's source produced, by outcome (delivered, aborted) and abort reason.",
-            ["link", "outcome", "reason"],
-            registry=registry,
+        self.db_seconds = BufferedHistogram(db_seconds)
+        buffers.track(self.db_seconds)
+        self.link_blocks = counter(
+            Counter(
+                "qkms_link_blocks",
+                "Key blocks a link's source produced, by outcome (delivered, aborted) and abort reason.",
+                ["link", "outcome", "reason"],
+                registry=registry,
+            )
         )
-        self.link_alarms = Counter(
-            "qkms_link_alarms",
-            "Link alarms recorded, by kind (the alarm's code).",
-            ["link", "kind"],
-            registry=registry,
+        self.link_alarms = counter(
+            Counter(
+                "qkms_link_alarms",
+                "Link alarms recorded, by kind (the alarm's code).",
+                ["link", "kind"],
+                registry=registry,
+            )
         )
-        self.peer_requests = Counter(
-            "qkms_peer_requests",
-            "Messages this KME sent to adjacent KMEs, by peer, kind (ledger, relay, blocks, audit,"
-            " topology, session, other) and outcome (ok, refused, unavailable, uncertain).",
-            ["peer", "kind", "outcome"],
-            registry=registry,
+        self.peer_requests = counter(
+            Counter(
+                "qkms_peer_requests",
+                "Messages this KME sent to adjacent KMEs, by peer, kind (ledger, relay, blocks, audit,"
+                " topology, session, other) and outcome (ok, refused, unavailable, uncertain).",
+                ["peer", "kind", "outcome"],
+                registry=registry,
+            )
         )
-        self.peer_seconds = Histogram(
-            "qkms_peer_round_trip_seconds",
-            "Round trip of a message to an adjacent KME, answered or not, by peer and kind.",
-            ["peer", "kind"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        self.peer_seconds = histogram(
+            Histogram(
+                "qkms_peer_round_trip_seconds",
+                "Round trip of a message to an adjacent KME, answered or not, by peer and kind.",
+                ["peer", "kind"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            )
         )
-        self.quota_refusals = Counter(
-            "qkms_quota_refusals",
-            "Get key requests refused (503) by a fair-share limit, by the limit's [quotas] key.",
-            ["limit"],
-            registry=registry,
+        self.quota_refusals = counter(
+            Counter(
+                "qkms_quota_refusals",
+                "Get key requests refused (503) by a fair-share limit, by the limit's [quotas] key.",
+                ["limit"],
+                registry=registry,
+            )
         )
         for limit in QUOTA_LIMITS:  # every series from the start, so rate() sees the first refusal
             self.quota_refusals.labels(limit)
@@ -114,6 +145,10 @@ class Instruments:
                 return "other"
             self._kinds.add(code)
             return code
+
+    def flush(self) -> None:
+        """Fold every buffered event of this process into the exported values."""
+        self.buffers.flush()
 
 
 _lock = threading.Lock()
@@ -174,13 +209,21 @@ def process_registry() -> CollectorRegistry:
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    instruments()
+    counted = instruments()
+    if counted is not None:
+        counted.flush()  # this process's own events, up to this moment
     directory = multiproc_dir()
     if directory is not None:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
         return registry
     return _local_registry if _local_registry is not None else CollectorRegistry()
+
+
+def flush() -> None:
+    """Write what this process counted so far (the app's stop and exit; scrapes flush themselves)."""
+    if _instruments is not None:
+        _instruments.flush()
 
 
 def mark_process_dead(pid: int) -> None:
