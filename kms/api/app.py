@@ -61,7 +61,7 @@ def create_app(runtime: Runtime, lifespan_hooks: Hooks | None = None, api_proces
     if runtime.network is not None:
         from kms.api.routes.peer import peer_router
 
-        app.include_router(peer_router(runtime.network))
+        app.include_router(peer_router(runtime.network, gateway.batcher.run))
     # Ordinary POSTs of the two hot calls skip FastAPI's routing and body handling and call the same
     # handlers as the endpoints; added last, the catch-all is outermost.
     app.add_middleware(HotPathMiddleware, enc_keys=handlers.enc_keys, dec_keys=handlers.dec_keys)

@@ -16,6 +16,7 @@ from typing import Any
 from kms.domain.errors import ServiceUnavailable
 from kms.domain.ledger import MAX_BATCH_ENTRIES, voided_request
 from kms.peer.messages import MessageRejected, PeerMessage
+from kms.service.group_commit import Unit
 from kms.service.peer_records import PeerRecords
 from kms.service.peer_relay import PeerRelay
 
@@ -48,10 +49,12 @@ class LedgerPeer:
 
     def on_record_batch(self, message: PeerMessage) -> dict[str, Any]:
         """Entries for slaves here, from the adjacent master KME; one result per entry."""
-        entries = list(message.body["entries"])
-        if not entries or len(entries) > MAX_BATCH_ENTRIES:
-            raise MessageRejected("a batch holds 1 to 256 entries")
-        return {"results": self.records.record_batch(message, entries)}
+        return {"results": self.records.record_batch(message, _batch_entries(message))}
+
+    def record_batch_unit(self, message: PeerMessage) -> Unit[list[dict[str, Any]]]:
+        """``keys.record.batch`` as a unit of work for the API's group commit: the peer endpoint
+        runs it with the SAEs' own requests (``kms.api.routes.peer``); its value is the results."""
+        return self.records.record_batch_unit(message, _batch_entries(message))
 
     def on_cancel(self, message: PeerMessage) -> dict[str, Any]:
         """Withdraw keys the sender discarded, and void the request that carried them if it has not
@@ -60,3 +63,10 @@ class LedgerPeer:
         voided = voided_request(message.body.get("message"))
         gone, overtook = self.records.withdraw(message, str(message.body["origin"]), key_ids, voided)
         return {"withdrawn": len(gone), "voided": overtook}
+
+
+def _batch_entries(message: PeerMessage) -> list[Any]:
+    entries = list(message.body["entries"])
+    if not entries or len(entries) > MAX_BATCH_ENTRIES:
+        raise MessageRejected("a batch holds 1 to 256 entries")
+    return entries

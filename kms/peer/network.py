@@ -49,6 +49,7 @@ from kms.peer.routing import Edge
 from kms.peer.sae_notices import SaeNotices
 from kms.peer.topology import Router
 from kms.service.delivery import KeyDeliveryService
+from kms.service.group_commit import Unit
 from kms.service.link_state_store import LinkStateStore
 from kms.service.link_stock import LinkStock
 from kms.service.peer_context import PeerSite
@@ -174,10 +175,37 @@ class PeerNetwork:
             raise MessageRejected(f"unknown message type {message.type!r}")
         try:
             return handler(message)
-        except PeerRequestRefused as exc:
-            raise MessageRejected(exc.reason) from exc
-        except (ValueError, KeyError, TypeError) as exc:  # a storage LedgerConflict is a ValueError
-            raise MessageRejected(f"cannot act on {message.type}: {exc}"[:300]) from exc
+        except Exception as exc:
+            refused = self.refusal(message, exc)
+            if refused is None or refused is exc:
+                raise
+            raise refused from exc
+
+    def group_unit(self, message: PeerMessage) -> Unit[list[dict[str, Any]]] | None:
+        """A verified message whose work is a unit the API's group commit can run with the SAEs' own
+        requests (``keys.record.batch``), or None: :meth:`handle` it. Raises ``MessageRejected``."""
+        if message.type != "keys.record.batch" or message.type in self.extra_handlers:
+            return None
+        self.client.heard_from(message.sender)
+        try:
+            return self.receiver.record_batch_unit(message)
+        except Exception as exc:
+            refused = self.refusal(message, exc)
+            if refused is None or refused is exc:
+                raise
+            raise refused from exc
+
+    @staticmethod
+    def refusal(message: PeerMessage, exc: Exception) -> MessageRejected | None:
+        """The signed error that acting on ``message`` answers when it raised ``exc``: a refusal or a
+        malformed body; None for anything else (a fault of this KME, not of the message)."""
+        if isinstance(exc, MessageRejected):
+            return exc
+        if isinstance(exc, PeerRequestRefused):
+            return MessageRejected(exc.reason)
+        if isinstance(exc, (ValueError, KeyError, TypeError)):  # a storage LedgerConflict is a ValueError
+            return MessageRejected(f"cannot act on {message.type}: {exc}"[:300])
+        return None
 
     def on_session_key(self, message: PeerMessage) -> dict[str, Any]:
         """``session.key`` (signed): a neighbour's MAC key for its next messages (``mac_sessions``)."""

@@ -24,6 +24,7 @@ from kms.domain.errors import PeerRequestRefused
 from kms.domain.ledger import check_entry, one_time_pad, route_position
 from kms.domain.policy import POLICY_FALLBACK
 from kms.service import audit_recorder
+from kms.service.group_commit import Unit, run_unit
 from kms.service.peer_context import PeerSite, Received, check_link, remember
 from kms.storage import mirror_repository as mirrors
 from kms.storage import peer_repository as peers
@@ -100,14 +101,23 @@ class PeerRecords:
         return {"recorded": len(entry.key_ids)}
 
     def record_batch(self, message: Received, entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Entries for slaves here, from the adjacent master KME: one transaction, each entry on its own
-        savepoint so that one refused entry does not refuse the others. One result per entry."""
-        at = datetime.now(UTC)
-        actor = f"kme:{message.sender}"
-        events = pool.EventBatch(at)
-        results: list[dict[str, Any]] = []
-        records: list[audit_recorder.AuditEntry] = []
-        with self.site.db.write() as conn:
+        """Entries for slaves here, from the adjacent master KME, in a transaction of their own."""
+        return run_unit(self.site.db, self.record_batch_unit(message, entries))
+
+    def record_batch_unit(
+        self, message: Received, entries: Sequence[Mapping[str, Any]]
+    ) -> Unit[list[dict[str, Any]]]:
+        """The unit of work of a ``keys.record.batch``, for the API's group commit
+        (``kms.service.batcher``) or a transaction of its own: remembers the message, records each
+        entry on its own savepoint so that one refused entry does not refuse the others, and returns
+        one result per entry with one audit entry per recorded one."""
+
+        def unit(conn: Connection) -> tuple[list[dict[str, Any]], list[audit_recorder.AuditEntry]]:
+            at = datetime.now(UTC)
+            actor = f"kme:{message.sender}"
+            events = pool.EventBatch(at)
+            results: list[dict[str, Any]] = []
+            records: list[audit_recorder.AuditEntry] = []
             remember(conn, message)
             for b in entries:
                 mark = len(events.rows)
@@ -124,8 +134,9 @@ class PeerRecords:
                     reason = exc.reason if isinstance(exc, PeerRequestRefused) else str(exc)
                     results.append({"ok": False, "error": reason[:300]})
             events.flush(conn)
-            audit_recorder.append(conn, records, at)
-        return results
+            return results, records
+
+        return unit
 
     def _record_adjacent(
         self,

@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 import tomllib
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -382,3 +384,97 @@ def test_a_peer_that_lost_the_key_gets_the_message_signed(net: Network, runtime_
     assert client.call("KME-B", "topology", {}).type == "topology.ok"  # refused, then sent signed
     new_id, _ = _mac_key(runtime_a)  # and the next call establishes a new key
     assert new_id not in (key_id, "ffeeddccbbaa0099")
+
+
+def _cut_for_b(runtime_a: Runtime, number: int) -> tuple[list[str], dict[str, object]]:
+    """A's real code cuts ``number`` keys for SAE-B1 and writes the ledger entry (key_IDs, entry)."""
+    network = runtime_a.network
+    assert network is not None
+    master = runtime_a.registry.get("SAE-A1")
+    assert master is not None
+    wanted = runtime_a.service._key_request(master, "SAE-B1", number, None, (), ())
+    at = datetime.now(UTC)
+    events = pool.EventBatch(at)
+    with runtime_a.db.write() as conn:
+        prepared = network.ledger.prepare(conn, wanted, "KME-B", events, at)
+        events.flush(conn)
+    return prepared.key_ids, entry_body(["KME-A", "KME-B"], prepared)
+
+
+def _discard(runtime_a: Runtime, key_ids: list[str]) -> None:
+    with runtime_a.db.write() as conn:
+        close_pending_keys(conn, key_ids, KeyState.DESTROYED, "test", "test over", datetime.now(UTC))
+
+
+def test_a_ledger_batch_at_the_endpoint_records_its_good_entries_once(
+    net: Network, runtime_a: Runtime, as_kme_a: httpx.Client, sealer: MessageSealer
+) -> None:
+    """``keys.record.batch`` joins B's group commit (``kms.api.routes.peer``): one entry refused (a
+    link B does not share with A) leaves the other recorded, the receipt is signed with one result
+    per entry, and the same message again is refused as a replay without recording anything."""
+    key_ids, entry = _cut_for_b(runtime_a, 2)
+    try:
+        keys = cast(list[dict[str, object]], entry["keys"])
+        bad = {**entry, "keys": [{**k, "key_ID": str(uuid.uuid4()), "link_id": "no-such-link"} for k in keys]}
+        _, raw, header = sealer.seal("KME-B", "keys.record.batch", {"entries": [entry, bad]})
+        first = post(as_kme_a, raw, header)
+        assert first.status_code == 200 and first.headers[SIGNATURE_HEADER].startswith("ML-DSA")
+        reply = first.json()
+        assert reply["type"] == "keys.record.batch.ok"
+        results = reply["body"]["results"]
+        assert results[0] == {"ok": True}
+        assert results[1]["ok"] is False and "no-such-link" in results[1]["error"]
+        assert set(key_states(net.sites["KME-B"].workdir, key_ids).values()) == {"reserved"}
+        again = post(as_kme_a, raw, header)
+        assert b'"type":"error"' in again.content and b"replayed" in again.content
+        got = net.sae("KME-B", "SAE-B1").post(
+            "/api/v1/keys/SAE-A1/dec_keys", json={"key_IDs": [{"key_ID": k} for k in key_ids]}
+        )
+        assert got.status_code == 200 and len(got.json()["keys"]) == 2
+    finally:
+        _discard(runtime_a, key_ids)
+
+
+def test_a_ledger_batch_unit_rerun_by_group_commit_records_once(net: Network, runtime_a: Runtime) -> None:
+    """The unit the endpoint hands to group commit, run by B's code in this process together with an
+    SAE unit that fails: group commit rolls the first pass back and runs both again, each on its own
+    savepoint; the ledger entry must come out recorded exactly once and audited once."""
+    from sqlalchemy import func, select
+
+    from kms.service.group_commit import execute_batch
+    from kms.storage.schema import audit_records
+
+    settings_b = KmsSettings.load(net.sites["KME-B"].config_path)
+    runtime_b = build_runtime(settings_b, sync_registry=False)
+    key_ids, entry = _cut_for_b(runtime_a, 1)
+    try:
+        assert runtime_b.network is not None
+        message, _, _ = MessageSealer("KME-A", runtime_a.identity).seal(
+            "KME-B", "keys.record.batch", {"entries": [entry]}
+        )
+        unit = runtime_b.network.group_unit(message)
+        assert unit is not None
+
+        def failing(_conn: object) -> tuple[None, list[object]]:
+            raise RuntimeError("an SAE request that fails")
+
+        def recorded() -> int:
+            with runtime_b.db.read() as conn:
+                return int(
+                    conn.execute(
+                        select(func.count()).where(
+                            audit_records.c.action == "keys.recorded",
+                            audit_records.c.data.contains(key_ids[0]),
+                        )
+                    ).scalar_one()
+                )
+
+        outcomes = execute_batch(runtime_b.db, [unit, failing])  # type: ignore[list-item]
+        assert outcomes[0].unwrap() == [{"ok": True}]
+        with pytest.raises(RuntimeError):
+            outcomes[1].unwrap()
+        assert key_states(net.sites["KME-B"].workdir, key_ids) == {key_ids[0]: "reserved"}
+        assert recorded() == 1
+    finally:
+        runtime_b.close()
+        _discard(runtime_a, key_ids)

@@ -3,6 +3,7 @@ so it stays out of the published OpenAPI document). Only ``kme`` certificates re
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -15,25 +16,34 @@ from kms.api.errors import error_response
 from kms.api.identity import current_sae
 from kms.api.request_log import log_fields
 from kms.peer.mac_sessions import request_mac_accepted
-from kms.peer.messages import SIGNATURE_HEADER, MessageRejected, MessageSealer, open_message
+from kms.peer.messages import SIGNATURE_HEADER, MessageRejected, MessageSealer, PeerMessage, open_message
 from kms.peer.network import PeerNetwork
+from kms.service.group_commit import Unit
 
 log = structlog.get_logger(__name__)
 MAX_MESSAGE_BYTES = 1 << 20
+# A body naming this may be a ledger batch: it is opened on the loop (``grouped``), and whatever it
+# turns out to be is then handled where its type says.
+LEDGER_BATCH_TYPE = b'"keys.record.batch"'
 
 
-def peer_router(network: PeerNetwork) -> APIRouter:
+RunUnit = Callable[[Unit[Any]], Awaitable[Any]]
+"""The API's group commit (``kms.service.batcher.UnitBatcher.run``)."""
+
+
+def peer_router(network: PeerNetwork, run_unit: RunUnit | None = None) -> APIRouter:
+    """``run_unit``: the app's group commit; a ledger batch for slaves here (``keys.record.batch``)
+    then joins the transaction of the SAEs' own requests instead of waiting for the write turn in a
+    thread of its own (D-20). Without it every message is handled in a worker thread."""
     router = APIRouter(include_in_schema=False)
     sealer = MessageSealer(network.kme_id, network.identity)
     # Peer messages may wait on the next hop or a device: run them off the event loop, a few at a time.
     limiter = anyio.CapacityLimiter(16)
 
-    def answer(sender: str, raw: bytes, signature: str | None, fields: dict[str, Any]) -> Response:
-        """Verify, act, sign (or MAC) the reply: all off the event loop, in one worker thread. An
-        ML-DSA signature and its check are a millisecond or two of CPU that the loop, serving the
-        SAEs' own requests meanwhile, should not wait behind."""
+    def opened(sender: str, raw: bytes, signature: str | None) -> PeerMessage | Response:
+        """The verified message, or the 401 that refuses it."""
         try:
-            message = open_message(
+            return open_message(
                 raw,
                 signature,
                 network.directory,
@@ -46,6 +56,27 @@ def peer_router(network: PeerNetwork) -> APIRouter:
         except MessageRejected as exc:
             log.warning("peer_message_rejected", peer=sender, reason=exc.reason)
             return error_response(401, exc.reason)
+
+    def sealed(sender: str, message: PeerMessage, reply_type: str, body: dict[str, Any]) -> Response:
+        """The reply: MAC'd under the request's key for a MAC'd request, signed for a signed one."""
+        _, reply_raw, header = sealer.seal(sender, reply_type, body, reply_to=message.nonce, mac=message.mac)
+        return Response(reply_raw, media_type="application/json", headers={SIGNATURE_HEADER: header})
+
+    def refused(sender: str, message: PeerMessage, exc: MessageRejected) -> tuple[dict[str, Any], str]:
+        log.warning("peer_message_refused", peer=sender, type=message.type, reason=exc.reason)
+        return {"message": exc.reason}, "error"
+
+    def answer(sender: str, raw: bytes, signature: str | None, fields: dict[str, Any]) -> Response:
+        """Verify, act, sign (or MAC) the reply: all off the event loop, in one worker thread. An
+        ML-DSA signature and its check are a millisecond or two of CPU that the loop, serving the
+        SAEs' own requests meanwhile, should not wait behind while this thread waits on the
+        database, a device or the next hop."""
+        message = opened(sender, raw, signature)
+        if isinstance(message, Response):
+            return message
+        return answer_opened(sender, message, fields)
+
+    def answer_opened(sender: str, message: PeerMessage, fields: dict[str, Any]) -> Response:
         # The message type in the request's line and in every line its use case logs (this thread's
         # context is a copy: nothing leaks to the next request).
         fields["peer_message"] = message.type
@@ -54,11 +85,32 @@ def peer_router(network: PeerNetwork) -> APIRouter:
             body = network.handle(message)
             reply_type = f"{message.type}.ok"
         except MessageRejected as exc:
-            log.warning("peer_message_refused", peer=sender, type=message.type, reason=exc.reason)
-            body, reply_type = {"message": exc.reason}, "error"
-        # A MAC'd request gets a reply MAC'd under the same key; a signed one a signed reply.
-        _, reply_raw, header = sealer.seal(sender, reply_type, body, reply_to=message.nonce, mac=message.mac)
-        return Response(reply_raw, media_type="application/json", headers={SIGNATURE_HEADER: header})
+            body, reply_type = refused(sender, message, exc)
+        return sealed(sender, message, reply_type, body)
+
+    async def grouped(
+        sender: str, raw: bytes, signature: str | None, fields: dict[str, Any], run: RunUnit
+    ) -> Response:
+        """A ledger batch for slaves here, on the event loop: its records group-committed with the
+        SAEs' own requests (no thread waits for the write turn), its signature checked and its
+        receipt signed on the loop (the GIL is held for them wherever they run, so a thread would
+        only add two hand-offs). Any other message goes to :func:`answer_opened` in a thread."""
+        message = opened(sender, raw, signature)
+        if isinstance(message, Response):
+            return message
+        fields["peer_message"] = message.type
+        try:
+            unit = network.group_unit(message)
+            if unit is None:
+                return await anyio.to_thread.run_sync(answer_opened, sender, message, fields, limiter=limiter)
+            body: dict[str, Any] = {"results": await run(unit)}
+            reply_type = f"{message.type}.ok"
+        except Exception as exc:
+            rejection = network.refusal(message, exc)
+            if rejection is None:
+                raise
+            body, reply_type = refused(sender, message, rejection)
+        return sealed(sender, message, reply_type, body)
 
     @router.post("/peer/v1/messages")
     async def messages(request: Request) -> Response:
@@ -68,6 +120,8 @@ def peer_router(network: PeerNetwork) -> APIRouter:
             return error_response(413, "peer message too large")
         signature = request.headers.get(SIGNATURE_HEADER)
         fields = log_fields(request.scope)
+        if run_unit is not None and LEDGER_BATCH_TYPE in raw:
+            return await grouped(sender, raw, signature, {} if fields is None else fields, run_unit)
         return await anyio.to_thread.run_sync(
             answer, sender, raw, signature, {} if fields is None else fields, limiter=limiter
         )
