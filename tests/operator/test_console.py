@@ -55,6 +55,14 @@ def _qkms(*args: str, stdin: str | None = None) -> str:
     return done.stdout
 
 
+def add_account(config: str, name: str, role: str, password: str) -> None:
+    """``qkms operator add`` as an operator would run it, the password on stdin."""
+    out = _qkms(
+        "operator", "add", "--config", config, name, "--role", role, "--password-stdin", stdin=password + "\n"
+    )
+    assert f"console account {name} added ({role})" in out
+
+
 @pytest.fixture(scope="module")
 def kme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorKme]:
     workdir = tmp_path_factory.mktemp("console") / "kme"
@@ -83,18 +91,7 @@ def kme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorKme]:
     try:
         running.wait_operator()
         for name, role in (("olga", "operator"), ("aldo", "auditor"), ("locky", "operator")):
-            out = _qkms(
-                "operator",
-                "add",
-                "--config",
-                str(result.config_path),
-                name,
-                "--role",
-                role,
-                "--password-stdin",
-                stdin=PASSWORDS[name] + "\n",
-            )
-            assert f"console account {name} added ({role})" in out
+            add_account(str(result.config_path), name, role, PASSWORDS[name])
         with running.sae(M) as client:
             proc.wait_for_keys(client, S, minimum=8)
             for _ in range(3):

@@ -16,7 +16,7 @@ from kms.operator.app import NO_PLAIN_CONSOLE
 from kms.storage.database import Database
 from kms.storage.schema import audit_records, console_sessions
 from tests.operator.harness import OperatorKme, operator_kme
-from tests.operator.test_console import _qkms
+from tests.operator.test_console import add_account
 
 NAME, PASSWORD = "pola", "plain-password-12"
 PATHS = ("/console", "/console/", "/console/login", "/console/links/link-local-1", "/console/audit")
@@ -28,17 +28,7 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorKme]:
     operator = {"tls": False, "unauthenticated_metrics": True}
     with operator_kme(workdir, operator=operator, link_source=None) as running:
         config = str(workdir / "qkms.toml")
-        _qkms(
-            "operator",
-            "add",
-            "--config",
-            config,
-            NAME,
-            "--role",
-            "operator",
-            "--password-stdin",
-            stdin=PASSWORD,
-        )
+        add_account(config, NAME, "operator", PASSWORD)
         yield running
 
 

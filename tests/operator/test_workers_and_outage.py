@@ -22,7 +22,7 @@ from kms.storage.database import Database
 from kms.storage.schema import links
 from tests.conftest import database_url
 from tests.operator.harness import SAES, OperatorKme, operator_kme
-from tests.operator.test_console import _login, _qkms
+from tests.operator.test_console import _login, add_account
 from tests.operator.test_operator_listener import samples, value
 from tests.support.postgres import PostgresServer, postgres_available
 
@@ -143,17 +143,7 @@ def test_health_and_metrics_answer_when_postgres_stops_or_hangs(tmp_path: Path) 
         ):
             assert client.get("/v1/health/ready").status_code == 200
             config = str(kme.workdir / "qkms.toml")
-            _qkms(
-                "operator",
-                "add",
-                "--config",
-                config,
-                NAME,
-                "--role",
-                "operator",
-                "--password-stdin",
-                stdin=PASSWORD,
-            )
+            add_account(config, NAME, "operator", PASSWORD)
             assert _login(console, NAME, PASSWORD).status_code == 303
             csrf = re.search(r'name="csrf" value="([^"]+)"', console.get(f"/console/links/{LINK}").text)
             assert csrf
