@@ -151,8 +151,11 @@ class LedgerMaster:
             )
         return route
 
-    def deliver_batch(self, peer_id: str, batch: list[LedgerRequest]) -> None:
-        """Cut, record at ``peer_id`` and settle a batch of requests (see ``kms.peer.batching``)."""
+    def deliver_batch(
+        self, peer_id: str, batch: list[LedgerRequest], sending: Callable[[], None] = lambda: None
+    ) -> None:
+        """Cut, record at ``peer_id`` and settle a batch of requests (see ``kms.peer.batching``);
+        ``sending`` is told when the cut is done and the message goes out (the batcher's pacing)."""
         prepared: list[tuple[LedgerRequest, Prepared]] = []
         for req, outcome in zip(
             batch, self.ledger.prepare_all([r.order for r in batch], peer_id), strict=True
@@ -164,6 +167,7 @@ class LedgerMaster:
         if not prepared:
             return
         entries = [entry_body([self.kme_id, peer_id], p) for _, p in prepared]
+        sending()
         try:
             reply = self.client.call(peer_id, "keys.record.batch", {"entries": entries})
             results = list(reply.body["results"])
