@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING
 from kms.telemetry.buffered import BufferedFamily, BufferedHistogram, Buffers
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
+    from collections.abc import Callable
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Seconds: a key request takes milliseconds; a stuck one seconds.
@@ -62,31 +64,7 @@ class Instruments:
         def histogram(metric: Histogram) -> BufferedFamily:
             return BufferedFamily(metric, buffers, histogram=True)
 
-        self.api_requests = counter(
-            Counter(
-                "qkms_api_requests",
-                "ETSI API requests answered, by endpoint and HTTP status.",
-                ["endpoint", "status"],
-                registry=registry,
-            )
-        )
-        self.api_seconds = histogram(
-            Histogram(
-                "qkms_api_request_duration_seconds",
-                "Time from a request's arrival to the end of its answer, by endpoint.",
-                ["endpoint"],
-                buckets=LATENCY_BUCKETS,
-                registry=registry,
-            )
-        )
-        db_seconds = Histogram(
-            "qkms_db_transaction_duration_seconds",
-            "Database transactions (a connection's checkout to its checkin: one transaction each).",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.db_seconds = BufferedHistogram(db_seconds)
-        buffers.track(self.db_seconds)
+        self._api_and_database(registry, counter, histogram)
         self.link_blocks = counter(
             Counter(
                 "qkms_link_blocks",
@@ -133,6 +111,41 @@ class Instruments:
             self.quota_refusals.labels(limit)
         self._kinds: set[str] = set()
         self._lock = threading.Lock()
+
+    def _api_and_database(
+        self,
+        registry: CollectorRegistry | None,
+        counter: Callable[[Counter], BufferedFamily],
+        histogram: Callable[[Histogram], BufferedFamily],
+    ) -> None:
+        """The key path's instruments: API requests and their latency, database transactions."""
+        from prometheus_client import Counter, Histogram
+
+        self.api_requests = counter(
+            Counter(
+                "qkms_api_requests",
+                "ETSI API requests answered, by endpoint and HTTP status.",
+                ["endpoint", "status"],
+                registry=registry,
+            )
+        )
+        self.api_seconds = histogram(
+            Histogram(
+                "qkms_api_request_duration_seconds",
+                "Time from a request's arrival to the end of its answer, by endpoint.",
+                ["endpoint"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            )
+        )
+        db_seconds = Histogram(
+            "qkms_db_transaction_duration_seconds",
+            "Database transactions (a connection's checkout to its checkin: one transaction each).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.db_seconds = BufferedHistogram(db_seconds)
+        self.buffers.track(self.db_seconds)
 
     def alarm_kind(self, code: str) -> str:
         """The alarm's code as a label value, or ``other`` past the bound (cardinality stays fixed)."""

@@ -31,86 +31,99 @@ RunUnit = Callable[[Unit[Any]], Awaitable[Any]]
 """The API's group commit (``kms.service.batcher.UnitBatcher.run``)."""
 
 
-def peer_router(network: PeerNetwork, run_unit: RunUnit | None = None) -> APIRouter:
-    """``run_unit``: the app's group commit; a ledger batch for slaves here (``keys.record.batch``)
-    then joins the transaction of the SAEs' own requests instead of waiting for the write turn in a
-    thread of its own (D-20). Without it every message is handled in a worker thread."""
-    router = APIRouter(include_in_schema=False)
-    sealer = MessageSealer(network.kme_id, network.identity)
-    # Peer messages may wait on the next hop or a device: run them off the event loop, a few at a time.
-    limiter = anyio.CapacityLimiter(16)
+class PeerEndpoint:
+    """What the endpoint does with one message: verify it, act on it (in a worker thread, or a ledger
+    batch on the loop in the app's group commit), and seal the reply."""
 
-    def opened(sender: str, raw: bytes, signature: str | None) -> PeerMessage | Response:
+    def __init__(self, network: PeerNetwork) -> None:
+        self.network = network
+        self.sealer = MessageSealer(network.kme_id, network.identity)
+        # Peer messages may wait on the next hop or a device: off the event loop, a few at a time.
+        self.limiter = anyio.CapacityLimiter(16)
+
+    def opened(self, sender: str, raw: bytes, signature: str | None) -> PeerMessage | Response:
         """The verified message, or the 401 that refuses it."""
         try:
             return open_message(
                 raw,
                 signature,
-                network.directory,
-                network.identity,
-                network.peering.max_clock_skew_seconds,
+                self.network.directory,
+                self.network.identity,
+                self.network.peering.max_clock_skew_seconds,
                 authenticated_sender=sender,
-                mac_lookup=network.mac_keys.lookup,
+                mac_lookup=self.network.mac_keys.lookup,
                 mac_accepted=request_mac_accepted,
             )
         except MessageRejected as exc:
             log.warning("peer_message_rejected", peer=sender, reason=exc.reason)
             return error_response(401, exc.reason)
 
-    def sealed(sender: str, message: PeerMessage, reply_type: str, body: dict[str, Any]) -> Response:
+    def sealed(self, sender: str, message: PeerMessage, reply_type: str, body: dict[str, Any]) -> Response:
         """The reply: MAC'd under the request's key for a MAC'd request, signed for a signed one."""
-        _, reply_raw, header = sealer.seal(sender, reply_type, body, reply_to=message.nonce, mac=message.mac)
+        _, reply_raw, header = self.sealer.seal(
+            sender, reply_type, body, reply_to=message.nonce, mac=message.mac
+        )
         return Response(reply_raw, media_type="application/json", headers={SIGNATURE_HEADER: header})
 
-    def refused(sender: str, message: PeerMessage, exc: MessageRejected) -> tuple[dict[str, Any], str]:
+    def refused(self, sender: str, message: PeerMessage, exc: MessageRejected) -> tuple[dict[str, Any], str]:
         log.warning("peer_message_refused", peer=sender, type=message.type, reason=exc.reason)
         return {"message": exc.reason}, "error"
 
-    def answer(sender: str, raw: bytes, signature: str | None, fields: dict[str, Any]) -> Response:
+    def answer(self, sender: str, raw: bytes, signature: str | None, fields: dict[str, Any]) -> Response:
         """Verify, act, sign (or MAC) the reply: all off the event loop, in one worker thread. An
         ML-DSA signature and its check are a millisecond or two of CPU that the loop, serving the
         SAEs' own requests meanwhile, should not wait behind while this thread waits on the
         database, a device or the next hop."""
-        message = opened(sender, raw, signature)
+        message = self.opened(sender, raw, signature)
         if isinstance(message, Response):
             return message
-        return answer_opened(sender, message, fields)
+        return self.answer_opened(sender, message, fields)
 
-    def answer_opened(sender: str, message: PeerMessage, fields: dict[str, Any]) -> Response:
+    def answer_opened(self, sender: str, message: PeerMessage, fields: dict[str, Any]) -> Response:
         # The message type in the request's line and in every line its use case logs (this thread's
         # context is a copy: nothing leaks to the next request).
         fields["peer_message"] = message.type
         bind_contextvars(peer_message=message.type)
         try:
-            body = network.handle(message)
+            body = self.network.handle(message)
             reply_type = f"{message.type}.ok"
         except MessageRejected as exc:
-            body, reply_type = refused(sender, message, exc)
-        return sealed(sender, message, reply_type, body)
+            body, reply_type = self.refused(sender, message, exc)
+        return self.sealed(sender, message, reply_type, body)
 
     async def grouped(
-        sender: str, raw: bytes, signature: str | None, fields: dict[str, Any], run: RunUnit
+        self, sender: str, raw: bytes, signature: str | None, fields: dict[str, Any], run: RunUnit
     ) -> Response:
         """A ledger batch for slaves here, on the event loop: its records group-committed with the
         SAEs' own requests (no thread waits for the write turn), its signature checked and its
         receipt signed on the loop (the GIL is held for them wherever they run, so a thread would
         only add two hand-offs). Any other message goes to :func:`answer_opened` in a thread."""
-        message = opened(sender, raw, signature)
+        message = self.opened(sender, raw, signature)
         if isinstance(message, Response):
             return message
         fields["peer_message"] = message.type
         try:
-            unit = network.group_unit(message)
+            unit = self.network.group_unit(message)
             if unit is None:
-                return await anyio.to_thread.run_sync(answer_opened, sender, message, fields, limiter=limiter)
+                return await anyio.to_thread.run_sync(
+                    self.answer_opened, sender, message, fields, limiter=self.limiter
+                )
             body: dict[str, Any] = {"results": await run(unit)}
             reply_type = f"{message.type}.ok"
         except Exception as exc:
-            rejection = network.refusal(message, exc)
+            rejection = self.network.refusal(message, exc)
             if rejection is None:
                 raise
-            body, reply_type = refused(sender, message, rejection)
-        return sealed(sender, message, reply_type, body)
+            body, reply_type = self.refused(sender, message, rejection)
+        return self.sealed(sender, message, reply_type, body)
+
+
+def peer_router(network: PeerNetwork, run_unit: RunUnit | None = None) -> APIRouter:
+    """``run_unit``: the app's group commit; a ledger batch for slaves here (``keys.record.batch``)
+    then joins the transaction of the SAEs' own requests instead of waiting for the write turn in a
+    thread of its own (D-20). Without it every message is handled in a worker thread."""
+    router = APIRouter(include_in_schema=False)
+    endpoint = PeerEndpoint(network)
 
     @router.post("/peer/v1/messages")
     async def messages(request: Request) -> Response:
@@ -121,9 +134,14 @@ def peer_router(network: PeerNetwork, run_unit: RunUnit | None = None) -> APIRou
         signature = request.headers.get(SIGNATURE_HEADER)
         fields = log_fields(request.scope)
         if run_unit is not None and LEDGER_BATCH_TYPE in raw:
-            return await grouped(sender, raw, signature, {} if fields is None else fields, run_unit)
+            return await endpoint.grouped(sender, raw, signature, {} if fields is None else fields, run_unit)
         return await anyio.to_thread.run_sync(
-            answer, sender, raw, signature, {} if fields is None else fields, limiter=limiter
+            endpoint.answer,
+            sender,
+            raw,
+            signature,
+            {} if fields is None else fields,
+            limiter=endpoint.limiter,
         )
 
     return router
