@@ -115,3 +115,19 @@ def operator_kme(
         yield kme
     finally:
         proc.stop()
+
+
+def child_pids(parent: int) -> list[tuple[int, bytes]]:
+    """The live processes whose parent is ``parent``, with their command lines (from /proc)."""
+    children: list[tuple[int, bytes]] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == parent:
+            children.append((int(entry.name), cmdline))
+    return children

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from kms.telemetry.buffered import BufferedCounter, BufferedHistogram, Buffers
 from kms.telemetry.metrics import LATENCY_BUCKETS
-from tests.operator.harness import SAES, OperatorKme, operator_kme
+from tests.operator.harness import SAES, OperatorKme, child_pids, operator_kme
 from tests.operator.test_operator_listener import samples
 
 
@@ -81,18 +81,7 @@ def test_buffered_histogram_exports_what_observe_would() -> None:
 
 def _workers(kme: OperatorKme) -> list[int]:
     assert kme.process.proc is not None
-    parent = kme.process.proc.pid
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            cmdline = (entry / "cmdline").read_bytes()
-            if int(fields[1]) == parent and b"spawn_main" in cmdline:
-                pids.append(int(entry.name))
-    return pids
+    return [pid for pid, cmdline in child_pids(kme.process.proc.pid) if b"spawn_main" in cmdline]
 
 
 def _listening_pid(pids: list[int], port: int) -> int:

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from kms.storage.database import Database
 from kms.storage.schema import links
 from tests.conftest import database_url
-from tests.operator.harness import SAES, OperatorKme, operator_kme
+from tests.operator.harness import SAES, OperatorKme, child_pids, operator_kme
 from tests.operator.test_console import _login, add_account
 from tests.operator.test_operator_listener import samples, value
 from tests.support.postgres import PostgresServer, postgres_available
@@ -115,16 +115,7 @@ def test_requests_of_both_workers_are_summed(two_workers: OperatorKme) -> None:
 
 def _cluster_pids(server: PostgresServer) -> list[int]:
     postmaster = int((server.data_dir / "postmaster.pid").read_text().split()[0])
-    pids = [postmaster]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == postmaster:
-                pids.append(int(entry.name))
-    return pids
+    return [postmaster] + [pid for pid, _ in child_pids(postmaster)]
 
 
 @pytest.mark.postgres
