@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from kms.config import PeeringSection, PoolSection
 from kms.crypto.envelope import Envelope
@@ -61,6 +61,7 @@ from kms.storage.database import Database
 from qkd_adapters.keyblock import FollowerKeySource
 
 Handler = Callable[[PeerMessage], dict[str, Any]]
+T = TypeVar("T")
 
 
 class PeerNetwork:
@@ -173,13 +174,7 @@ class PeerNetwork:
         handler = self.extra_handlers.get(message.type) or self._handlers.get(message.type)
         if handler is None:
             raise MessageRejected(f"unknown message type {message.type!r}")
-        try:
-            return handler(message)
-        except Exception as exc:
-            refused = self.refusal(message, exc)
-            if refused is None or refused is exc:
-                raise
-            raise refused from exc
+        return self._refusing(message, lambda: handler(message))
 
     def group_unit(self, message: PeerMessage) -> Unit[list[dict[str, Any]]] | None:
         """A verified message whose work is a unit the API's group commit can run with the SAEs' own
@@ -187,8 +182,12 @@ class PeerNetwork:
         if message.type != "keys.record.batch" or message.type in self.extra_handlers:
             return None
         self.client.heard_from(message.sender)
+        return self._refusing(message, lambda: self.receiver.record_batch_unit(message))
+
+    def _refusing(self, message: PeerMessage, act: Callable[[], T]) -> T:
+        """``act()``, its refusals raised as :meth:`refusal` says (anything else as it was)."""
         try:
-            return self.receiver.record_batch_unit(message)
+            return act()
         except Exception as exc:
             refused = self.refusal(message, exc)
             if refused is None or refused is exc:
