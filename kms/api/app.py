@@ -8,6 +8,7 @@ Routes live in ``kms.api.routes``; the event loop reaches the use cases through 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,7 +20,7 @@ from kms import __version__
 from kms.api.body_limit import BodyLimitMiddleware
 from kms.api.denials import DenialAggregator, write_denials
 from kms.api.errors import CatchAllMiddleware, install_error_handlers
-from kms.api.hot_path import HotPathMiddleware
+from kms.api.hot_path import HotPathMiddleware, PeerHandler
 from kms.api.identity import SaeAuthMiddleware
 from kms.api.request_log import RequestLog
 from kms.api.routes.audit import audit_router
@@ -47,6 +48,7 @@ def create_app(runtime: Runtime, lifespan_hooks: Hooks | None = None, api_proces
         # A path with a trailing slash is no ETSI endpoint: a 400 Error, never a redirect (whose
         # Location would be built from the client's Host header).
         redirect_slashes=False,
+        **native_telemetry_off(),
     )
     install_error_handlers(app)
     fair_shares = FairShares.for_settings(runtime.settings, runtime.db, api_processes)
@@ -58,13 +60,16 @@ def create_app(runtime: Runtime, lifespan_hooks: Hooks | None = None, api_proces
     app.include_router(keys_router(handlers))
     audit = AuditService.for_settings(runtime.db, runtime.identity, runtime.settings)
     app.include_router(audit_router(audit, gateway.in_thread))
+    peer: PeerHandler | None = None
     if runtime.network is not None:
-        from kms.api.routes.peer import peer_router
+        from kms.api.routes.peer import PeerEndpoint, peer_router
 
-        app.include_router(peer_router(runtime.network, gateway.batcher.run))
-    # Ordinary POSTs of the two hot calls skip FastAPI's routing and body handling and call the same
+        endpoint = PeerEndpoint(runtime.network, gateway.batcher.run)
+        app.include_router(peer_router(endpoint))
+        peer = endpoint.respond
+    # Ordinary POSTs of the hot calls skip FastAPI's routing and body handling and call the same
     # handlers as the endpoints; added last, the catch-all is outermost.
-    app.add_middleware(HotPathMiddleware, enc_keys=handlers.enc_keys, dec_keys=handlers.dec_keys)
+    app.add_middleware(HotPathMiddleware, enc_keys=handlers.enc_keys, dec_keys=handlers.dec_keys, peer=peer)
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.kme.max_request_bytes)
     app.add_middleware(SaeAuthMiddleware, runtime=runtime, denials=denials)
     app.add_middleware(CatchAllMiddleware)
@@ -72,6 +77,17 @@ def create_app(runtime: Runtime, lifespan_hooks: Hooks | None = None, api_proces
     app.add_middleware(RequestLog, enabled=runtime.settings.logging.requests)
     _document_only_etsi_status_codes(app)
     return app
+
+
+def native_telemetry_off() -> dict[str, Any]:
+    """FastAPI's own OpenTelemetry hooks (recent releases), switched off where they exist. The KME's
+    telemetry is its Prometheus metrics and structlog lines (docs/DECISIONS.md D-32); FastAPI's would
+    export spans naming request paths (SAE IDs) to whatever provider the environment configures, and
+    even unconfigured they read the environment on every request (~2 % of a KME's CPU in
+    ``bench_two_site.py``)."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
 
 
 def _lifespan(runtime: Runtime, denials: DenialAggregator, hooks: Hooks | None) -> Callable[[FastAPI], Any]:

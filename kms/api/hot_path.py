@@ -1,5 +1,6 @@
-"""A lean ASGI path for the two calls that carry nearly all traffic: ``POST .../enc_keys`` and
-``POST .../dec_keys`` with a well-formed JSON body.
+"""A lean ASGI path for the calls that carry nearly all traffic: ``POST .../enc_keys`` and
+``POST .../dec_keys`` with a well-formed JSON body, and the KME-to-KME ``POST /peer/v1/messages``
+(every ledger batch of two-site delivery is one).
 
 Routing, dependency solving and FastAPI's generic body validation cost about as much CPU per request
 as the key delivery itself. This middleware sits inside ``SaeAuthMiddleware`` (the caller is already
@@ -8,7 +9,9 @@ query string, a JSON content type, a body that validates against the same pydant
 would use. It then calls the same handler the FastAPI endpoint calls
 (``kms.api.routes.keys.KeyHandlers``, over ``kms.service.gateway``) and answers with the same bytes. Anything else — an invalid body, an odd content type, an unknown path — goes on to FastAPI
 untouched (the body it read is replayed), so every error is produced in exactly one place and the
-published OpenAPI document keeps describing what the server does.
+published OpenAPI document keeps describing what the server does. A peer message with a JSON
+content type goes to ``kms.api.routes.peer.PeerEndpoint.respond``, which its FastAPI route calls
+too (that route is not in the OpenAPI document).
 """
 
 from __future__ import annotations
@@ -28,19 +31,28 @@ from kms.domain.saes import SaeInfo
 _PREFIX = "/api/v1/keys/"
 
 Handler = Callable[[SaeInfo, str, Any], Awaitable[Response]]
+PeerHandler = Callable[[Any, bytes], Awaitable[Response]]
+"""``(scope, body) -> answer`` for a peer message (``PeerEndpoint.respond``)."""
+PEER_PATH = "/peer/v1/messages"
 
 
 class HotPathMiddleware:
     """Serves ordinary ``enc_keys`` / ``dec_keys`` POSTs directly; passes everything else on."""
 
-    def __init__(self, app: Any, enc_keys: Handler, dec_keys: Handler) -> None:
+    def __init__(
+        self, app: Any, enc_keys: Handler, dec_keys: Handler, peer: PeerHandler | None = None
+    ) -> None:
         self.app = app
+        self.peer = peer
         self.routes: dict[str, tuple[type[BaseModel], Handler]] = {
             "enc_keys": (KeyRequest, enc_keys),
             "dec_keys": (KeyIds, dec_keys),
         }
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.peer is not None and self._ordinary_post(scope) and scope["path"] == PEER_PATH:
+            await self._peer_message(self.peer, scope, receive, send)
+            return
         route = self._route(scope)
         if route is None:
             await self.app(scope, receive, send)
@@ -57,15 +69,31 @@ class HotPathMiddleware:
             response = delivery_error_response(exc)
         await response(scope, receive, send)
 
+    async def _peer_message(self, peer: PeerHandler, scope: Any, receive: Any, send: Any) -> None:
+        body, complete = await self._read_body(receive)
+        if not complete:
+            await self.app(scope, _replay(body, complete, receive), send)
+            return
+        response = await peer(scope, body)
+        await response(scope, receive, send)
+
+    @staticmethod
+    def _ordinary_post(scope: Any) -> bool:
+        """A POST with no query string and a JSON body."""
+        return (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and not scope.get("query_string")
+            and _json_content(scope)
+        )
+
     def _route(self, scope: Any) -> tuple[str, type[BaseModel], Handler] | None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope.get("query_string"):
-            return None
-        path: str = scope["path"]
-        if not path.startswith(_PREFIX):
+        path: str = scope.get("path", "")
+        if not path.startswith(_PREFIX) or not self._ordinary_post(scope):
             return None
         sae_id, _, call = path[len(_PREFIX) :].partition("/")
         route = self.routes.get(call)
-        if route is None or not 0 < len(sae_id) <= SAE_ID_MAX_LENGTH or not _json_content(scope):
+        if route is None or not 0 < len(sae_id) <= SAE_ID_MAX_LENGTH:
             return None
         return sae_id, route[0], route[1]
 

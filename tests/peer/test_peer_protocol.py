@@ -161,41 +161,60 @@ def as_kme_a(net: Network) -> Iterator[httpx.Client]:
         yield client
 
 
-def post(client: httpx.Client, raw: bytes, header: str | None) -> httpx.Response:
-    headers = {"content-type": "application/json", **({SIGNATURE_HEADER: header} if header else {})}
+# A peer message with a JSON content type is answered by the lean path (kms.api.hot_path), any other
+# by the FastAPI route: the protocol's checks run through both (PeerEndpoint.respond).
+PATHS = pytest.mark.parametrize("content_type", ["application/json", "text/plain"], ids=["lean", "route"])
+
+
+def post(
+    client: httpx.Client, raw: bytes, header: str | None, content_type: str = "application/json"
+) -> httpx.Response:
+    headers = {"content-type": content_type, **({SIGNATURE_HEADER: header} if header else {})}
     return client.post("/peer/v1/messages", content=raw, headers=headers)
 
 
-def test_signed_message_is_accepted_once(as_kme_a: httpx.Client, sealer: MessageSealer) -> None:
+@PATHS
+def test_signed_message_is_accepted_once(
+    as_kme_a: httpx.Client, sealer: MessageSealer, content_type: str
+) -> None:
     _, raw, header = sealer.seal("KME-B", "topology", {})
-    first = post(as_kme_a, raw, header)
+    first = post(as_kme_a, raw, header, content_type)
     assert first.status_code == 200
     assert b'"type":"topology.ok"' in first.content
     assert first.headers.get(SIGNATURE_HEADER)
-    replay = post(as_kme_a, raw, header)
+    replay = post(as_kme_a, raw, header, content_type)
     assert replay.status_code == 200
     assert b'"type":"error"' in replay.content and b"replayed" in replay.content
 
 
-def test_unsigned_message_is_rejected(as_kme_a: httpx.Client, sealer: MessageSealer) -> None:
+@PATHS
+def test_unsigned_message_is_rejected(
+    as_kme_a: httpx.Client, sealer: MessageSealer, content_type: str
+) -> None:
     _, raw, _ = sealer.seal("KME-B", "topology", {})
-    r = post(as_kme_a, raw, None)
+    r = post(as_kme_a, raw, None, content_type)
     assert r.status_code == 401
     assert r.json()["message"] == "the message is not signed"
 
 
-def test_tampered_message_is_rejected(as_kme_a: httpx.Client, sealer: MessageSealer) -> None:
+@PATHS
+def test_tampered_message_is_rejected(
+    as_kme_a: httpx.Client, sealer: MessageSealer, content_type: str
+) -> None:
     _, raw, header = sealer.seal("KME-B", "keys.cancel", {"origin": "KME-A", "key_IDs": []})
     tampered = raw.replace(b'"origin":"KME-A"', b'"origin":"KME-X"')
     assert tampered != raw
-    r = post(as_kme_a, tampered, header)
+    r = post(as_kme_a, tampered, header, content_type)
     assert r.status_code == 401
     assert "signature" in r.json()["message"]
 
 
-def test_message_for_another_kme_is_rejected(as_kme_a: httpx.Client, sealer: MessageSealer) -> None:
+@PATHS
+def test_message_for_another_kme_is_rejected(
+    as_kme_a: httpx.Client, sealer: MessageSealer, content_type: str
+) -> None:
     _, raw, header = sealer.seal("KME-Z", "topology", {})
-    r = post(as_kme_a, raw, header)
+    r = post(as_kme_a, raw, header, content_type)
     assert r.status_code == 401
     assert "addressed to another KME" in r.json()["message"]
 
@@ -212,12 +231,15 @@ def test_stale_message_is_rejected(as_kme_a: httpx.Client, sealer: MessageSealer
     assert "clock skew" in r.json()["message"]
 
 
-def test_sae_certificate_cannot_speak_the_peer_protocol(net: Network, sealer: MessageSealer) -> None:
+@PATHS
+def test_sae_certificate_cannot_speak_the_peer_protocol(
+    net: Network, sealer: MessageSealer, content_type: str
+) -> None:
     _, raw, header = sealer.seal("KME-B", "topology", {})
     r = net.sae("KME-B", "SAE-B1").post(
         "/peer/v1/messages",
         content=raw,
-        headers={SIGNATURE_HEADER: header, "content-type": "application/json"},
+        headers={SIGNATURE_HEADER: header, "content-type": content_type},
     )
     assert r.status_code == 401
 

@@ -3,7 +3,7 @@ so it stays out of the published OpenAPI document). Only ``kme`` certificates re
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import anyio
@@ -25,6 +25,8 @@ MAX_MESSAGE_BYTES = 1 << 20
 # A body naming this may be a ledger batch: it is opened on the loop (``grouped``), and whatever it
 # turns out to be is then handled where its type says.
 LEDGER_BATCH_TYPE = b'"keys.record.batch"'
+PEER_MESSAGES_PATH = "/peer/v1/messages"
+SIGNATURE_HEADER_BYTES = SIGNATURE_HEADER.lower().encode()
 
 
 RunUnit = Callable[[Unit[Any]], Awaitable[Any]]
@@ -33,13 +35,33 @@ RunUnit = Callable[[Unit[Any]], Awaitable[Any]]
 
 class PeerEndpoint:
     """What the endpoint does with one message: verify it, act on it (in a worker thread, or a ledger
-    batch on the loop in the app's group commit), and seal the reply."""
+    batch on the loop in the app's group commit), and seal the reply. The FastAPI route and the lean
+    path (``kms.api.hot_path``) both answer through :meth:`respond`.
 
-    def __init__(self, network: PeerNetwork) -> None:
+    ``run_unit``: the app's group commit; a ledger batch for slaves here (``keys.record.batch``)
+    then joins the transaction of the SAEs' own requests instead of waiting for the write turn in a
+    thread of its own (D-20). Without it every message is handled in a worker thread."""
+
+    def __init__(self, network: PeerNetwork, run_unit: RunUnit | None = None) -> None:
         self.network = network
+        self.run_unit = run_unit
         self.sealer = MessageSealer(network.kme_id, network.identity)
         # Peer messages may wait on the next hop or a device: off the event loop, a few at a time.
         self.limiter = anyio.CapacityLimiter(16)
+
+    async def respond(self, scope: MutableMapping[str, Any], raw: bytes) -> Response:
+        """The answer to one POSTed message from the authenticated KME of ``scope``."""
+        sender = current_sae(scope).sae_id
+        if len(raw) > MAX_MESSAGE_BYTES:
+            return error_response(413, "peer message too large")
+        signature = _header(scope, SIGNATURE_HEADER_BYTES)
+        fields = log_fields(scope)
+        fields = {} if fields is None else fields
+        if self.run_unit is not None and LEDGER_BATCH_TYPE in raw:
+            return await self.grouped(sender, raw, signature, fields, self.run_unit)
+        return await anyio.to_thread.run_sync(
+            self.answer, sender, raw, signature, fields, limiter=self.limiter
+        )
 
     def opened(self, sender: str, raw: bytes, signature: str | None) -> PeerMessage | Response:
         """The verified message, or the 401 that refuses it."""
@@ -118,30 +140,19 @@ class PeerEndpoint:
         return self.sealed(sender, message, reply_type, body)
 
 
-def peer_router(network: PeerNetwork, run_unit: RunUnit | None = None) -> APIRouter:
-    """``run_unit``: the app's group commit; a ledger batch for slaves here (``keys.record.batch``)
-    then joins the transaction of the SAEs' own requests instead of waiting for the write turn in a
-    thread of its own (D-20). Without it every message is handled in a worker thread."""
+def peer_router(endpoint: PeerEndpoint) -> APIRouter:
+    """The route for messages the lean path passes on (an odd content type, say): same answers."""
     router = APIRouter(include_in_schema=False)
-    endpoint = PeerEndpoint(network)
 
-    @router.post("/peer/v1/messages")
+    @router.post(PEER_MESSAGES_PATH)
     async def messages(request: Request) -> Response:
-        sender = current_sae(request.scope).sae_id
-        raw = await request.body()
-        if len(raw) > MAX_MESSAGE_BYTES:
-            return error_response(413, "peer message too large")
-        signature = request.headers.get(SIGNATURE_HEADER)
-        fields = log_fields(request.scope)
-        if run_unit is not None and LEDGER_BATCH_TYPE in raw:
-            return await endpoint.grouped(sender, raw, signature, {} if fields is None else fields, run_unit)
-        return await anyio.to_thread.run_sync(
-            endpoint.answer,
-            sender,
-            raw,
-            signature,
-            {} if fields is None else fields,
-            limiter=endpoint.limiter,
-        )
+        return await endpoint.respond(request.scope, await request.body())
 
     return router
+
+
+def _header(scope: MutableMapping[str, Any], name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
