@@ -50,7 +50,7 @@ class HotPathMiddleware:
         }
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if self.peer is not None and self._ordinary_post(scope) and scope["path"] == PEER_PATH:
+        if self.peer is not None and scope.get("path") == PEER_PATH and self._ordinary_post(scope):
             await self._peer_message(self.peer, scope, receive, send)
             return
         route = self._route(scope)
