@@ -8,7 +8,6 @@ Routes live in ``kms.api.routes``; the event loop reaches the use cases through 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,6 +29,7 @@ from kms.runtime.assembly import Runtime
 from kms.service.audit_queries import AuditService
 from kms.service.fair_share import FairShares
 from kms.service.gateway import DeliveryGateway
+from kms.telemetry.framework import native_telemetry_off
 
 Hooks = tuple[Callable[[], None], Callable[[], None]]
 
@@ -77,17 +77,6 @@ def create_app(runtime: Runtime, lifespan_hooks: Hooks | None = None, api_proces
     app.add_middleware(RequestLog, enabled=runtime.settings.logging.requests)
     _document_only_etsi_status_codes(app)
     return app
-
-
-def native_telemetry_off() -> dict[str, Any]:
-    """FastAPI's own OpenTelemetry hooks (recent releases), switched off where they exist. The KME's
-    telemetry is its Prometheus metrics and structlog lines (docs/DECISIONS.md D-32); FastAPI's would
-    export spans naming request paths (SAE IDs) to whatever provider the environment configures, and
-    even unconfigured they read the environment on every request (~2 % of a KME's CPU in
-    ``bench_two_site.py``)."""
-    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
-        return {}
-    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
 
 
 def _lifespan(runtime: Runtime, denials: DenialAggregator, hooks: Hooks | None) -> Callable[[FastAPI], Any]:

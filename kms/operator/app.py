@@ -27,6 +27,7 @@ from kms.config import ConfigError, OperatorSection
 from kms.operator.console.routes import Console, ConsoleRoutes
 from kms.operator.exposition import Exposition
 from kms.service.operator_health import HealthService
+from kms.telemetry.framework import native_telemetry_off
 
 READY_CODES = range(200, 600)
 BODILESS = (204, 205, 304)  # HTTP forbids a body with these
@@ -77,7 +78,12 @@ def create_operator_app(
     """``console``: the web console's parts (D-36), mounted under ``/console``; ``console_refused``:
     the console is on but the listener is plain HTTP, so ``/console`` says why it is not served."""
     app = FastAPI(
-        title="QKMS operator API", version=__version__, docs_url=None, redoc_url=None, openapi_url=None
+        title="QKMS operator API",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        **native_telemetry_off(),
     )
 
     @app.exception_handler(StarletteHTTPException)
