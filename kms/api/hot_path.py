@@ -27,13 +27,13 @@ from kms.api.identity import current_sae
 from kms.api.schemas import SAE_ID_MAX_LENGTH, KeyIds, KeyRequest
 from kms.domain.errors import DeliveryError
 from kms.domain.saes import SaeInfo
+from kms.peer.messages import MESSAGES_PATH
 
 _PREFIX = "/api/v1/keys/"
 
 Handler = Callable[[SaeInfo, str, Any], Awaitable[Response]]
 PeerHandler = Callable[[Any, bytes], Awaitable[Response]]
 """``(scope, body) -> answer`` for a peer message (``PeerEndpoint.respond``)."""
-PEER_PATH = "/peer/v1/messages"
 
 
 class HotPathMiddleware:
@@ -50,7 +50,7 @@ class HotPathMiddleware:
         }
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if self.peer is not None and scope.get("path") == PEER_PATH and self._ordinary_post(scope):
+        if self.peer is not None and scope.get("path") == MESSAGES_PATH and self._ordinary_post(scope):
             await self._peer_message(self.peer, scope, receive, send)
             return
         route = self._route(scope)

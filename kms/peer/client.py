@@ -28,17 +28,19 @@ from kms.crypto.identity import KmeIdentity
 from kms.peer.directory import PeerDirectory
 from kms.peer.mac_sessions import MacSessions, mac_allowed
 from kms.peer.messages import (
+    MESSAGES_PATH,
     SIGNATURE_HEADER,
     UNKNOWN_MAC_KEY,
     MessageRejected,
     MessageSealer,
     PeerMessage,
+    header_value,
     open_message,
 )
 
 log = structlog.get_logger(__name__)
-MESSAGES_PATH = "/peer/v1/messages"
 RETRY_AFTER_FAILURE = 1.0
+SIGNATURE_HEADER_BYTES = SIGNATURE_HEADER.encode()
 
 
 class PeerError(Exception):
@@ -124,7 +126,7 @@ class PeerClient:
             (b"host", _host(url)),
             (b"content-type", b"application/json"),
             (b"content-length", str(len(raw)).encode()),
-            (SIGNATURE_HEADER.encode(), header.encode()),
+            (SIGNATURE_HEADER_BYTES, header.encode()),
         ]
         request_id = get_contextvars().get("request_id")
         if request_id is not None:  # the SAE request this message serves: the peer logs it too
@@ -159,7 +161,7 @@ class PeerClient:
         try:
             reply = open_message(
                 response.content,
-                _header(response.headers, SIGNATURE_HEADER.encode()),
+                header_value(response.headers, SIGNATURE_HEADER_BYTES),
                 self.directory,
                 self.identity,
                 self.cfg.max_clock_skew_seconds,
@@ -211,13 +213,6 @@ TRANSPORT_ERRORS = (
 def _host(url: str) -> bytes:
     """The Host header for ``https://host:port/...`` (HTTP/1.1 requires one; httpcore adds none)."""
     return url.split("://", 1)[1].split("/", 1)[0].encode()
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
 
 
 def _message(content: bytes) -> str:

@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +31,7 @@ CONTEXT = b"qkms/peer/v1"
 MAC_SCHEME = "hmac-sha256"
 UNKNOWN_MAC_KEY = "unknown MAC key"
 SIGNATURE_HEADER = "qkms-signature"
+MESSAGES_PATH = "/peer/v1/messages"  # the one POST every peer message travels on
 VERSION = 1
 
 
@@ -202,3 +203,11 @@ def _check_mac(
     if not tag_matches(key, raw, message.reply_to is not None, tag):
         raise MessageRejected("the message's MAC does not verify")
     return replace(message, mac=(key_id, key))
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """A header of raw ``(name, value)`` pairs (an ASGI scope's or httpcore's), by lower-case name."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None

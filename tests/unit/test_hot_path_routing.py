@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from starlette.responses import Response
 
-from kms.api.hot_path import PEER_PATH, HotPathMiddleware
+from kms.api.hot_path import HotPathMiddleware
+from kms.peer.messages import MESSAGES_PATH as PEER_PATH
 
 
 class Recorder:

@@ -16,7 +16,15 @@ from kms.api.errors import error_response
 from kms.api.identity import current_sae
 from kms.api.request_log import log_fields
 from kms.peer.mac_sessions import request_mac_accepted
-from kms.peer.messages import SIGNATURE_HEADER, MessageRejected, MessageSealer, PeerMessage, open_message
+from kms.peer.messages import (
+    MESSAGES_PATH,
+    SIGNATURE_HEADER,
+    MessageRejected,
+    MessageSealer,
+    PeerMessage,
+    header_value,
+    open_message,
+)
 from kms.peer.network import PeerNetwork
 from kms.service.group_commit import Unit
 
@@ -25,7 +33,6 @@ MAX_MESSAGE_BYTES = 1 << 20
 # A body naming this may be a ledger batch: it is opened on the loop (``grouped``), and whatever it
 # turns out to be is then handled where its type says.
 LEDGER_BATCH_TYPE = b'"keys.record.batch"'
-PEER_MESSAGES_PATH = "/peer/v1/messages"
 SIGNATURE_HEADER_BYTES = SIGNATURE_HEADER.lower().encode()
 
 
@@ -54,7 +61,7 @@ class PeerEndpoint:
         sender = current_sae(scope).sae_id
         if len(raw) > MAX_MESSAGE_BYTES:
             return error_response(413, "peer message too large")
-        signature = _header(scope, SIGNATURE_HEADER_BYTES)
+        signature = header_value(scope["headers"], SIGNATURE_HEADER_BYTES)
         fields = log_fields(scope)
         fields = {} if fields is None else fields
         if self.run_unit is not None and LEDGER_BATCH_TYPE in raw:
@@ -144,15 +151,8 @@ def peer_router(endpoint: PeerEndpoint) -> APIRouter:
     """The route for messages the lean path passes on (an odd content type, say): same answers."""
     router = APIRouter(include_in_schema=False)
 
-    @router.post(PEER_MESSAGES_PATH)
+    @router.post(MESSAGES_PATH)
     async def messages(request: Request) -> Response:
         return await endpoint.respond(request.scope, await request.body())
 
     return router
-
-
-def _header(scope: MutableMapping[str, Any], name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
